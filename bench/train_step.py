@@ -1,0 +1,179 @@
+"""Training-step throughput of genesis-1b on one GPU: Genesis against Hugging Face LlamaForCausalLM.
+
+Both run one optimizer step per micro-batch at T=2048 with fused AdamW. HF: `attn_implementation="sdpa"`,
+bf16 autocast over fp32 weights, whole-model `torch.compile`. Genesis: the trainer's own path
+(`parallelize.py`: per-block compile, FSDP2 bf16 parameters with fp32 master weights and reduction, the
+chunked fused linear + cross-entropy).
+
+    python bench/train_step.py --impl genesis hf --micro-batches 1 4 8 --out bench/results/train_step.json
+
+Results merge into the JSON file (one entry per impl / micro-batch / variant), so runs can be split
+across several device calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    H100_BF16_PEAK_TFLOPS,
+    RESULTS_DIR,
+    Stopwatch,
+    environment,
+    measure_matmul_tflops,
+    train_flops_per_token,
+    write_json,
+)
+from genesis.config import load_model_config  # noqa: E402
+
+
+def build_genesis(config, activation_checkpointing: str, compile: bool):
+    from genesis_model.distributed import init_distributed
+    from genesis_model.model import Transformer
+    from genesis_model.parallelize import parallelize
+
+    info = init_distributed("cuda")
+    model = Transformer(config)
+    model.init_weights(seed=0)
+    model = model.cuda()
+    parallelize(model, info.mesh, compile=compile, activation_checkpointing=activation_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+    def step(tokens, targets):
+        loss = model(tokens, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step
+
+
+def build_hf(config, activation_checkpointing: str, compile: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from genesis_model.hf import hf_config_dict
+
+    hf_config = LlamaConfig(**hf_config_dict(config))
+    model = LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa", torch_dtype=torch.float32).cuda()
+    if activation_checkpointing != "none":
+        model.gradient_checkpointing_enable()
+    forward = torch.compile(model) if compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+    def step(tokens, targets):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(input_ids=tokens, labels=targets).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step
+
+
+def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkpointing, compile, matmul_tflops):
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    build = build_genesis if impl == "genesis" else build_hf
+    with Stopwatch() as build_time:
+        model, step = build(config, activation_checkpointing, compile)
+    num_params = sum(p.numel() for p in model.parameters())
+    batches = [torch.randint(0, config.vocab_size, (micro_batch, seq_len + 1), device="cuda") for _ in range(4)]
+
+    with Stopwatch() as warm_time:
+        for i in range(warmup):
+            batch = batches[i % len(batches)]
+            loss = step(batch[:, :-1], batch[:, 1:] if impl == "genesis" else batch[:, :-1])
+        float(loss)
+    torch.cuda.reset_peak_memory_stats()
+    with Stopwatch() as timed:
+        for i in range(steps):
+            batch = batches[i % len(batches)]
+            loss = step(batch[:, :-1], batch[:, 1:] if impl == "genesis" else batch[:, :-1])
+        final_loss = float(loss)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    tok_s = steps * micro_batch * seq_len / timed.seconds
+    flops = train_flops_per_token(num_params, config.n_layers, config.dim, seq_len) * tok_s
+    del model, step, batches
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {
+        "impl": impl,
+        "micro_batch": micro_batch,
+        "activation_checkpointing": activation_checkpointing,
+        "tok_s": round(tok_s, 1),
+        "mfu": round(flops / (H100_BF16_PEAK_TFLOPS * 1e12), 4),
+        "mfu_vs_measured_matmul": round(flops / (matmul_tflops * 1e12), 4) if matmul_tflops else None,
+        "peak_gib": round(peak_gib, 3),
+        "act_gib_per_seq": round((peak_gib - 16 * num_params / 2**30) / micro_batch, 3),
+        "num_params": num_params,
+        "step_s": round(timed.seconds / steps, 4),
+        "build_s": round(build_time.seconds, 1),
+        "warmup_s": round(warm_time.seconds, 1),
+        "final_loss": round(final_loss, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="genesis-1b")
+    parser.add_argument("--impl", nargs="+", default=["genesis", "hf"], choices=["genesis", "hf"])
+    parser.add_argument("--micro-batches", nargs="+", type=int, default=[1, 4, 8])
+    parser.add_argument("--ac", default="none", choices=["none", "selective", "full"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "train_step.json")
+    args = parser.parse_args()
+
+    config = load_model_config(args.model)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
+    results.update(environment())
+    results["gpu"] = torch.cuda.get_device_name(0)
+    results["model"] = args.model
+    results["seq_len"] = config.max_seq_len
+    results["matmul_tflops"] = round(measure_matmul_tflops(), 1)
+    print(f"bf16 matmul 8192^3: {results['matmul_tflops']} TFLOP/s", flush=True)
+
+    for impl in args.impl:
+        for micro_batch in args.micro_batches:
+            key = (impl, micro_batch, args.ac)
+            try:
+                run = run_one(impl, config, micro_batch, config.max_seq_len, args.steps, args.warmup, args.ac,
+                              not args.no_compile, results["matmul_tflops"])
+            except Exception as err:  # a failed configuration (e.g. out of memory) is a result too
+                traceback.print_exc()
+                run = {"impl": impl, "micro_batch": micro_batch, "activation_checkpointing": args.ac,
+                       "error": f"{type(err).__name__}: {str(err)[:300]}"}
+                gc.collect()
+                torch.cuda.empty_cache()
+            results["runs"] = [r for r in results["runs"]
+                               if (r["impl"], r["micro_batch"], r.get("activation_checkpointing", "none")) != key]
+            results["runs"].append(run)
+            write_json(args.out, results)
+            print(json.dumps(run), flush=True)
+
+    print(f"\n{'impl':8} {'mb':>3} {'ac':>9} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} {'act/seq':>8}")
+    for r in sorted(results["runs"], key=lambda r: (r["impl"], r.get("activation_checkpointing", ""), r["micro_batch"])):
+        if "error" in r:
+            print(f"{r['impl']:8} {r['micro_batch']:>3} {r.get('activation_checkpointing',''):>9} {r['error'][:60]}")
+        else:
+            print(f"{r['impl']:8} {r['micro_batch']:>3} {r['activation_checkpointing']:>9} {r['tok_s']:>9.0f} "
+                  f"{r['mfu']:>6.3f} {r['peak_gib']:>9.2f} {r['act_gib_per_seq']:>8.2f}")
+    os.environ.pop("RANK", None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""One typed configuration system for the CLI, the flows and the training engine.
+
+Every config is a pydantic model with `extra="forbid"`, loaded from one YAML file under `configs/` and
+optionally overridden from the command line with `dotted.key=value`. Validation errors become a single line
+naming the file, the field and the fix (`ConfigError`), never a pydantic traceback.
+
+Model presets live in `configs/model/<name>.yaml`; a training config names one (`model: genesis-1b`) or
+inlines the fields. The resolved config is saved beside every run, so a run directory says exactly what ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from genesis.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def config_root() -> Path:
+    """Where `configs/` lives: `$GENESIS_CONFIG_DIR`, else the repository the package was installed from."""
+    return Path(os.environ.get("GENESIS_CONFIG_DIR", REPO_ROOT / "configs"))
+
+
+class StrictModel(BaseModel):
+    """Base of every Genesis config: unknown fields are errors, and assignments are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+
+
+class ModelConfig(StrictModel):
+    """Architecture of a Llama-style decoder. Field names follow the model file, not Hugging Face."""
+
+    name: str = "custom"
+    vocab_size: int = Field(gt=0)
+    dim: int = Field(gt=0, description="hidden size")
+    n_layers: int = Field(gt=0)
+    n_heads: int = Field(gt=0)
+    n_kv_heads: int = Field(gt=0, description="key/value heads for grouped-query attention")
+    ffn_dim: int = Field(gt=0, description="SwiGLU inner size")
+    max_seq_len: int = Field(gt=0, description="context length")
+    rope_theta: float = Field(default=10_000.0, gt=0)
+    norm_eps: float = Field(default=1e-5, gt=0)
+    tie_embeddings: bool = True
+    init_std: float = Field(default=0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("head_dim (dim / n_heads) must be even for rotary embeddings")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that decide parameter shapes and numerics (not the display name)."""
+        fields = self.model_dump(exclude={"name", "init_std"})
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+
+
+class OptimizerConfig(StrictModel):
+    lr: float = Field(default=3e-4, gt=0)
+    min_lr: float = Field(default=3e-5, ge=0)
+    warmup_steps: int = Field(default=500, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    decay_norms_and_embeddings: bool = Field(
+        default=False, description="apply weight decay to norm gains and the embedding too"
+    )
+    grad_clip: float = Field(default=1.0, gt=0)
+    fused: bool | None = Field(default=None, description="fused AdamW; None = on for CUDA, off on CPU")
+
+    @model_validator(mode="after")
+    def _min_below_peak(self) -> "OptimizerConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} must not exceed lr {self.lr}")
+        return self
+
+
+class CheckpointConfig(StrictModel):
+    save_every: int = Field(default=1000, ge=0, description="steps between rolling checkpoints; 0 = never")
+    keep_last: int = Field(default=3, ge=1, description="rolling checkpoints kept (milestones are never removed)")
+    milestone_every: int = Field(default=20_000, ge=0, description="steps between immutable milestones; 0 = none")
+    async_save: bool | None = Field(default=None, description="dcp.async_save; None = on for CUDA, off on CPU")
+    save_at_end: bool = True
+
+
+class EvalConfig(StrictModel):
+    every: int = Field(default=500, ge=0, description="steps between per-source validation; 0 = never")
+    batches_per_source: int = Field(default=4, ge=1)
+    holdout_docs_per_source: int = Field(default=32, ge=1, description="documents held out per source")
+
+
+class StabilityConfig(StrictModel):
+    max_consecutive_nonfinite: int = Field(default=5, ge=1, description="stop after K skipped steps in a row")
+    spike_window: int = Field(default=50, ge=5)
+    spike_sigma: float = Field(default=6.0, gt=0)
+
+
+class ParallelConfig(StrictModel):
+    param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    reduce_dtype: Literal["bfloat16", "float32"] = "float32"
+    compile: bool = True
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    nccl_timeout_s: int = Field(default=600, gt=0)
+
+
+class TrainConfig(StrictModel):
+    """One pretraining run. Token budget per optimizer step is
+    micro_batch_size × model.max_seq_len × grad_accum_steps × world size."""
+
+    model: ModelConfig
+    data_dir: Path
+    run_dir: Path
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    micro_batch_size: int = Field(default=1, ge=1)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    max_steps: int = Field(gt=0, description="target step of this cycle; raise it to continue the trunk")
+    seq_len: int | None = Field(default=None, description="training window; None = model.max_seq_len")
+    log_every: int = Field(default=1, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    stability: StabilityConfig = StabilityConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    env: dict[str, str] = Field(
+        default_factory=dict, description="environment set before the process group starts (e.g. NCCL_P2P_DISABLE)"
+    )
+    verify_data_checksums: bool = Field(default=True, description="check every shard's sha256 before training")
+
+    @model_validator(mode="after")
+    def _seq_len_fits(self) -> "TrainConfig":
+        if self.seq_len is not None and self.seq_len > self.model.max_seq_len:
+            raise ValueError(f"seq_len {self.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        return self
+
+    @property
+    def window(self) -> int:
+        return self.seq_len or self.model.max_seq_len
+
+    def meaning(self) -> dict[str, Any]:
+        """Fields whose change alters what a resumed run means; changing them requires an explicit reset."""
+        return {
+            "model": self.model.fingerprint(),
+            "micro_batch_size": self.micro_batch_size,
+            "window": self.window,
+            "seed": self.seed,
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def _parse_override(item: str, source: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"{source}: override '{item}' is not key=value; write e.g. optimizer.lr=1e-4")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "command line") -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML scalars) to a nested dict, in place."""
+    for item in overrides:
+        keys, value = _parse_override(item, source)
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: override '{item}': '{key}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)}); fix the syntax")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def resolve_model_preset(value: Any, source: str) -> Any:
+    """`model: NAME` refers to configs/model/NAME.yaml; a mapping is used as is."""
+    if isinstance(value, str):
+        preset = config_root() / "model" / f"{value}.yaml"
+        if not preset.is_file():
+            known = sorted(p.stem for p in (config_root() / "model").glob("*.yaml"))
+            raise ConfigError(f"{source}: unknown model preset '{value}'; choose one of {', '.join(known)}")
+        data = read_yaml(preset)
+        data.setdefault("name", value)
+        return data
+    return value
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        fix = "remove it or check its spelling"
+    elif kind == "missing":
+        fix = "add it"
+    else:
+        fix = "correct the value"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: field '{field}': {first['msg']}; {fix}{more}"
+
+
+def validate(cls: type[T], data: dict[str, Any], source: str) -> T:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Load `path` as `cls`, applying overrides; raises ConfigError with one line on any problem."""
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [], source=str(path))
+    if "model" in cls.model_fields and "model" in data:
+        data["model"] = resolve_model_preset(data["model"], str(path))
+    return validate(cls, data, str(path))
+
+
+def load_model_config(name_or_path: str | Path) -> ModelConfig:
+    """A preset name (`tiny`) or a YAML path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"}:
+        data = read_yaml(candidate)
+        return validate(ModelConfig, data, str(candidate))
+    return validate(ModelConfig, resolve_model_preset(str(name_or_path), "--model"), f"configs/model/{name_or_path}.yaml")
+
+
+def dump_yaml(config: BaseModel) -> str:
+    return yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False)

@@ -1,0 +1,301 @@
+"""Sharded, crash-proof checkpoints (torch.distributed.checkpoint) and everything a resume needs.
+
+What a checkpoint holds, listed once:
+  DCP files      model AND optimizer state, each rank writing its own shards (never a full-state
+                 all-gather to rank 0: that deadlocked the reference run over PCIe).
+  trainer/       one `rank_NNNNN.pt` per rank: loader position and RNG states (python, numpy, torch CPU,
+                 CUDA), saved with plain types and tensors only, so `torch.load(weights_only=True)` reads it.
+  meta.json      step, tokens seen, world size, model config and fingerprint, tokenizer and data hashes,
+                 whether optimizer state is present, the run's resolved config.
+  COMPLETE.json  written last: every file with its size and sha256. No marker, no checkpoint.
+
+How it is written: into `<parent>/.tmp-step_N/`, renamed to `<parent>/step_N/`, then the marker. A crash at
+any point leaves either a complete checkpoint or a directory without a marker, which resume ignores and the
+next start removes. Old rolling checkpoints are renamed to `.trash-*` before deletion, so a half-deleted
+directory never still carries its marker. Milestones live in `milestones/` and are never removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from genesis.errors import CheckpointError
+from genesis.manifest import sha256_file
+
+CHECKPOINT_VERSION = 1
+MARKER = "COMPLETE.json"
+META = "meta.json"
+ROLLING_DIR, MILESTONE_DIR = "checkpoints", "milestones"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    path: Path
+    step: int
+    milestone: bool
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Finding and validating
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def read_meta(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist; pass a run's checkpoints/step_N dir")
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: checkpoint is incomplete (no {MARKER}); it was interrupted while saving")
+    return json.loads((path / META).read_text())
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Every file the marker lists exists with its size and checksum."""
+    marker = json.loads((path / MARKER).read_text())
+    for name, entry in marker["files"].items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"{file}: missing or truncated; this checkpoint is damaged, resume from another")
+        if sha256_file(file) != entry["sha256"]:
+            raise CheckpointError(f"{file}: checksum mismatch; this checkpoint is damaged, resume from another")
+
+
+def list_checkpoints(run_dir: Path) -> list[CheckpointRef]:
+    """Complete checkpoints of a run, rolling and milestones, oldest first."""
+    refs = []
+    for sub, milestone in ((ROLLING_DIR, False), (MILESTONE_DIR, True)):
+        for path in sorted((Path(run_dir) / sub).glob("step_*")):
+            if path.is_dir() and is_complete(path):
+                refs.append(CheckpointRef(path, int(path.name.removeprefix("step_")), milestone))
+    return sorted(refs, key=lambda ref: (ref.step, ref.milestone))
+
+
+def latest_checkpoint(run_dir: Path) -> CheckpointRef | None:
+    refs = list_checkpoints(run_dir)
+    return refs[-1] if refs else None
+
+
+def remove_incomplete(run_dir: Path) -> list[Path]:
+    """Delete leftovers of interrupted saves and deletions (rank 0, at start, under the run lock)."""
+    removed = []
+    for sub in (ROLLING_DIR, MILESTONE_DIR):
+        for path in (Path(run_dir) / sub).glob("*"):
+            leftover = path.name.startswith((".tmp-", ".trash-")) or (path.is_dir() and not is_complete(path))
+            if leftover:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def has_optimizer_state(path: Path) -> bool:
+    """Ask the DCP metadata itself, not meta.json: a checkpoint lacking optimizer tensors cannot claim them."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    return any(key.startswith("optimizer.") for key in metadata.state_dict_metadata)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Per-rank state (RNG and loader) in weights_only-loadable form
+
+
+def capture_rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": _to_plain(random.getstate()),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _to_plain(value):
+    return [_to_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _to_tuple(value):
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+# -------------------------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and loads a run's checkpoints. Every rank calls `save` and `load`; rank 0 does the renames,
+    markers and pruning. At most one asynchronous save is in flight; `wait()` finishes it."""
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int, keep_last: int, async_save: bool,
+                 process_group=None, on_saved=None):
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = rank, world_size
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.process_group = process_group
+        self.on_saved = on_saved  # callback(CheckpointRef, seconds) on rank 0 once a checkpoint is complete
+        self._pending: tuple[object, threading.Thread | None] | None = None
+        self.last_saved: CheckpointRef | None = None
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def save(self, step: int, model, optimizer, rank_state: dict, meta: dict, milestone: bool = False,
+             include_optimizer: bool = True) -> float:
+        """Start (async) or complete (sync) a checkpoint at `step`. Returns seconds the caller was blocked."""
+        started = time.perf_counter()
+        self.wait()
+        parent = self.run_dir / (MILESTONE_DIR if milestone else ROLLING_DIR)
+        final = parent / step_dir_name(step)
+        tmp = parent / f".tmp-{step_dir_name(step)}"
+        if self.rank == 0:
+            if final.exists() and milestone and is_complete(final):
+                raise CheckpointError(f"{final}: milestone exists and is immutable; it will not be overwritten")
+            parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+
+        (tmp / "trainer").mkdir(exist_ok=True)
+        torch.save(rank_state, tmp / "trainer" / f"rank_{self.rank:05d}.pt")
+        state = {"model": get_model_state_dict(model)}
+        if include_optimizer:
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        meta = {**meta, "version": CHECKPOINT_VERSION, "step": step, "world_size": self.world_size,
+                "has_optimizer": include_optimizer, "milestone": milestone}
+
+        def finalize():
+            if self.rank == 0:
+                self._finalize(tmp, final, meta)
+                if self.on_saved:
+                    self.on_saved(CheckpointRef(final, step, milestone), time.perf_counter() - started)
+            self.last_saved = CheckpointRef(final, step, milestone)
+
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+
+            def complete():
+                future.result()
+                finalize()
+
+            thread = threading.Thread(target=complete, name=f"checkpoint-{step}", daemon=False)
+            thread.start()
+            self._pending = (future, thread)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+            finalize()
+            dist.barrier()
+        return time.perf_counter() - started
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) is complete on this rank."""
+        if self._pending is not None:
+            _, thread = self._pending
+            thread.join()
+            self._pending = None
+
+    def _finalize(self, tmp: Path, final: Path, meta: dict) -> None:
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+        if final.exists():  # a rolling checkpoint of the same step from an earlier, abandoned attempt
+            trash = final.with_name(f".trash-{final.name}")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        files = {}
+        for file in sorted(p for p in final.rglob("*") if p.is_file()):
+            files[str(file.relative_to(final))] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+        marker_tmp = final / f".{MARKER}.tmp"
+        with open(marker_tmp, "w") as handle:
+            json.dump({"step": meta["step"], "files": files, "completed": time.time()}, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(marker_tmp, final / MARKER)
+        self._prune()
+
+    def _prune(self) -> None:
+        rolling = [ref for ref in list_checkpoints(self.run_dir) if not ref.milestone]
+        for ref in rolling[: max(0, len(rolling) - self.keep_last)]:
+            trash = ref.path.with_name(f".trash-{ref.path.name}")
+            os.replace(ref.path, trash)  # atomic: the checkpoint is gone before any of its files are
+            shutil.rmtree(trash, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def load(self, path: Path, model, optimizer, reset_optimizer: bool = False, verify: bool = True) -> tuple[dict, dict]:
+        """Load model and optimizer state (resharding to this world size) and this rank's trainer state.
+
+        Refuses a checkpoint without optimizer state unless `reset_optimizer`: restarting AdamW's moments at
+        zero silently wrecks a run (the reference run's loss went 1.2 → 2.2 while grad norm fell).
+        """
+        path = Path(path)
+        meta = read_meta(path)
+        if verify and self.rank == 0:
+            verify_checkpoint(path)
+        dist.barrier()
+        optimizer_present = has_optimizer_state(path)
+        if not optimizer_present and not reset_optimizer:
+            raise CheckpointError(
+                f"{path}: checkpoint has no optimizer state, so AdamW would restart from zero moments; resume "
+                f"from a full checkpoint, or pass --reset-optimizer to accept a fresh optimizer explicitly"
+            )
+        state = {"model": get_model_state_dict(model)}
+        load_optimizer = optimizer_present and not reset_optimizer
+        if load_optimizer:
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        dcp.load(state, checkpoint_id=str(path), process_group=self.process_group)
+        set_model_state_dict(model, state["model"])
+        if load_optimizer:
+            set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+        rank_file = path / "trainer" / f"rank_{self.rank:05d}.pt"
+        if not rank_file.is_file():  # resuming on more ranks than saved: rank 0's loader state is global
+            rank_file = path / "trainer" / "rank_00000.pt"
+        rank_state = torch.load(rank_file, weights_only=True)
+        if meta["world_size"] != self.world_size:
+            rank_state.pop("rng", None)  # RNG streams do not map across world sizes; the trainer reseeds
+        return meta, rank_state
+
+
+def load_model_weights(path: Path, model) -> dict:
+    """Load only the model weights of a checkpoint into an unsharded model, in one process, no process group
+    (for export and generation)."""
+    path = Path(path)
+    meta = read_meta(path)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict(state["model"])
+    return meta

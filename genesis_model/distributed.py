@@ -1,0 +1,77 @@
+"""Process-group setup: torchrun's environment when present, a one-process group otherwise.
+
+CUDA gets NCCL with the configured timeout (so a stuck collective fails loudly instead of hanging forever);
+CPU gets gloo. Multi-node runs use torchrun's own rendezvous flags; nothing here invents a launcher.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device_type(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        from genesis.errors import ConfigError
+
+        raise ConfigError("device: 'cuda' requested but no CUDA device is visible; set device: cpu or auto")
+    return requested
+
+
+def init_distributed(device_type: str, timeout_s: int = 600) -> DistInfo:
+    """Join (or create) the default process group and build a 1-D data-parallel mesh over it."""
+    if "RANK" not in os.environ:
+        # Plain `python -m genesis_model.train`: behave as a one-rank torchrun job.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if backend == "nccl" else None,
+        )
+    mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, mesh=mesh)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

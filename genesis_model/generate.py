@@ -1,0 +1,134 @@
+"""Text generation: static KV-cache decoding, sampling, and streaming.
+
+One prefill pass writes the prompt's keys and values into a preallocated cache; each decode step then feeds
+a single token at a fixed shape, so on GPU the step can be compiled once and replayed as a CUDA graph
+(`compile_decode=True`). Decoding is bandwidth-bound: every new token reads all the weights once, so
+genesis-1b in bf16 (2 GB) is bounded near 1,650 tokens/s on an H100 by memory bandwidth alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from genesis.errors import GenesisError
+from genesis_model.model import Transformer
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = 50
+    top_p: float | None = 0.95
+    seed: int | None = None
+
+
+def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) fp32 → next tokens (B,)."""
+    if sampling.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already cover top_p (always keep the most likely one).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) > sampling.top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Generator:
+    """Owns a model set up for decoding. Reuse one instance for many prompts: the cache and any compiled
+    decode step are built once."""
+
+    def __init__(self, model: Transformer, max_seq_len: int | None = None, compile_decode: bool = False):
+        self.model = model.eval()
+        self.max_seq_len = max_seq_len or model.config.max_seq_len
+        self.device = next(model.parameters()).device
+        model.setup_kv_cache(batch_size=1, max_seq_len=self.max_seq_len)
+        self._decode = self._decode_step
+        if compile_decode:
+            # NOTE: "reduce-overhead" captures the step as a CUDA graph. The cache is updated in place with
+            # index_copy_ at a tensor position, so every replay has the same addresses and shapes.
+            self._decode = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
+
+    def _decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self.model(token, positions=position)[:, -1]
+
+    @torch.inference_mode()
+    def stream(
+        self, prompt_ids: list[int], sampling: SamplingConfig, stop_ids: set[int] | None = None
+    ) -> Iterator[int]:
+        """Yield new token ids one at a time until `max_new_tokens` or a stop id (which is yielded too)."""
+        if not prompt_ids:
+            raise GenesisError("prompt: empty after tokenization; give at least one token of text")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise GenesisError(
+                f"prompt: {len(prompt_ids)} tokens does not fit the context of {self.max_seq_len}; shorten it"
+            )
+        max_new = min(sampling.max_new_tokens, self.max_seq_len - len(prompt_ids))
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        stop_ids = stop_ids or set()
+
+        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(prompt_ids), device=self.device)
+        logits = self.model(prompt, positions=positions)[:, -1]
+        for step in range(max_new):
+            token = sample_next(logits.float(), sampling, generator)
+            token_id = int(token.item())
+            yield token_id
+            if token_id in stop_ids or step == max_new - 1:
+                return
+            position = torch.tensor([len(prompt_ids) + step], device=self.device)
+            logits = self._decode(token.view(1, 1), position).clone()
+
+    def generate(self, prompt_ids: list[int], sampling: SamplingConfig, stop_ids: set[int] | None = None) -> list[int]:
+        return list(self.stream(prompt_ids, sampling, stop_ids))
+
+
+@torch.inference_mode()
+def generate_without_cache(
+    model: Transformer, prompt_ids: list[int], sampling: SamplingConfig, stop_ids: set[int] | None = None
+) -> list[int]:
+    """Reference decoding that re-runs the whole sequence each step. Slow; for tests and parity checks."""
+    model.clear_kv_cache()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    ids = list(prompt_ids)
+    new: list[int] = []
+    for _ in range(min(sampling.max_new_tokens, model.config.max_seq_len - len(prompt_ids))):
+        logits = model(torch.tensor([ids], device=device))[:, -1]
+        token_id = int(sample_next(logits.float(), sampling, generator).item())
+        new.append(token_id)
+        ids.append(token_id)
+        if stop_ids and token_id in stop_ids:
+            break
+    return new
+
+
+def stream_text(
+    token_stream: Iterator[int], decode: Callable[[list[int]], str], skip_ids: set[int] | None = None
+) -> Iterator[str]:
+    """Turn a token stream into text pieces. Decodes the growing sequence and yields only the new suffix,
+    so multi-token characters (byte fallback) appear once they are complete."""
+    ids: list[int] = []
+    emitted = ""
+    for token_id in token_stream:
+        if skip_ids and token_id in skip_ids:
+            continue
+        ids.append(token_id)
+        text = decode(ids)
+        if text.endswith("\ufffd"):
+            continue  # an incomplete UTF-8 sequence; wait for the rest of its bytes
+        yield text[len(emitted):]
+        emitted = text

@@ -1,0 +1,255 @@
+"""The Genesis decoder: a Llama-style transformer in one file.
+
+Read top to bottom: RMSNorm, rotary embeddings, grouped-query attention, the SwiGLU MLP, a block, the model,
+and the two methods callers need (`forward` for training and logits, `setup_kv_cache` for decoding). No
+biases anywhere; the token embedding doubles as the output projection when `tie_embeddings` is set.
+
+This file is single-device maths. FSDP2, torch.compile and activation checkpointing are applied from
+`parallelize.py`; the loss lives in `loss.py` because its chunking is a memory trick, not modelling.
+
+Shapes: B batch, T sequence, D model dim, H query heads, K key/value heads, E head dim (D / H), V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genesis.config import ModelConfig
+from genesis_model.loss import fused_linear_cross_entropy
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain. Computed in fp32 and cast back, exactly as Hugging Face's
+    LlamaRMSNorm does, so exported models match to the last bit in fp32 and closely in bf16."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(input_dtype)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings.
+# NOTE: we use the "rotate half" layout (the first half of each head's channels pairs with the second half),
+# which is Hugging Face's Llama convention. Meta's original code pairs adjacent channels instead; using HF's
+# layout natively means export needs no permutation of the q/k weights.
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_seq_len, head_dim), in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    positions = torch.arange(max_seq_len, dtype=torch.int64).float()
+    freqs = torch.outer(positions, inv_freq)  # (T, E/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (T, E)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, E); cos/sin: (T, E) in fp32. Rotation in fp32, result in x's dtype (as HF does:
+    HF casts cos/sin to x's dtype first, which is the same in fp32 and within rounding in bf16)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# -------------------------------------------------------------------------------------------------------------
+
+
+class KVCache(nn.Module):
+    """A static key/value cache: preallocated to the longest sequence, written in place at `positions`.
+    Static shapes let the decode step be compiled once and replayed as a CUDA graph."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: H query heads share K key/value heads (H / K queries per group)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        # NOTE: q, k and v come from one fused matmul (one kernel launch, better GPU utilisation); export
+        # splits the weight into HF's q_proj/k_proj/v_proj rows in this order.
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.wqkv = nn.Linear(config.dim, qkv_out, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, positions=None, mask=None):
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if self.kv_cache is not None:
+            # Decoding: attend over the whole static cache; `mask` hides the positions not yet written.
+            k, v = self.kv_cache.update(positions, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, q_size)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(x·w1) * (x·w3)), with w1 and w3 fused into one matmul (gate rows first)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ffn_dim = config.ffn_dim
+        self.w13 = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).split(self.ffn_dim, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, positions=None, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, positions, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # NOTE: a ModuleDict keyed "0".."L-1" rather than a ModuleList keeps layer names stable when
+        # parallelize.py wraps blocks (compile, checkpointing), so checkpoints stay loadable either way.
+        self.layers = nn.ModuleDict({str(i): Block(config) for i in range(config.n_layers)})
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        # Non-persistent: derived from the config, so never saved, and recomputed exactly by `init_weights`.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(V, D): the projection to logits, shared with the embedding when tied."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Deterministic scaled init (GPT-2 / OLMo style).
+
+        Every matrix is N(0, init_std) truncated at ±3σ, except the two projections that write into the
+        residual stream (attention `wo`, MLP `w2`), which get init_std / sqrt(2 · n_layers): each block adds
+        two such terms, so this keeps the residual's variance roughly constant with depth. Norm gains start
+        at 1. The tied embedding uses init_std too, which keeps initial logits near zero (loss ≈ ln V).
+        With a seed, parameters are drawn from a private generator in a fixed order, so the same seed gives
+        the same model whatever the device or the global RNG state.
+        """
+        if self.tok_embeddings.weight.device.type == "meta":
+            return  # shapes only (parameter counting, or FSDP building before materialising)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                    continue
+                scale = residual_std if name.endswith(("wo.weight", "w2.weight")) else std
+                values = torch.empty(param.shape, dtype=torch.float32)
+                nn.init.trunc_normal_(values, 0.0, scale, -3 * scale, 3 * scale, generator=generator)
+                param.copy_(values)
+        self.reset_rope_tables()
+
+    def reset_rope_tables(self) -> None:
+        """Recompute the rotary tables in place (after `to_empty` materialises a model built on meta)."""
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        with torch.no_grad():
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        ignore_index: int = -100,
+    ) -> torch.Tensor:
+        """tokens (B, T) → logits (B, T, V) in fp32, or the mean cross-entropy if `targets` is given.
+
+        With `targets`, the logits are never materialised for the whole batch (see loss.py). `positions`
+        (T,) is for decoding with a KV cache (`setup_kv_cache`); training leaves it None.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.max_seq_len}")
+            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            # (1, 1, T, max_len): query at position p sees cache slots 0..p.
+            mask = (torch.arange(self.kv_cache_len, device=tokens.device) <= positions[:, None])[None, None]
+
+        x = self.tok_embeddings(tokens)  # (B, T, D)
+        for block in self.layers.values():
+            x = block(x, cos, sin, positions, mask)
+        x = self.norm(x)
+
+        if targets is not None:
+            return fused_linear_cross_entropy(x.flatten(0, 1), self.output_weight, targets.flatten(), ignore_index)
+        return F.linear(x, self.output_weight).float()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Decoding
+
+    kv_cache_len: int = 0
+
+    def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None) -> None:
+        """Allocate a static KV cache in every attention layer (dtype and device of the weights)."""
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        weight = self.tok_embeddings.weight
+        self.kv_cache_len = max_seq_len
+        for block in self.layers.values():
+            block.attention.kv_cache = KVCache(
+                batch_size, max_seq_len, self.config.n_kv_heads, self.config.head_dim, weight.dtype, weight.device
+            )
+
+    def clear_kv_cache(self) -> None:
+        self.kv_cache_len = 0
+        for block in self.layers.values():
+            block.attention.kv_cache = None
