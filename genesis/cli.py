@@ -1,0 +1,181 @@
+"""`genesis`: the command line front door.
+
+Engine commands (train, generate, export-hf, import-hf) import neither Prefect nor MLflow, so they run on
+a bare GPU box. Every command turns bad input into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    forwarded = ["--config", str(args.config), *args.overrides]
+    for flag in ("resume", "stop_at_step"):
+        value = getattr(args, flag)
+        if value is not None:
+            forwarded += [f"--{flag.replace('_', '-')}", str(value)]
+    forwarded += [f for f, on in (("--reset-optimizer", args.reset_optimizer), ("--reset-data", args.reset_data)) if on]
+    if args.nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+                   "-m", "genesis_model.train", *forwarded]
+        os.execv(sys.executable, command)
+    from genesis_model.train import main
+
+    return main(forwarded)
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from genesis_model.hf import export_hf
+    from genesis_model.inference import load_checkpoint
+
+    loaded = load_checkpoint(args.checkpoint)
+    tokenizer_dir = args.tokenizer or loaded.tokenizer_dir
+    out = export_hf(loaded.model, args.out_dir, tokenizer_dir=tokenizer_dir, dtype=_dtype(args.dtype),
+                    extra_metadata={"source_checkpoint": str(Path(args.checkpoint).resolve())})
+    print(f"exported {args.checkpoint} → {out}" + ("" if tokenizer_dir else " (no tokenizer found; weights only)"))
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from genesis_model.checkpoint import write_model_only_checkpoint
+    from genesis_model.hf import import_hf
+
+    model = import_hf(args.hf_dir)
+    print(f"imported {args.hf_dir}: {model.config.n_layers} layers, {model.num_params():,} parameters")
+    if args.checkpoint_out:
+        meta = {"model_config": model.config.model_dump(), "model_fingerprint": model.config.fingerprint(),
+                "tokenizer_sha256": None, "data_fingerprint": None, "meaning": None, "tokens_seen": 0,
+                "step": 0, "source_hf_dir": str(Path(args.hf_dir).resolve())}
+        path = write_model_only_checkpoint(model, Path(args.checkpoint_out), meta)
+        print(f"wrote model-only checkpoint {path} (resume from it with --reset-optimizer)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from genesis_model.generate import Generator, SamplingConfig, stream_text
+    from genesis_model.inference import load_checkpoint, load_hf, load_tokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.checkpoint:
+        loaded = load_checkpoint(args.checkpoint, dtype=dtype, device=device)
+    elif args.hf:
+        loaded = load_hf(args.hf, dtype=dtype, device=device)
+    else:
+        from genesis.registry import resolve_model_uri  # MLflow lives outside the engine
+
+        loaded = load_hf(resolve_model_uri(args.model), dtype=dtype, device=device)
+    tokenizer = load_tokenizer(loaded.tokenizer_dir, loaded.source)
+    if args.chat:
+        messages = []
+        if args.system is not None:
+            messages.append({"role": "system", "content": args.system})
+        messages.append({"role": "user", "content": args.prompt})
+        if not tokenizer.chat_template:
+            from genesis.errors import GenesisError
+
+            raise GenesisError(f"{loaded.source}: tokenizer has no chat template; --chat needs one")
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(prompt_ids, "input_ids"):
+            prompt_ids = prompt_ids["input_ids"]
+        stop_ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    else:
+        prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False)
+        stop_ids = {tokenizer.eos_token_id}
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
+    generator = Generator(loaded.model, compile_decode=device == "cuda" and args.compile)
+    stream = generator.stream(list(prompt_ids), sampling, stop_ids={i for i in stop_ids if i is not None})
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    for piece in stream_text(stream, decode):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genesis", description="Train small LLMs from scratch and grow them as a tree.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="pretrain (torchrun-compatible; --nproc N launches torchrun)")
+    train.add_argument("--config", required=True, type=Path)
+    train.add_argument("overrides", nargs="*", help="dotted.key=value")
+    train.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun --nproc_per_node)")
+    train.add_argument("--resume", default=None, help="auto | CHECKPOINT_DIR")
+    train.add_argument("--stop-at-step", type=int, default=None)
+    train.add_argument("--reset-optimizer", action="store_true")
+    train.add_argument("--reset-data", action="store_true")
+    train.set_defaults(handler=cmd_train)
+
+    export = sub.add_parser("export-hf", help="write a trainer checkpoint as a transformers LlamaForCausalLM dir")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("out_dir", type=Path)
+    export.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: the run's data tokenizer)")
+    export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    export.set_defaults(handler=cmd_export_hf)
+
+    imp = sub.add_parser("import-hf", help="read a Llama-architecture HF model into the native model")
+    imp.add_argument("hf_dir", type=Path)
+    imp.add_argument("--checkpoint-out", type=Path, default=None, help="write it as a model-only checkpoint")
+    imp.set_defaults(handler=cmd_import_hf)
+
+    gen = sub.add_parser("generate", help="generate text from a checkpoint, an HF dir or a registered model")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path)
+    source.add_argument("--hf", type=Path)
+    source.add_argument("--model", help="models:/NAME@ALIAS or models:/NAME/VERSION from the MLflow registry")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--system", default=None, help="system prompt for --chat")
+    gen.add_argument("--no-compile", dest="compile", action="store_false", help="skip CUDA-graph decoding")
+    gen.set_defaults(handler=cmd_generate)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands of the later stages register here; each module adds its own parser."""
+    for module_name in ("data_prep.cli", "genesis.pipeline_cli"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as err:
+            if err.name and module_name.startswith(err.name):
+                continue
+            raise
+        module.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from genesis.errors import GenesisError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except GenesisError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

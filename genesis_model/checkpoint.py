@@ -290,6 +290,22 @@ class Checkpointer:
         return meta, rank_state
 
 
+def write_model_only_checkpoint(model, path: Path, meta: dict) -> Path:
+    """A complete checkpoint holding weights only (e.g. imported from Hugging Face to seed a trunk), written
+    in one process. Resuming from it needs --reset-optimizer, on purpose."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=True)
+    (tmp / "trainer").mkdir()
+    torch.save({}, tmp / "trainer" / "rank_00000.pt")
+    meta = {**meta, "version": CHECKPOINT_VERSION, "world_size": 1, "has_optimizer": False, "milestone": False}
+    checkpointer = Checkpointer(path.parent, rank=0, world_size=1, keep_last=10**9, async_save=False)
+    checkpointer._finalize(tmp, path, meta)
+    return path
+
+
 def load_model_weights(path: Path, model) -> dict:
     """Load only the model weights of a checkpoint into an unsharded model, in one process, no process group
     (for export and generation)."""

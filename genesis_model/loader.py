@@ -127,14 +127,17 @@ class TokenLoader:
         return int(self._choices[window_index % CHOICE_BLOCK])
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch of this rank. Every call consumes exactly micro_batch × world_size global
+        windows on every rank, so all ranks hold the same position after each call."""
         rows = []
-        while len(rows) < self.micro_batch_size:
-            source = self._source_of(self.window_index)
+        first = self.window_index
+        for offset in range(self.micro_batch_size * self.world_size):
+            source = self._source_of(first + offset)
             taken = self.windows_per_source[source]
-            if self.window_index % self.world_size == self.rank:
-                rows.append(self.train_streams[source].read(taken * self.window, self.window))
-            self.window_index += 1
             self.windows_per_source[source] = taken + 1
+            if offset % self.world_size == self.rank:
+                rows.append(self.train_streams[source].read(taken * self.window, self.window))
+        self.window_index = first + self.micro_batch_size * self.world_size
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
         return batch[:, :-1], batch[:, 1:]
 
@@ -168,7 +171,8 @@ class TokenLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state` left off. The world size may differ (the order is global); the
+        """Continue exactly where `state` left off. The world size may differ (the order is global; the
+        position must fall on a boundary of the new world size, which holds when global batches match); the
         data, window length and seed may not, since the same position would then mean other tokens."""
         if state.get("version") != LOADER_STATE_VERSION:
             raise CheckpointError(f"loader state version {state.get('version')} is not {LOADER_STATE_VERSION}")
@@ -179,5 +183,8 @@ class TokenLoader:
             )
         if state["seq_len"] != self.seq_len or state["seed"] != self.seed:
             raise CheckpointError("loader: seq_len or seed differs from the checkpoint's; they fix the data order")
+        if int(state["window_index"]) % self.world_size:
+            raise CheckpointError(f"loader: position {state['window_index']} is not a multiple of world size "
+                                  f"{self.world_size}; resume on a world size that divides the global batch")
         self.window_index = int(state["window_index"])
         self.windows_per_source = [int(n) for n in state["windows_per_source"]]

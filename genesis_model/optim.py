@@ -17,7 +17,9 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, device_type
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim < 2 or "tok_embeddings" in name or name.endswith("output.weight")
+        # Embedding names in Genesis's convention and in Hugging Face's (for exported models).
+        is_embedding = any(key in name for key in ("tok_embeddings", "embed_tokens", "lm_head")) or name == "output.weight"
+        exempt = param.ndim < 2 or is_embedding
         (no_decay if exempt and not config.decay_norms_and_embeddings else decay).append(param)
     fused = config.fused if config.fused is not None else device_type == "cuda"
     groups = [

@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="'auto' (newest complete checkpoint of the run, if any) or a checkpoint directory")
     parser.add_argument("--reset-optimizer", action="store_true",
                         help="resume the weights with a fresh optimizer (logged); needed for a model-only checkpoint")
+    parser.add_argument("--stop-at-step", type=int, default=None,
+                        help="save and exit after this step, keeping the schedule of max_steps (pause a run)")
     parser.add_argument("--reset-data", action="store_true",
                         help="resume with the loader at the start of (possibly new) data, e.g. a changed mixture")
     return parser.parse_args(argv)
@@ -232,7 +234,7 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
                 trainer.event("data_reset", path=str(resume_path))
             if info.is_main:
                 print(f"resumed from {resume_path} at step {trainer.step}", file=sys.stderr)
-        status = trainer.fit()
+        status = trainer.fit(stop_at_step=args.stop_at_step)
         for sink in sinks:
             sink.close()
         return status
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteStop as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    return 0 if status == "completed" else 143
+    return 0 if status in ("completed", "paused") else 143
 
 
 if __name__ == "__main__":

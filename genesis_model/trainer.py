@@ -205,9 +205,10 @@ class Trainer:
     def _handle_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
-    def fit(self) -> str:
-        """Train to `max_steps`. Returns the final status: 'completed' or 'stopped_by_signal'. Raises
-        NonFiniteStop after K skipped steps in a row."""
+    def fit(self, stop_at_step: int | None = None) -> str:
+        """Train to `max_steps` (or pause after `stop_at_step`, with the schedule still that of max_steps).
+        Returns 'completed', 'paused' or 'stopped_by_signal'; raises NonFiniteStop after K skipped steps
+        in a row."""
         config = self.config
         self.checkpointer.on_saved = self._on_checkpoint_saved
         previous_handlers = {sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -262,6 +263,9 @@ class Trainer:
                 self._write_latest("training", metrics)
                 if self._stop_signal is not None:
                     status = "stopped_by_signal"
+                    break
+                if stop_at_step is not None and self.step >= stop_at_step:
+                    status = "paused"
                     break
             if not just_saved and (config.checkpoint.save_at_end or status != "completed"):
                 self.save(milestone=False)

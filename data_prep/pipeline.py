@@ -1,0 +1,148 @@
+"""The data stage end to end: sources → normalise/filter → exact + near dedup → tokenizer → token shards.
+
+    prepare(corpus_config, data_dir) -> Manifest
+
+Each step is a plain function with its output on disk and a stage marker (`.stages/<step>.json`, holding the
+hash of the config that produced it). A rerun skips steps whose marker matches, and token shards are
+skipped one by one, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from genesis.errors import DataError
+from genesis.manifest import Manifest, SourceEntry, TokenizerEntry, sha256_file, write_manifest
+from data_prep.clean import clean_texts
+from data_prep.dedup import deduplicate
+from data_prep.shards import dump_report, tokenize_parts, write_text_part
+from data_prep.sources import CorpusConfig, iter_texts
+
+
+def _hash(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StageMarkers:
+    def __init__(self, data_dir: Path):
+        self.dir = data_dir / ".stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def done(self, name: str, key: str) -> bool:
+        marker = self.dir / f"{name}.json"
+        return marker.is_file() and json.loads(marker.read_text()).get("key") == key
+
+    def mark(self, name: str, key: str, **info) -> None:
+        tmp = self.dir / f".{name}.json.tmp"
+        tmp.write_text(json.dumps({"key": key, **info}, indent=1))
+        os.replace(tmp, self.dir / f"{name}.json")
+
+    def clear_from(self, names: list[str]) -> None:
+        for name in names:
+            (self.dir / f"{name}.json").unlink(missing_ok=True)
+
+
+def clean_and_dedup(config: CorpusConfig, data_dir: Path) -> dict:
+    """Read every source, normalise and filter, deduplicate across sources (earlier sources win), and write
+    the survivors as text parts of `docs_per_shard` documents. Returns the per-source report."""
+    report: dict = {}
+    texts: list[str] = []
+    owners: list[int] = []
+    for index, source in enumerate(config.sources):
+        counts: Counter = Counter()
+        read_counts: dict = {}
+        kept = clean_texts(iter_texts(source, config.on_bad_record, read_counts), config.clean, counts)
+        counts.update(read_counts)
+        report[source.name] = dict(counts) | {"license": source.license, "weight": source.weight}
+        texts += kept
+        owners += [index] * len(kept)
+    keep, dedup_report = deduplicate(
+        texts, exact=config.clean.exact_dedup, near=config.clean.near_dedup, num_perm=config.clean.num_perm,
+        bands=config.clean.bands, rows=config.clean.rows, shingle_words=config.clean.shingle_words)
+    kept_set = set(keep)
+    for index, source in enumerate(config.sources):
+        mine = [i for i, owner in enumerate(owners) if owner == index]
+        survivors = [texts[i] for i in mine if i in kept_set]
+        removed = len(mine) - len(survivors)
+        report[source.name]["duplicates_removed"] = removed
+        report[source.name]["docs_out"] = len(survivors)
+        report[source.name]["bytes_out"] = sum(len(t.encode("utf-8")) for t in survivors)
+        folder = data_dir / "clean" / source.name
+        shutil.rmtree(folder, ignore_errors=True)
+        for part, start in enumerate(range(0, len(survivors), config.docs_per_shard)):
+            write_text_part(folder / f"part_{part:05d}.arrow", survivors[start : start + config.docs_per_shard])
+    report["_dedup"] = dedup_report
+    if not keep:
+        raise DataError(f"{config.name}: no document survived filtering and dedup; check the sources and filters")
+    return report
+
+
+def tokenizer_sample(config: CorpusConfig, data_dir: Path) -> list[str]:
+    """Lines drawn across sources in proportion to their weights, for tokenizer training."""
+    from data_prep.shards import read_text_part
+
+    rng = random.Random(config.seed)
+    total_weight = sum(s.weight for s in config.sources)
+    sample: list[str] = []
+    for source in config.sources:
+        lines = []
+        for part in sorted((data_dir / "clean" / source.name).glob("part_*.arrow")):
+            for text in read_text_part(part):
+                lines += [line for line in text.split("\n") if line.strip()]
+        want = int(config.tokenizer.sample_sentences * source.weight / total_weight)
+        sample += lines if len(lines) <= want else rng.sample(lines, want)
+    rng.shuffle(sample)
+    return sample
+
+
+def train_tokenizer(config: CorpusConfig, data_dir: Path) -> Path:
+    from data_prep.tokenizer import train_sentencepiece
+
+    target = data_dir / "tokenizer"
+    if config.tokenizer.existing:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(config.tokenizer.existing, target)
+        return target / "tokenizer.model"
+    return train_sentencepiece(tokenizer_sample(config, data_dir), target, vocab_size=config.tokenizer.vocab_size,
+                               threads=config.workers)
+
+
+def prepare(config: CorpusConfig, data_dir: str | Path) -> Manifest:
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    markers = StageMarkers(data_dir)
+    clean_key = _hash([s.model_dump() for s in config.sources] + [config.clean.model_dump(), config.docs_per_shard])
+    tokenizer_key = _hash([clean_key, config.tokenizer.model_dump(), config.seed])
+
+    if not markers.done("clean", clean_key):
+        markers.clear_from(["clean", "tokenizer"])
+        report = clean_and_dedup(config, data_dir)
+        dump_report(data_dir / "report.json", report)
+        markers.mark("clean", clean_key)
+    if not markers.done("tokenizer", tokenizer_key):
+        for source in config.sources:  # shards of another tokenizer must not survive
+            shutil.rmtree(data_dir / source.name, ignore_errors=True)
+        train_tokenizer(config, data_dir)
+        markers.mark("tokenizer", tokenizer_key)
+
+    tokenizer_model = data_dir / "tokenizer" / "tokenizer.model"
+    shards = tokenize_parts(data_dir, tokenizer_model, config.workers, config.executor, config.dask_address)
+    from data_prep.tokenizer import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    sources = [SourceEntry(name=s.name, weight=s.weight, shards=shards[s.name]) for s in config.sources if s.name in shards]
+    if not sources or sum(src.num_tokens for src in sources) == 0:
+        raise DataError(f"{config.name}: no tokens after tokenization; the corpus is empty")
+    manifest = Manifest(
+        tokenizer=TokenizerEntry(path="tokenizer/tokenizer.model", sha256=sha256_file(tokenizer_model),
+                                 vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id),
+        sources=sources,
+    )
+    write_manifest(data_dir, manifest)
+    return manifest

@@ -1,0 +1,203 @@
+"""Specifications of the distributed trainer and its checkpoints, on CPU with 2 gloo ranks under torchrun.
+
+The two incidents behind Genesis are reproduced here: a resume must be bit-exact (model AND optimizer), and a
+checkpoint without optimizer state must be refused unless the user explicitly resets the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from genesis_model.checkpoint import (
+    MARKER,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_weights,
+    read_meta,
+    verify_checkpoint,
+    write_model_only_checkpoint,
+)
+from genesis_model.model import Transformer
+from genesis.config import load_model_config
+from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, _free_port, losses_by_step, read_jsonl, run_trainer
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def full_state(checkpoint: Path, tmp_path: Path) -> dict:
+    out = tmp_path / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint), str(out))
+    return torch.load(out, weights_only=True)
+
+
+def assert_same_tensors(a, b, path="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_tensors(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(token_data, tmp_path_factory) -> Path:
+    """The reference: 0 → 300 in one go on 2 ranks, saving at 150 and 300."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    assert_ok(run_trainer(run_dir, token_data, ["max_steps=300", "checkpoint.save_every=150"]))
+    return run_dir
+
+
+def test_smoke_matrix_and_bit_exact_resume_after_process_exit(uninterrupted, token_data, tmp_path):
+    # The reference run's smoke matrix: a 220-step run saving at 150 ...
+    interrupted = tmp_path / "interrupted"
+    assert_ok(run_trainer(interrupted, token_data, ["max_steps=300", "checkpoint.save_every=150"],
+                          ["--stop-at-step", "220"]))
+    assert [ref.step for ref in list_checkpoints(interrupted)] == [150, 220]
+    # ... then, in a new process, resume 150 → 300 with a second save at 300.
+    step_150 = interrupted / "checkpoints" / "step_00000150"
+    assert_ok(run_trainer(interrupted, token_data, ["max_steps=300", "checkpoint.save_every=150"],
+                          ["--resume", str(step_150)]))
+    assert latest_checkpoint(interrupted).step == 300
+
+    reference, resumed = losses_by_step(uninterrupted), losses_by_step(interrupted)
+    assert len(reference) == 300
+    for step in range(1, 301):
+        assert resumed[step] == reference[step], f"loss differs at step {step}"
+    # The training-only leg: the loss went down over 100+ steps.
+    assert sum(reference[s] for s in range(281, 301)) < sum(reference[s] for s in range(1, 21))
+
+    final_a = full_state(uninterrupted / "checkpoints" / "step_00000300", tmp_path)
+    final_b = full_state(interrupted / "checkpoints" / "step_00000300", tmp_path)
+    assert "optimizer" in final_a and final_a["optimizer"]["state"]
+    assert_same_tensors(final_a, final_b)
+
+
+def test_resume_on_one_rank_from_two_continues_the_same_loss_trajectory(uninterrupted, token_data, tmp_path):
+    run_dir = tmp_path / "one_rank"
+    step_150 = uninterrupted / "checkpoints" / "step_00000150"
+    # Same global batch: 1 rank × 2 accumulation steps = 2 ranks × 1.
+    result = run_trainer(run_dir, token_data, ["max_steps=300", "grad_accum_steps=2", "checkpoint.save_every=0"],
+                         ["--resume", str(step_150), "--stop-at-step", "170"], nproc=1)
+    assert_ok(result)
+    reference, resharded = losses_by_step(uninterrupted), losses_by_step(run_dir)
+    for step in range(151, 171):
+        assert resharded[step] == pytest.approx(reference[step], rel=1e-4), step
+    resumed = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resumed"]
+    assert resumed[0]["saved_world_size"] == 2 and resumed[0]["world_size"] == 1
+
+
+def test_model_only_checkpoint_is_refused_unless_the_optimizer_is_reset_explicitly(uninterrupted, token_data, tmp_path):
+    source = uninterrupted / "checkpoints" / "step_00000150"
+    model = Transformer(load_model_config("tiny"))
+    meta = load_model_weights(source, model)
+    model_only = write_model_only_checkpoint(model, tmp_path / "imported" / "step_00000150", meta)
+    assert verify_checkpoint(model_only) is None
+
+    run_dir = tmp_path / "incident"
+    refused = run_trainer(run_dir, token_data, ["max_steps=160", "checkpoint.save_every=0"],
+                          ["--resume", str(model_only)])
+    assert refused.returncode != 0
+    assert "no optimizer state" in refused.stderr and "--reset-optimizer" in refused.stderr
+    assert not list_checkpoints(run_dir)
+
+    accepted = run_trainer(run_dir, token_data, ["max_steps=160", "checkpoint.save_every=0"],
+                           ["--resume", str(model_only), "--reset-optimizer"])
+    assert_ok(accepted)
+    assert "optimizer reset at step 150" in accepted.stderr
+    events = [e["event"] for e in read_jsonl(run_dir / "events.jsonl")]
+    assert "optimizer_reset" in events
+    assert latest_checkpoint(run_dir).step == 160
+
+
+def test_an_injected_nan_is_skipped_and_counted_and_training_continues(token_data, tmp_path):
+    result = run_trainer(tmp_path, token_data, ["max_steps=12", "checkpoint.save_every=0"],
+                         env={"GENESIS_INJECT_NAN_STEPS": "5"})
+    assert_ok(result)
+    skipped = [e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "nonfinite_step_skipped"]
+    assert [e["step"] for e in skipped] == [5]
+    latest = json.loads((tmp_path / "latest.json").read_text())
+    assert latest["status"] == "completed" and latest["step"] == 12 and latest["nonfinite_skipped"] == 1
+
+
+def test_k_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(token_data, tmp_path):
+    result = run_trainer(tmp_path, token_data, ["max_steps=20", "checkpoint.save_every=4",
+                                                "stability.max_consecutive_nonfinite=3"],
+                         env={"GENESIS_INJECT_NAN_STEPS": "6,7,8"})
+    assert result.returncode != 0  # the trainer exits 3; torchrun reports any failed child as 1
+    assert "3 non-finite steps in a row" in result.stderr
+    assert latest_checkpoint(tmp_path).step == 4
+    verify_checkpoint(latest_checkpoint(tmp_path).path)
+    assert json.loads((tmp_path / "latest.json").read_text())["status"] == "stopped_nonfinite"
+
+
+def test_keep_last_prunes_rolling_checkpoints_but_never_milestones(token_data, tmp_path):
+    assert_ok(run_trainer(tmp_path, token_data, ["max_steps=30", "checkpoint.save_every=5", "checkpoint.keep_last=2",
+                                                 "checkpoint.milestone_every=10"]))
+    rolling = [ref.step for ref in list_checkpoints(tmp_path) if not ref.milestone]
+    milestones = [ref.step for ref in list_checkpoints(tmp_path) if ref.milestone]
+    assert milestones == [10, 20, 30]
+    assert rolling == [15, 25]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith((".tmp", ".trash"))]
+
+
+def test_sigkill_during_saves_never_leaves_a_checkpoint_resume_would_trust(token_data, tmp_path):
+    """20 kills at random moments while checkpoints are being written; every later --resume auto starts
+    from the newest complete checkpoint and trains on."""
+    rng = random.Random(0)
+    run_dir = tmp_path / "crashy"
+    target = 400
+    base = [sys.executable, "-m", "genesis_model.train", "--config", str(TINY_CPU), f"data_dir={token_data}",
+            f"run_dir={run_dir}", *FAST_OVERRIDES, f"max_steps={target}", "checkpoint.save_every=1",
+            "checkpoint.keep_last=3", "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    deadline = time.time() + 420
+    kills = 0
+    while kills < 20 and time.time() < deadline:
+        before = latest_checkpoint(run_dir)
+        process = subprocess.Popen(base, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Wait until a new save is under way (its temporary directory exists), then kill at a random moment.
+        floor = before.step if before else 0
+        wait_until = time.time() + 60
+        while time.time() < wait_until and process.poll() is None:
+            saving = [p for p in (run_dir / "checkpoints").glob(".tmp-step_*")
+                      if int(p.name.removeprefix(".tmp-step_")) > floor]
+            if saving:
+                break
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.03))
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+        kills += 1
+        newest = latest_checkpoint(run_dir)
+        if before is not None:
+            assert newest is not None and newest.step >= before.step
+        for ref in list_checkpoints(run_dir):
+            verify_checkpoint(ref.path)  # everything that carries a marker is whole
+    assert kills == 20
+
+    newest = latest_checkpoint(run_dir)
+    result = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {newest.path} at step {newest.step}" in result.stderr
+    assert latest_checkpoint(run_dir).step == target
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if not (p / MARKER).is_file()]
