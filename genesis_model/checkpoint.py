@@ -169,7 +169,18 @@ class Checkpointer:
         self.process_group = process_group
         self.on_saved = on_saved  # callback(CheckpointRef, seconds) on rank 0 once a checkpoint is complete
         self._pending: tuple[object, threading.Thread | None] | None = None
+        self._staging = None
+        self.staging_wait_s = 0.0
         self.last_saved: CheckpointRef | None = None
+        self.stager = None
+        if async_save and torch.cuda.is_available():
+            # NOTE: pinned host buffers (allocated once, reused by every save) and staging on a side stream:
+            # the device→host copy overlaps the next forward/backward, and only the next optimizer step,
+            # which mutates parameters and moments in place, waits for it (`wait_for_staging`).
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self.stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                       use_async_staging=True, use_non_blocking_copy=True))
 
     # ---------------------------------------------------------------------------------------------------------
 
@@ -205,7 +216,12 @@ class Checkpointer:
             self.last_saved = CheckpointRef(final, step, milestone)
 
         if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+            if self.stager is not None:
+                response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group,
+                                          async_stager=self.stager)
+                self._staging, future = response.staging_completion, response.upload_completion
+            else:
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group)
 
             def complete():
                 future.result()
@@ -220,8 +236,26 @@ class Checkpointer:
             dist.barrier()
         return time.perf_counter() - started
 
+    def wait_for_staging(self) -> float:
+        """Block until the in-flight save has copied the state off the GPU (call before mutating it).
+        Returns the seconds waited."""
+        if self._staging is None:
+            return 0.0
+        started = time.perf_counter()
+        self._staging.result()
+        self._staging = None
+        self.staging_wait_s = time.perf_counter() - started
+        return self.staging_wait_s
+
+    def close(self) -> None:
+        self.wait()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
+
     def wait(self) -> None:
         """Block until the in-flight save (if any) is complete on this rank."""
+        self.wait_for_staging()
         if self._pending is not None:
             _, thread = self._pending
             thread.join()

@@ -55,6 +55,10 @@ class SourceStream:
         self._starts = np.concatenate([[0], np.cumsum(self.doc_lengths[self._order])[:-1]])
         self._epoch = epoch
 
+    def documents(self):
+        for doc_id in range(len(self.doc_lengths)):
+            yield self.readers[self.doc_shard[doc_id]].doc(int(self.doc_local[doc_id]))
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the endless stream."""
         pieces = []
@@ -188,3 +192,20 @@ class TokenLoader:
                                   f"{self.world_size}; resume on a world size that divides the global batch")
         self.window_index = int(state["window_index"])
         self.windows_per_source = [int(n) for n in state["windows_per_source"]]
+
+
+def unigram_cross_entropy(loader: TokenLoader) -> float:
+    """The baseline a language model must beat: cross-entropy (nats/token) of the training set's unigram
+    distribution (add-one smoothed) on each source's held-out tokens, averaged over sources the way the
+    trainer averages its per-source validation losses."""
+    vocab_size = loader.manifest.tokenizer.vocab_size
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for stream in loader.train_streams:
+        for doc in stream.documents():
+            counts += np.bincount(doc, minlength=vocab_size)[:vocab_size]
+    log_probs = np.log((counts + 1) / (counts.sum() + vocab_size))
+    per_source = []
+    for stream in loader.val_streams.values():
+        tokens = np.concatenate(list(stream.documents()))
+        per_source.append(float(-log_probs[tokens[1:]].mean()))
+    return sum(per_source) / len(per_source)

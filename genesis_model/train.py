@@ -183,10 +183,18 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
         resume_path = collective_check(lambda: resolve_resume(args.resume, Path(config.run_dir)), info.rank)
 
         torch.manual_seed(config.seed + info.rank)
-        model = Transformer(config.model)
-        model.init_weights(seed=config.seed)
+        if resume_path is None:
+            model = Transformer(config.model)
+            model.init_weights(seed=config.seed)
+            model = model.to(info.device)
+        else:
+            # NOTE: a resumed run overwrites every weight, so skip drawing 1B random numbers on the CPU: build
+            # on the meta device and only allocate (RoPE tables are derived from the config, not loaded).
+            with torch.device("meta"):
+                model = Transformer(config.model)
+            model = model.to_empty(device=info.device)
+            model.reset_rope_tables()
         num_params = model.num_params()
-        model = model.to(info.device)
         parallel = config.parallel
         use_compile = parallel.compile and device_type == "cuda"
         param_dtype = parallel.param_dtype if device_type == "cuda" else "float32"

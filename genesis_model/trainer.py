@@ -160,6 +160,9 @@ class Trainer:
         grad_norm_value = float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
         if finite:
+            staging_wait = self.checkpointer.wait_for_staging()  # an async save may still be copying weights
+            if staging_wait:
+                self.event("checkpoint_staging_wait", seconds=round(staging_wait, 3))
             self.optimizer.step()
             self.consecutive_nonfinite = 0
         else:
@@ -258,7 +261,8 @@ class Trainer:
                 due, milestone = self._checkpoint_due()
                 if due:
                     blocked = self.save(milestone=milestone)
-                    metrics["checkpoint_blocked_s"] = blocked
+                    self.event("checkpoint_blocked", seconds=round(blocked, 3), milestone=milestone,
+                               async_save=self.checkpointer.async_save)
                     just_saved = True
                 self._write_latest("training", metrics)
                 if self._stop_signal is not None:
@@ -274,7 +278,7 @@ class Trainer:
             self.event("run_finished", status=status)
             return status
         finally:
-            self.checkpointer.wait()
+            self.checkpointer.close()
             if self.progress:
                 self.progress.close()
             for sig, handler in previous_handlers.items():

@@ -175,16 +175,19 @@ def test_sigkill_during_saves_never_leaves_a_checkpoint_resume_would_trust(token
     while kills < 20 and time.time() < deadline:
         before = latest_checkpoint(run_dir)
         process = subprocess.Popen(base, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Wait until a new save is under way (its temporary directory exists), then kill at a random moment.
-        floor = before.step if before else 0
+        # Wait until this process has a save under way (a temporary directory it created), then kill.
+        launched_ns = time.time_ns()
         wait_until = time.time() + 60
         while time.time() < wait_until and process.poll() is None:
-            saving = [p for p in (run_dir / "checkpoints").glob(".tmp-step_*")
-                      if int(p.name.removeprefix(".tmp-step_")) > floor]
+            try:
+                saving = [p for p in (run_dir / "checkpoints").glob(".tmp-step_*") if p.stat().st_mtime_ns >= launched_ns]
+            except FileNotFoundError:  # renamed or removed while we looked
+                saving = []
             if saving:
                 break
             time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.03))
+        # A step takes ~0.1 s and every step saves, so this lands at random phases of the next few saves.
+        time.sleep(rng.uniform(0, 1.0))
         process.send_signal(signal.SIGKILL)
         process.communicate()
         kills += 1
@@ -196,6 +199,7 @@ def test_sigkill_during_saves_never_leaves_a_checkpoint_resume_would_trust(token
     assert kills == 20
 
     newest = latest_checkpoint(run_dir)
+    assert newest is not None and newest.step >= 10, "the kills should interrupt a run that makes progress"
     result = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {newest.path} at step {newest.step}" in result.stderr
