@@ -28,7 +28,7 @@ class SourceConfig(StrictModel):
     split: str = "train"
     streaming: bool = True
     paths: list[str] = Field(default_factory=list, description="local files or globs, relative to the repo root")
-    format: Literal["text", "chat", "function_calling"] = "text"
+    format: Literal["text", "chat", "function_calling", "sharegpt", "xlam"] = "text"
     text_field: str = "text"
     messages_field: str = "messages"
     weight: float = Field(gt=0)
@@ -108,7 +108,19 @@ def record_to_text(record: dict, source: SourceConfig) -> str:
         if not isinstance(text, str):
             raise TypeError(f"field '{source.text_field}' is {type(text).__name__}, not text")
         return text
+    if source.format == "xlam":
+        # Salesforce xLAM: `query`, and `answers` / `tools` as JSON strings.
+        calls = [{"type": "function", "function": call} for call in json.loads(record["answers"])]
+        tools = [{"type": "function", "function": tool} for tool in json.loads(record["tools"])]
+        return render_chat([{"role": "user", "content": record["query"]},
+                            {"role": "assistant", "content": "", "tool_calls": calls}], tools)
     messages = record[source.messages_field]
+    if isinstance(messages, str):  # some sets (Orca AgentInstruct) store the conversation as a JSON string
+        messages = json.loads(messages)
+    if source.format == "sharegpt":  # {"from": "human"|"gpt"|"system"|"tool", "value": ...}
+        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                 "tool": "tool", "function_response": "tool"}
+        messages = [{"role": roles[m["from"]], "content": m["value"]} for m in messages]
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError(f"field '{source.messages_field}' is not a list of messages")
     return render_chat(messages, record.get("tools") if source.format == "function_calling" else None)

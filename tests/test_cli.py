@@ -1,0 +1,120 @@
+"""The `genesis` front door: bad input is one line and a non-zero exit; engine commands stay light."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genesis_model.train import RunLock
+from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, make_token_data
+
+GENESIS = [sys.executable, "-m", "genesis.cli"]
+
+
+def genesis(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*GENESIS, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    return errors[0]
+
+
+def test_engine_commands_import_neither_prefect_nor_mlflow():
+    code = ("import sys, genesis.cli, genesis_model.train, genesis_model.hf, genesis_model.inference, "
+            "genesis_model.generate; genesis.cli.build_parser(); "
+            "print(sorted(m for m in ('prefect', 'mlflow') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_a_missing_config_file_is_one_line(tmp_path):
+    line = one_error_line(genesis("train", "--config", str(tmp_path / "nope.yaml")))
+    assert "nope.yaml" in line and "not found" in line
+
+
+def test_an_invalid_field_names_the_file_the_field_and_the_fix(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(TINY_CPU.read_text().replace("lr: 3.0e-3", "lr: fast"))
+    line = one_error_line(genesis("train", "--config", str(config)))
+    assert str(config) in line and "optimizer.lr" in line and "correct the value" in line
+
+    config.write_text(TINY_CPU.read_text() + "learning_rate: 0.1\n")
+    line = one_error_line(genesis("train", "--config", str(config)))
+    assert "learning_rate" in line and "remove it" in line
+
+
+def test_an_unknown_model_preset_is_one_line(tmp_path):
+    line = one_error_line(genesis("train", "--config", str(TINY_CPU), "model=genesis-7b"))
+    assert "unknown model preset 'genesis-7b'" in line
+
+
+def test_a_checkpoint_that_does_not_exist_is_one_line(tmp_path):
+    line = one_error_line(genesis("generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "hi"))
+    assert "does not exist" in line
+    line = one_error_line(genesis("export-hf", str(tmp_path / "missing"), str(tmp_path / "out")))
+    assert "does not exist" in line and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    return make_token_data(tmp_path_factory.mktemp("cli_data"), docs_per_shard=40)
+
+
+def train(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return genesis("train", "--config", str(TINY_CPU), f"data_dir={data_dir}", f"run_dir={run_dir}",
+                   *FAST_OVERRIDES, "max_steps=2", *extra)
+
+
+def test_a_run_directory_locked_by_another_trainer_is_refused(small_data, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    try:
+        line = one_error_line(train(tmp_path, small_data))
+    finally:
+        lock.release()
+    assert "locked by pid" in line and "another run_dir" in line
+
+
+def test_an_unwritable_run_directory_is_refused(small_data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    line = one_error_line(train(blocker / "run", small_data))
+    assert "not writable" in line
+
+
+def test_a_corrupt_shard_is_refused_before_training_and_no_checkpoint_is_written(small_data, tmp_path):
+    data_dir = make_token_data(tmp_path / "data", docs_per_shard=40)
+    shard = next(data_dir.glob("web/shard_*.arrow"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    line = one_error_line(train(tmp_path / "run", data_dir))
+    assert "checksum mismatch" in line and str(shard) in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_tokenizer_vocab_larger_than_the_model_is_refused(tmp_path):
+    data_dir = make_token_data(tmp_path / "data", vocab_size=8000, docs_per_shard=40)
+    line = one_error_line(train(tmp_path / "run", data_dir))
+    assert "vocab 8000 exceeds the model's vocab_size 4096" in line
+
+
+def test_empty_data_is_refused(tmp_path):
+    data_dir = make_token_data(tmp_path / "data", docs_per_shard=40)
+    manifest = (data_dir / "manifest.json")
+    import json
+
+    content = json.loads(manifest.read_text())
+    for source in content["sources"]:
+        source["shards"] = []
+    manifest.write_text(json.dumps(content))
+    line = one_error_line(train(tmp_path / "run", data_dir))
+    assert "no tokens" in line or "no documents" in line
