@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import environment, write_json  # noqa: E402
-from data_prep.dedup import MinHasher, deduplicate  # noqa: E402
+from data_prep.dedup import MinHasher, near_duplicate_clusters  # noqa: E402
 from data_prep.shards import tokenize_parts, write_text_part  # noqa: E402
 from data_prep.tokenizer import train_sentencepiece  # noqa: E402
 
@@ -53,29 +53,48 @@ def planted(documents: list[str], count: int, edit_fraction: float, seed: int = 
     return corpus, copies
 
 
-def score(removed: set[int], copies: set[int]) -> tuple[float, float]:
-    found = len(removed & copies)
-    return found / len(copies), (found / len(removed) if removed else 1.0)
+def shingle_set(text: str) -> set[str]:
+    words = text.lower().split()
+    return {" ".join(words[i:i + 5]) for i in range(max(1, len(words) - 4))}
 
 
-def datasketch_dedup(texts: list[str]) -> tuple[set[int], float]:
+def jaccard(a: str, b: str) -> float:
+    x, y = shingle_set(a), shingle_set(b)
+    return len(x & y) / max(1, len(x | y))
+
+
+def score(corpus: list[str], removed: dict[int, list[int]], copies: set[int]) -> tuple[float, float]:
+    """Recall on the planted copies; precision counting a removal as right when it is a planted copy or its
+    exact 5-gram Jaccard with a document it was matched to is ≥ 0.7 (a real near-duplicate of the kit)."""
+    recall = len(set(removed) & copies) / len(copies)
+    right = sum(1 for i, matches in removed.items()
+                if i in copies or max((jaccard(corpus[i], corpus[j]) for j in matches), default=0) >= 0.7)
+    return recall, (right / len(removed) if removed else 1.0)
+
+
+def datasketch_dedup(texts: list[str]) -> tuple[dict[int, list[int]], float]:
     from datasketch import MinHash, MinHashLSH
 
-    hasher = MinHasher()
     started = time.perf_counter()
     lsh = MinHashLSH(num_perm=112, params=(14, 8))
-    removed = set()
+    removed: dict[int, list[int]] = {}
     for index, text in enumerate(texts):
-        words = text.lower().split()
-        shingles = {" ".join(words[i:i + 5]) for i in range(max(1, len(words) - 4))}
         signature = MinHash(num_perm=112, seed=1)
-        signature.update_batch([s.encode("utf-8") for s in shingles])
-        if lsh.query(signature):
-            removed.add(index)
+        signature.update_batch([s.encode("utf-8") for s in shingle_set(text)])
+        matches = lsh.query(signature)
+        if matches:
+            removed[index] = [int(m) for m in matches]
         else:
             lsh.insert(str(index), signature)
-    del hasher
     return removed, time.perf_counter() - started
+
+
+def genesis_dedup(texts: list[str]) -> tuple[dict[int, list[int]], float]:
+    started = time.perf_counter()
+    signatures = MinHasher().signatures(texts)
+    representative = near_duplicate_clusters(signatures, 14, 8)
+    seconds = time.perf_counter() - started
+    return {i: [int(r)] for i, r in enumerate(representative) if r != i}, seconds
 
 
 def main() -> None:
@@ -103,7 +122,7 @@ def main() -> None:
         sp = spm.SentencePieceProcessor(model_file=str(model))
         started = time.perf_counter()
         for start in range(0, len(documents), 512):
-            sp.encode(documents[start:start + 512])
+            sp.encode(documents[start:start + 512], num_threads=1)
         results["spm_encode_mb_s"] = round(total_bytes / 1e6 / (time.perf_counter() - started), 2)
         print("spm", results["spm_encode_mb_s"], flush=True)
 
@@ -121,16 +140,13 @@ def main() -> None:
         # Near-dedup against datasketch on planted near-duplicates.
         corpus, copies = planted(documents[:6000], 300, 0.03)
         removed_ds, seconds_ds = datasketch_dedup(corpus)
-        started = time.perf_counter()
-        keep, _ = deduplicate(corpus, exact=False, near=True)
-        seconds_ours = time.perf_counter() - started
-        removed_ours = set(range(len(corpus))) - set(keep)
+        removed_ours, seconds_ours = genesis_dedup(corpus)
         results["datasketch_docs_s"] = round(len(corpus) / seconds_ds, 1)
         results["dedup_docs_s"] = round(len(corpus) / seconds_ours, 1)
-        results["dedup_recall"], results["dedup_precision"] = map(lambda v: round(v, 4), score(removed_ours, copies))
-        results["datasketch_recall"], results["datasketch_precision"] = map(lambda v: round(v, 4), score(removed_ds, copies))
-        results["dedup_note"] = ("precision counts only planted copies as true duplicates; real near-duplicates "
-                                 "already in the kit count against both methods alike")
+        results["dedup_recall"], results["dedup_precision"] = (round(v, 4) for v in score(corpus, removed_ours, copies))
+        results["datasketch_recall"], results["datasketch_precision"] = (round(v, 4) for v in score(corpus, removed_ds, copies))
+        results["dedup_note"] = ("6,000 kit documents + 300 planted copies with 3% of words edited; one process; "
+                                 "precision counts a removal right if planted or exact 5-gram Jaccard ≥ 0.7 with its match")
         write_json(args.out, results)
         print(json.dumps(results, indent=1))
     finally:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+# Words are whitespace-separated tokens, lower-cased (datasketch's and datatrove's usual shingling).
+_WORD = re.compile(r"\S+")
 _SPACE = re.compile(r"\s+")
 
 

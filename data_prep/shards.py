@@ -68,7 +68,8 @@ def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, batch_d
     texts = read_text_part(Path(part_path))
     documents = []
     for start in range(0, len(texts), batch_docs):
-        for ids in sp.encode(texts[start : start + batch_docs]):
+        # One thread per process: parallelism comes from processes (or Dask workers), one part each.
+        for ids in sp.encode(texts[start : start + batch_docs], num_threads=1):
             ids.append(eos)
             documents.append(ids)
     entry = write_shard(shard, documents, eos_id=eos)

@@ -2,6 +2,7 @@
 
 Training settings and why:
   * identity normalisation, no whitespace collapsing, no dummy prefix: decode(encode(x)) == x, byte for byte;
+  * whitespace-only pieces allowed: runs of spaces (code indentation) become single tokens;
   * byte fallback: any character outside the vocab becomes UTF-8 byte pieces, never <unk>;
   * split digits: numbers tokenize digit by digit (better arithmetic, no vocab spent on numbers);
   * unk 0 / bos 1 / eos 2 / pad 3: the ids transformers' Llama conventions assume;
@@ -93,7 +94,7 @@ def train_sentencepiece(sentences: Iterable[str], out_dir: str | Path, vocab_siz
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
-            allow_whitespace_only_pieces=False,
+            allow_whitespace_only_pieces=True,
             split_by_whitespace=True,
             character_coverage=0.9995,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
@@ -138,9 +139,11 @@ def write_hf_tokenizer(model_path: Path, out_dir: Path) -> None:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=_bpe_merges(vocab, special), unk_token=UNK,
                                      byte_fallback=True, fuse_unk=True, dropout=None))
     tokenizer.normalizer = normalizers.Replace(" ", "▁")
-    # NOTE: SentencePiece's split_by_whitespace starts a new piece at each "▁"; split_digits isolates digits.
+    # NOTE: with allow_whitespace_only_pieces, SentencePiece's words are a run of "▁" followed by the non-"▁"
+    # characters after it (a run of spaces stays with the word it precedes, so code indentation can become
+    # one "▁▁▁▁" piece); split_digits then isolates digits. The regex reproduces exactly that split.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("▁"), behavior="merged_with_next"),
+        pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
     ])
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])

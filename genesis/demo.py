@@ -77,8 +77,10 @@ def demo(workdir: Path, nproc: int = 2) -> dict:
     print("[4/4] samples", flush=True)
     samples = {}
     for ref, out in exported:
-        samples[f"base@{ref.step}"] = sample_text(out, "def ")
-        print(f"--- base model at step {ref.step} ---\n{samples[f'base@{ref.step}']}\n", flush=True)
+        for prompt in ("The ", "def "):
+            key = f"base@{ref.step} {prompt!r}"
+            samples[key] = sample_text(out, prompt)
+            print(f"--- base model at step {ref.step} ---\n{samples[key]}\n", flush=True)
 
     latest = json.loads((run_dir / "latest.json").read_text())
     loader = TokenLoader(data_dir, config.window, 1, holdout_docs_per_source=config.eval.holdout_docs_per_source,

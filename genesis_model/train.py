@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from genesis.config import TrainConfig, dump_yaml, load_config
 from genesis.errors import CheckpointError, ConfigError, DataError, GenesisError, RunDirError
-from genesis.manifest import read_manifest, verify_data_dir
+from genesis.manifest import verify_data_dir
 from genesis_model.checkpoint import Checkpointer, latest_checkpoint, read_meta, remove_incomplete
 from genesis_model.distributed import init_distributed, resolve_device_type, shutdown_distributed
 from genesis_model.loader import TokenLoader

@@ -24,13 +24,12 @@ from genesis_model.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_model_weights,
-    read_meta,
     verify_checkpoint,
     write_model_only_checkpoint,
 )
 from genesis_model.model import Transformer
 from genesis.config import load_model_config
-from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, _free_port, losses_by_step, read_jsonl, run_trainer
+from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, losses_by_step, read_jsonl, run_trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

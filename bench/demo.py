@@ -1,0 +1,36 @@
+"""Time `genesis demo` from an empty work directory and record its figures.
+
+    python bench/demo.py --out bench/results/demo.json
+"""
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.common import environment, write_json  # noqa: E402
+from genesis.demo import demo  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/genesis-demo-bench"))
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "demo.json")
+    args = parser.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    started = time.perf_counter()
+    summary = demo(args.workdir)
+    seconds = time.perf_counter() - started
+    env = environment()
+    write_json(args.out, {**env, "machine": env["machine"], "seconds": round(seconds, 1),
+                          "val_loss": summary["val_loss"], "unigram_val_loss": summary["unigram_val_loss"],
+                          "milestones": summary["milestones"], "branches": summary["branches"],
+                          "samples": summary["samples"]})
+
+
+if __name__ == "__main__":
+    main()
