@@ -91,8 +91,13 @@ class _UnionFind:
             self.parent[max(rx, ry)] = min(rx, ry)  # the earlier document stays the representative
 
 
-def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """Representative (first member's index) of each document's cluster."""
+def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int, min_similarity: float = 0.6) -> np.ndarray:
+    """Representative (first member's index) of each document's cluster.
+
+    LSH proposes pairs that share one band; a pair is linked only if its whole signatures agree on at least
+    `min_similarity` of the permutations (an estimate of their Jaccard similarity, ±0.05 at 112 permutations),
+    which drops accidental band collisions and keeps chains from joining dissimilar documents.
+    """
     n = len(signatures)
     if bands * rows > signatures.shape[1]:
         raise ValueError(f"bands × rows = {bands * rows} exceeds the {signatures.shape[1]} permutations")
@@ -104,14 +109,17 @@ def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int) -> np
         sorted_keys = keys[order]
         same_as_previous = np.nonzero(sorted_keys[1:] == sorted_keys[:-1])[0]
         for position in same_as_previous:
-            union.union(int(order[position]), int(order[position + 1]))
+            first, second = int(order[position]), int(order[position + 1])
+            if np.mean(signatures[first] == signatures[second]) >= min_similarity:
+                union.union(first, second)
     return np.array([union.find(i) for i in range(n)])
 
 
 def deduplicate(texts: list[str], exact: bool = True, near: bool = True, num_perm: int = 112, bands: int = 14,
                 rows: int = 8, shingle_words: int = 5, examples: int = 3) -> tuple[list[int], dict]:
-    """Indices of the documents to keep, and a report with counts and a few example pairs."""
-    report: dict = {"exact_duplicates": 0, "near_duplicates": 0, "examples": []}
+    """Indices of the documents to keep, and a report: counts, a few example pairs, and `removed_by`
+    (removed index → (kept index, "exact" | "near")) for callers that attribute removals to sources."""
+    report: dict = {"exact_duplicates": 0, "near_duplicates": 0, "examples": [], "removed_by": {}}
     keep = list(range(len(texts)))
     if exact:
         seen: dict[bytes, int] = {}
@@ -120,6 +128,7 @@ def deduplicate(texts: list[str], exact: bool = True, near: bool = True, num_per
             key = exact_key(texts[index])
             if key in seen:
                 report["exact_duplicates"] += 1
+                report["removed_by"][index] = (seen[key], "exact")
                 if len(report["examples"]) < examples:
                     report["examples"].append({"kind": "exact", "kept": texts[seen[key]][:200], "removed": texts[index][:200]})
             else:
@@ -136,6 +145,7 @@ def deduplicate(texts: list[str], exact: bool = True, near: bool = True, num_per
                 survivors.append(index)
             else:
                 report["near_duplicates"] += 1
+                report["removed_by"][index] = (keep[representative[position]], "near")
                 if sum(e["kind"] == "near" for e in report["examples"]) < examples:
                     kept_text = texts[keep[representative[position]]]
                     report["examples"].append({"kind": "near", "kept": kept_text[:200], "removed": texts[index][:200]})

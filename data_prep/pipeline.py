@@ -66,18 +66,25 @@ def clean_and_dedup(config: CorpusConfig, data_dir: Path) -> dict:
         texts, exact=config.clean.exact_dedup, near=config.clean.near_dedup, num_perm=config.clean.num_perm,
         bands=config.clean.bands, rows=config.clean.rows, shingle_words=config.clean.shingle_words)
     kept_set = set(keep)
+    removed_by = dedup_report.pop("removed_by")
     for index, source in enumerate(config.sources):
         mine = [i for i, owner in enumerate(owners) if owner == index]
         survivors = [texts[i] for i in mine if i in kept_set]
-        removed = len(mine) - len(survivors)
-        report[source.name]["duplicates_removed"] = removed
+        removals = [(i, *removed_by[i]) for i in mine if i in removed_by]
+        report[source.name]["exact_duplicates_removed"] = sum(kind == "exact" for _, _, kind in removals)
+        report[source.name]["near_duplicates_removed"] = sum(kind == "near" for _, _, kind in removals)
+        report[source.name]["duplicate_examples"] = [
+            {"kind": kind, "removed": texts[i][:300], "kept": texts[kept][:300],
+             "kept_source": config.sources[owners[kept]].name}
+            for i, kept, kind in removals[:3]
+        ]
         report[source.name]["docs_out"] = len(survivors)
         report[source.name]["bytes_out"] = sum(len(t.encode("utf-8")) for t in survivors)
         folder = data_dir / "clean" / source.name
         shutil.rmtree(folder, ignore_errors=True)
         for part, start in enumerate(range(0, len(survivors), config.docs_per_shard)):
             write_text_part(folder / f"part_{part:05d}.arrow", survivors[start : start + config.docs_per_shard])
-    report["_dedup"] = dedup_report
+    report["_dedup_totals"] = dedup_report
     if not keep:
         raise DataError(f"{config.name}: no document survived filtering and dedup; check the sources and filters")
     return report

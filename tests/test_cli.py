@@ -118,3 +118,27 @@ def test_empty_data_is_refused(tmp_path):
     manifest.write_text(json.dumps(content))
     line = one_error_line(train(tmp_path / "run", data_dir))
     assert "no tokens" in line or "no documents" in line
+
+
+def test_data_prepare_verify_and_tokenizer_train_from_the_command_line(tmp_path):
+    shared = REPO.parent / "shared" / "data"
+    corpus = tmp_path / "corpus.yaml"
+    corpus.write_text(
+        "name: cli\n"
+        "sources:\n"
+        f"  - {{name: web, kind: local, paths: ['{shared}/pretrain/c4_web_sample.jsonl.gz'], weight: 0.7}}\n"
+        f"  - {{name: chat, kind: local, format: chat, paths: ['{shared}/sft/gsm8k.test.jsonl.gz'], weight: 0.3, max_docs: 200}}\n"
+        "tokenizer: {vocab_size: 1024, sample_sentences: 5000}\n"
+        "docs_per_shard: 200\n")
+    prepared = genesis("data", "prepare", "--corpus", str(corpus), "--out", str(tmp_path / "data"))
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    assert "manifest.json" in prepared.stdout
+    verified = genesis("data", "verify", str(tmp_path / "data"))
+    assert verified.returncode == 0 and "all checksums and counts match" in verified.stdout
+    trained = genesis("tokenizer", "train", "--corpus", str(corpus), "--out", str(tmp_path / "tok"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert (tmp_path / "tok" / "tokenizer.model").is_file() and (tmp_path / "tok" / "tokenizer.json").is_file()
+
+    corpus.write_text(corpus.read_text().replace("vocab_size: 1024", "vocab_size: 100000"))
+    line = one_error_line(genesis("data", "prepare", "--corpus", str(corpus), "--out", str(tmp_path / "data2")))
+    assert "uint16" in line

@@ -210,6 +210,12 @@ def test_prepare_writes_verified_shards_and_a_rerun_skips_complete_ones_and_redo
     assert {s.name for s in manifest.sources} == {"web", "math", "chat"}
     report = json.loads((tmp_path / "data" / "report.json").read_text())
     assert report["web"]["docs_in"] == 300 and "license" in report["web"]
+    for name in ("web", "math", "chat"):
+        counts = report[name]
+        removed = sum(v for k, v in counts.items() if k.startswith("removed_")) + counts["exact_duplicates_removed"] \
+            + counts["near_duplicates_removed"]
+        assert counts["docs_out"] == counts["docs_in"] - removed
+        assert len(counts["duplicate_examples"]) == min(3, counts["exact_duplicates_removed"] + counts["near_duplicates_removed"])
 
     shards = sorted((tmp_path / "data").glob("*/shard_*.arrow"))
     mtimes = {p: p.stat().st_mtime_ns for p in shards}
