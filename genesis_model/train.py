@@ -135,25 +135,26 @@ def check_data(config: TrainConfig) -> dict:
 
 
 def check_resume_compatible(meta: dict, run_meta: dict, path: Path, reset_data: bool) -> None:
-    """Refuse a checkpoint that belongs to another model, tokenizer, or data order."""
+    """Refuse a checkpoint that belongs to another model, tokenizer, or data order. Provenance a checkpoint
+    does not record (weights imported with `genesis import-hf`) is not compared."""
     if meta["model_fingerprint"] != run_meta["model_fingerprint"]:
         raise CheckpointError(
             f"{path}: model shapes differ (checkpoint {meta['model_config'].get('name')} "
             f"{meta['model_fingerprint']} vs config {run_meta['model_fingerprint']}); use the checkpoint's model config"
         )
-    if meta["tokenizer_sha256"] != run_meta["tokenizer_sha256"]:
+    if meta.get("tokenizer_sha256") is not None and meta["tokenizer_sha256"] != run_meta["tokenizer_sha256"]:
         raise CheckpointError(
             f"{path}: trained with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]} vs "
             f"{run_meta['tokenizer_sha256'][:12]}); point data_dir at shards made with the checkpoint's tokenizer"
         )
-    if not reset_data:
+    if not reset_data and meta.get("meaning") is not None:
         for key in ("window", "seed"):
             if meta["meaning"][key] != run_meta["meaning"][key]:
                 raise CheckpointError(
                     f"{path}: {key} changed ({meta['meaning'][key]} → {run_meta['meaning'][key]}), which changes "
                     f"what the data position means; restore it or pass --reset-data"
                 )
-        if meta["data_fingerprint"] != run_meta["data_fingerprint"]:
+        if meta.get("data_fingerprint") is not None and meta["data_fingerprint"] != run_meta["data_fingerprint"]:
             raise CheckpointError(
                 f"{path}: the data differs from the checkpoint's (mixture or shards changed); pass --reset-data "
                 f"to continue the trunk on the new data"

@@ -142,3 +142,23 @@ def test_data_prepare_verify_and_tokenizer_train_from_the_command_line(tmp_path)
     corpus.write_text(corpus.read_text().replace("vocab_size: 1024", "vocab_size: 100000"))
     line = one_error_line(genesis("data", "prepare", "--corpus", str(corpus), "--out", str(tmp_path / "data2")))
     assert "uint16" in line
+
+
+def test_an_imported_hf_model_seeds_a_trunk_through_a_model_only_checkpoint(small_data, tmp_path):
+    import torch
+
+    from genesis.config import load_model_config
+    from genesis_model.hf import export_hf
+    from genesis_model.model import Transformer
+
+    model = Transformer(load_model_config("tiny"))
+    model.init_weights(seed=3)
+    export_hf(model, tmp_path / "hf", dtype=torch.float32)
+    seed = tmp_path / "seed" / "step_00000000"
+    imported = genesis("import-hf", str(tmp_path / "hf"), "--checkpoint-out", str(seed))
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    refused = train(tmp_path / "run", small_data, "--resume", str(seed))
+    assert "--reset-optimizer" in one_error_line(refused)
+    accepted = train(tmp_path / "run", small_data, "--resume", str(seed), "--reset-optimizer")
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
+    assert "optimizer reset at step 0" in accepted.stderr
