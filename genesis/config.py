@@ -255,8 +255,14 @@ def validate(cls: type[T], data: dict[str, Any], source: str) -> T:
 def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
     """Load `path` as `cls`, applying overrides; raises ConfigError with one line on any problem."""
     path = Path(path)
-    data = apply_overrides(read_yaml(path), overrides or [], source=str(path))
-    if "model" in cls.model_fields and "model" in data:
+    data = read_yaml(path)
+    has_model = "model" in cls.model_fields
+    # Presets resolve before overrides, so `model.vocab_size=2048` can adjust a preset's field, and again
+    # after, so `model=small` can swap the preset.
+    if has_model and "model" in data:
+        data["model"] = resolve_model_preset(data["model"], str(path))
+    data = apply_overrides(data, overrides or [], source=str(path))
+    if has_model and "model" in data:
         data["model"] = resolve_model_preset(data["model"], str(path))
     return validate(cls, data, str(path))
 
