@@ -16,7 +16,7 @@ from pathlib import Path
 from genesis.config import REPO_ROOT, TrainConfig, load_config
 
 
-def run_pretraining(config_path: Path, overrides: list[str], nproc: int, resume: bool = True) -> None:
+def run_pretraining(config_path: Path, overrides: list[str], nproc: int, run_dir: Path, resume: bool = True) -> None:
     """Launch the trainer under torchrun as a child process group and stream its output."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(_free_port()), "-m", "genesis_model.train", "--config", str(config_path), *overrides]
@@ -28,7 +28,7 @@ def run_pretraining(config_path: Path, overrides: list[str], nproc: int, resume:
         from genesis.errors import GenesisError
 
         raise GenesisError(f"pretraining failed (exit {result.returncode}); see the log above and "
-                           f"{overrides[1].split('=', 1)[1]}/events.jsonl, then rerun to resume")
+                           f"{run_dir / 'events.jsonl'}, then rerun to resume from the last checkpoint")
 
 
 def sample_text(hf_dir: Path, prompt: str, max_new_tokens: int = 40) -> str:
@@ -63,7 +63,7 @@ def demo(workdir: Path, nproc: int = 2) -> dict:
     overrides = [f"data_dir={data_dir}", f"run_dir={run_dir}"]
     config = load_config(TrainConfig, config_path, overrides)
     print(f"[2/4] pretraining: tiny model on {nproc} gloo ranks → {run_dir}", flush=True)
-    run_pretraining(config_path, overrides, nproc)
+    run_pretraining(config_path, overrides, nproc, run_dir)
 
     print("[3/4] milestones → Hugging Face models", flush=True)
     milestones = [ref for ref in list_checkpoints(run_dir) if ref.milestone]
