@@ -4,7 +4,7 @@ Three sources, each deterministic for a given Python version:
   prose   the language reference topics `help()` shows (pydoc_data) and the docstrings of the standard
           library's modules, classes and functions (read with `ast`: nothing is imported or executed);
   code    standard-library source files (tests excluded);
-  dialog  the project's principle-shaped dialogues (configs/dialogues/), rendered as ChatML, when present.
+  dialog  the project's principle-shaped dialogues (configs/dialogues/topics.yaml), rendered as ChatML.
 """
 
 from __future__ import annotations
@@ -70,16 +70,18 @@ def code_texts(max_bytes: int = CODE_BYTES) -> Iterator[str]:
 
 
 def dialog_texts() -> Iterator[str]:
-    """Built-in dialogues rendered as chat text (written by the branches stage; absent until then)."""
-    import json
-
+    """The project's principle-shaped dialogues (configs/dialogues/topics.yaml), training topics only, as chat
+    text: held-out topics stay out of pretraining so branch evaluation never sees a memorised answer."""
     from data_prep.sources import render_chat
+    from genesis.branch.dialogues import load_topics, sft_conversations, split_topics
+    from genesis.branch.principles import load_principles
 
-    folder = config_root() / "dialogues"
-    for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                yield render_chat(json.loads(line)["messages"])
+    if not (config_root() / "dialogues" / "topics.yaml").is_file():
+        return
+    train_topics, _ = split_topics(load_topics())
+    system_prompt = load_principles().system_prompt("brief")
+    for conversation in sft_conversations(train_topics, system_prompt):
+        yield render_chat(conversation["messages"])
 
 
 def builtin_texts(subset: str = "all") -> Iterator[str]:

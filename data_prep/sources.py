@@ -73,6 +73,14 @@ class CorpusConfig(StrictModel):
 # Rendering
 
 
+def tool_call_json(name: str, arguments) -> str:
+    """`{"name": ..., "arguments": ...}` as the chat template writes it; arguments given as a JSON string
+    (the shape datasets store, since Arrow cannot hold free-form objects) are written verbatim."""
+    if isinstance(arguments, str):
+        return '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": ' + arguments + "}"
+    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+
+
 def render_chat(messages: list[dict], tools: list | None = None) -> str:
     """ChatML text of a conversation; the same string the tokenizer's chat template produces."""
     parts = []
@@ -92,13 +100,36 @@ def render_chat(messages: list[dict], tools: list | None = None) -> str:
             body = message.get("content") or ""
             for call in message.get("tool_calls") or []:
                 fn = call.get("function", call)
-                body += "<tool_call>" + json.dumps({"name": fn["name"], "arguments": fn["arguments"]}, ensure_ascii=False) + "</tool_call>"
+                body += "<tool_call>" + tool_call_json(fn["name"], fn["arguments"]) + "</tool_call>"
             parts.append(f"<|im_start|>assistant\n{body}<|im_end|>\n")
         elif role == "tool":
             parts.append(f"<|im_start|>user\n<tool_response>{message['content']}</tool_response><|im_end|>\n")
         else:
             parts.append(f"<|im_start|>{role}\n{message['content']}<|im_end|>\n")
     return "".join(parts)
+
+
+def record_to_conversation(record: dict, format: str, messages_field: str = "messages") -> tuple[list[dict], list | None]:
+    """A conversation-shaped record as (messages, tools); KeyError/TypeError/ValueError mean it is malformed."""
+    if format == "xlam":
+        # Salesforce xLAM: `query`, and `answers` / `tools` as JSON strings.
+        calls = [{"type": "function", "function": call} for call in json.loads(record["answers"])]
+        tools = [{"type": "function", "function": tool} for tool in json.loads(record["tools"])]
+        return [{"role": "user", "content": record["query"]},
+                {"role": "assistant", "content": "", "tool_calls": calls}], tools
+    messages = record[messages_field]
+    if isinstance(messages, str):  # some sets (Orca AgentInstruct) store the conversation as a JSON string
+        messages = json.loads(messages)
+    if format == "sharegpt":  # {"from": "human"|"gpt"|"system"|"tool", "value": ...}
+        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                 "tool": "tool", "function_response": "tool"}
+        messages = [{"role": roles[m["from"]], "content": m["value"]} for m in messages]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError(f"field '{messages_field}' is not a list of messages")
+    tools = record.get("tools") if format == "function_calling" else None
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    return messages, tools
 
 
 def record_to_text(record: dict, source: SourceConfig) -> str:
@@ -108,22 +139,7 @@ def record_to_text(record: dict, source: SourceConfig) -> str:
         if not isinstance(text, str):
             raise TypeError(f"field '{source.text_field}' is {type(text).__name__}, not text")
         return text
-    if source.format == "xlam":
-        # Salesforce xLAM: `query`, and `answers` / `tools` as JSON strings.
-        calls = [{"type": "function", "function": call} for call in json.loads(record["answers"])]
-        tools = [{"type": "function", "function": tool} for tool in json.loads(record["tools"])]
-        return render_chat([{"role": "user", "content": record["query"]},
-                            {"role": "assistant", "content": "", "tool_calls": calls}], tools)
-    messages = record[source.messages_field]
-    if isinstance(messages, str):  # some sets (Orca AgentInstruct) store the conversation as a JSON string
-        messages = json.loads(messages)
-    if source.format == "sharegpt":  # {"from": "human"|"gpt"|"system"|"tool", "value": ...}
-        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                 "tool": "tool", "function_response": "tool"}
-        messages = [{"role": roles[m["from"]], "content": m["value"]} for m in messages]
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise ValueError(f"field '{source.messages_field}' is not a list of messages")
-    return render_chat(messages, record.get("tools") if source.format == "function_calling" else None)
+    return render_chat(*record_to_conversation(record, source.format, source.messages_field))
 
 
 # -------------------------------------------------------------------------------------------------------------

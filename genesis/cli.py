@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Commands of the later stages register here; each module adds its own parser."""
-    for module_name in ("data_prep.cli", "genesis.pipeline_cli"):
+    for module_name in ("data_prep.cli", "genesis.branch.cli", "genesis.pipeline_cli"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as err:

@@ -57,8 +57,8 @@ class RunLock:
     """An exclusive flock on run_dir/train.lock, held for the trainer's lifetime and released by the
     kernel when the process dies, even by SIGKILL, so a crashed run never leaves a stale lock."""
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_NAME
+    def __init__(self, run_dir: Path, name: str = LOCK_NAME):
+        self.path = run_dir / name
         self.handle = None
 
     def acquire(self) -> None:
@@ -69,8 +69,8 @@ class RunLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise RunDirError(f"{self.path.parent}: run directory is locked by {holder}; stop that run or use "
-                              f"another run_dir") from None
+            raise RunDirError(f"{self.path.parent}: directory is locked by {holder}; stop that run or use "
+                              f"another directory") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")

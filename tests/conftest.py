@@ -75,3 +75,48 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real tiny trunk with a chat-capable tokenizer: the starting point of branch and orchestration tests.
+
+TINY_CORPUS = """name: tiny-test
+sources:
+  - {name: prose, kind: builtin, subset: prose, weight: 0.5, max_docs: 400}
+  - {name: dialog, kind: builtin, subset: dialog, weight: 0.5}
+tokenizer: {vocab_size: 2048, sample_sentences: 20000}
+docs_per_shard: 200
+workers: 1
+"""
+TINY_TRUNK_OVERRIDES = ["model.vocab_size=2048", "micro_batch_size=8", "max_steps=150", "log_every=10",
+                        "checkpoint.save_every=50", "checkpoint.milestone_every=150", "eval.every=75",
+                        "optimizer.warmup_steps=10", "optimizer.lr=3e-3", "optimizer.min_lr=3e-4"]
+
+
+def prepare_tiny_corpus(data_dir: Path) -> Path:
+    from data_prep.pipeline import prepare
+    from data_prep.sources import CorpusConfig
+    from genesis.config import validate
+
+    import yaml
+
+    prepare(validate(CorpusConfig, yaml.safe_load(TINY_CORPUS), "tiny corpus"), data_dir)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """Built-in prose and the principle dialogues, tokenized with a 2,048-piece tokenizer with chat template."""
+    return prepare_tiny_corpus(tmp_path_factory.mktemp("tiny_corpus") / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_trunk(tiny_corpus, tmp_path_factory) -> Path:
+    """A tiny model pretrained 150 steps on one rank, with a milestone at step 150."""
+    run_dir = tmp_path_factory.mktemp("tiny_trunk") / "trunk"
+    command = [sys.executable, "-m", "genesis_model.train", "--config", str(TINY_CPU), f"data_dir={tiny_corpus}",
+               f"run_dir={run_dir}", *TINY_TRUNK_OVERRIDES]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

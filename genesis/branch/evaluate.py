@@ -1,0 +1,138 @@
+"""What each branch writes to eval.json: did SFT teach the chat format, and did DPO move the model toward
+curious answers and away from hedging?
+
+preference_accuracy   share of held-out pairs whose implicit reward prefers the chosen reply, where the
+                      implicit reward of a reply is log π_model(reply | prompt) − log π_base(reply | prompt)
+                      and π_base is the milestone the branch grew from. One reference for both stages, so the
+                      SFT parent and the DPO child are measured on the same scale (with the SFT model as its
+                      own reference, the SFT reward would be identically zero).
+logprob_accuracy      share where the model itself gives the chosen reply the higher total log-probability
+                      (no reference): stricter, since chosen replies are longer.
+format_adherence      share of held-out prompts whose sampled reply is one assistant turn: it stops at
+                      <|im_end|> within the token limit and never opens another turn.
+hedging_score         mean rubric hedging of those sampled replies (lower is better); curiosity_score the
+                      mean rubric curiosity (higher is better).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from genesis.branch.config import EvalRecipe
+from genesis.branch.rubric import score_reply
+
+IM_START, IM_END, EOS = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+
+
+def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def reply_token_ids(tokenizer, prompt: list[dict], reply: list[dict]) -> tuple[list[int], int]:
+    """(full ids, index where the reply starts): the reply's tokens run through its <|im_end|>."""
+    prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
+    full = _ids(tokenizer, prompt + reply, add_generation_prompt=False)
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise ValueError("chat template is not prefix-stable: the prompt's ids differ inside the full conversation")
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    end = full.index(im_end, len(prompt_ids)) + 1 if im_end in full[len(prompt_ids):] else len(full)
+    return full[:end], len(prompt_ids)
+
+
+@torch.inference_mode()
+def sequence_logprob(model, ids: list[int], start: int, device: str) -> float:
+    tokens = torch.tensor([ids], device=device)
+    logits = model(tokens).logits[0, start - 1 : -1].float()
+    targets = tokens[0, start:]
+    return float(torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum())
+
+
+def pair_logprobs(model_dir: Path, tokenizer, pairs: list[dict], device: str) -> list[tuple[float, float]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+    max_len = model.config.max_position_embeddings
+    scores = []
+    for pair in pairs:
+        row = []
+        for key in ("chosen", "rejected"):
+            ids, start = reply_token_ids(tokenizer, pair["prompt"], pair[key])
+            row.append(sequence_logprob(model, ids[:max_len], start, device) if start < max_len else 0.0)
+        scores.append((row[0], row[1]))
+    del model
+    return scores
+
+
+def preference_metrics(model_scores, base_scores) -> dict:
+    n = len(model_scores)
+    implicit = sum((mc - bc) - (mr - br) > 0 for (mc, mr), (bc, br) in zip(model_scores, base_scores))
+    raw = sum(mc > mr for mc, mr in model_scores)
+    return {"preference_accuracy": implicit / n if n else float("nan"), "logprob_accuracy": raw / n if n else float("nan")}
+
+
+def sample_replies(model_dir: Path, tokenizer, prompts: list[list[dict]], recipe: EvalRecipe, device: str) -> list[dict]:
+    """Sample one reply per prompt with the native KV-cache generator; record how each one ended."""
+    from genesis_model.generate import Generator, SamplingConfig
+    from genesis_model.inference import load_hf
+
+    model = load_hf(model_dir, dtype=torch.float32, device=device).model
+    generator = Generator(model)
+    im_start, im_end = tokenizer.convert_tokens_to_ids(IM_START), tokenizer.convert_tokens_to_ids(IM_END)
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    replies = []
+    for index, prompt in enumerate(prompts):
+        ids = _ids(tokenizer, prompt, add_generation_prompt=True)
+        if len(ids) >= generator.max_seq_len - 1:
+            replies.append({"text": "", "ended": "prompt_too_long"})
+            continue
+        sampling = SamplingConfig(max_new_tokens=recipe.max_new_tokens, temperature=recipe.temperature,
+                                  top_k=recipe.top_k or None, top_p=None, seed=recipe.seed + index)
+        new = generator.generate(ids, sampling, stop_ids={im_end, eos, im_start})
+        ended = {im_end: "im_end", eos: "eos", im_start: "opened_new_turn"}.get(new[-1] if new else -1, "length")
+        text = tokenizer.decode([t for t in new if t not in (im_end, eos, im_start)], skip_special_tokens=False)
+        replies.append({"text": text.strip(), "ended": ended})
+    return replies
+
+
+def reply_metrics(replies: list[dict], prompts: list[list[dict]]) -> dict:
+    n = len(replies)
+    adherent = sum(r["ended"] == "im_end" and bool(r["text"]) for r in replies)
+    scores = [score_reply(r["text"], p[-1]["content"]) for r, p in zip(replies, prompts)]
+    return {
+        "format_adherence": adherent / n if n else float("nan"),
+        "hedging_score": sum(s.hedging for s in scores) / n if n else float("nan"),
+        "curiosity_score": sum(s.curiosity for s in scores) / n if n else float("nan"),
+        "mean_reply_chars": sum(len(r["text"]) for r in replies) / n if n else float("nan"),
+    }
+
+
+def evaluate_branch(base_dir: Path, sft_dir: Path, dpo_dir: Path, heldout_pairs: list[dict],
+                    heldout_prompts: list[list[dict]], recipe: EvalRecipe, device: str) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(sft_dir))
+    pairs = heldout_pairs[: recipe.max_pairs]
+    prompts = heldout_prompts[: recipe.max_prompts]
+    base_scores = pair_logprobs(base_dir, tokenizer, pairs, device)
+    result: dict = {"heldout_pairs": len(pairs), "heldout_prompts": len(prompts)}
+    replies = {}
+    for stage, model_dir in (("sft", sft_dir), ("dpo", dpo_dir)):
+        stage_scores = pair_logprobs(model_dir, tokenizer, pairs, device)
+        replies[stage] = sample_replies(model_dir, tokenizer, prompts, recipe, device)
+        result[stage] = {**preference_metrics(stage_scores, base_scores), **reply_metrics(replies[stage], prompts)}
+        by_source: dict[str, list] = {}
+        for pair, score, base in zip(pairs, stage_scores, base_scores):
+            by_source.setdefault(pair.get("source", "unknown"), []).append((score, base))
+        result[stage]["preference_accuracy_by_source"] = {
+            name: preference_metrics([s for s, _ in rows], [b for _, b in rows])["preference_accuracy"]
+            for name, rows in sorted(by_source.items())}
+    result["samples"] = [
+        {"prompt": prompt[-1]["content"], "sft": sft["text"], "dpo": dpo["text"]}
+        for prompt, sft, dpo in list(zip(prompts, replies["sft"], replies["dpo"]))[: recipe.samples]
+    ]
+    return result

@@ -1,0 +1,298 @@
+"""One branch, end to end: milestone → HF base → SFT → DPO → eval.json.
+
+    DIR/base/        the milestone exported as an HF model (the reference for evaluation)
+    DIR/data/        sft.jsonl, dpo_train.jsonl, dpo_heldout.jsonl, heldout_prompts.jsonl, report.json
+    DIR/sft/         HF model directory (tokenizer and chat template included)
+    DIR/dpo/         HF model directory
+    DIR/eval.json    written last: a branch with eval.json is complete
+    DIR/branch.json  what grew from what (milestone, step, config, data digests)
+
+Each stage writes to a temporary name and renames when done, and each finished stage is kept: rerunning
+after a crash picks up at the first unfinished stage. A lock file keeps two processes off one branch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from genesis.branch.config import BranchConfig
+from genesis.branch.conversations import (SourceReport, conversation_problem, preference_problem, prompt_key,
+                                          read_conversations, iter_located_records, stable_fraction, with_system_prompt)
+from genesis.branch.dialogues import dpo_pairs, load_topics, sft_conversations, split_topics
+from genesis.branch.principles import load_principles
+from genesis.branch.rubric import build_pairs
+from genesis.errors import DataError
+
+BRANCH_LOCK = "branch.lock"
+# Fault injection for tests and drills: GENESIS_BRANCH_FAIL_STAGE=export|data|sft|dpo|eval raises just before
+# that stage, as a crash there would, so resumption can be exercised on the real pipeline.
+FAIL_STAGE_ENV = "GENESIS_BRANCH_FAIL_STAGE"
+
+
+@dataclass
+class BranchData:
+    sft: list[dict] = field(default_factory=list)
+    dpo_train: list[dict] = field(default_factory=list)
+    dpo_heldout: list[dict] = field(default_factory=list)
+    heldout_prompts: list[list[dict]] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+
+
+def system_prompt_of(config: BranchConfig) -> str:
+    if config.system_prompt is not None:
+        return config.system_prompt
+    return load_principles(config.principles).system_prompt(config.system_prompt_style)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _token_length(tokenizer, messages: list[dict]) -> int:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def assemble_data(config: BranchConfig, tokenizer) -> BranchData:
+    """Gather, check, split and report the branch's SFT conversations and DPO pairs."""
+    system_prompt = system_prompt_of(config)
+    data = BranchData()
+    reports: dict[str, dict] = {"sft": {}, "dpo": {}}
+
+    if config.builtin_dialogues:
+        train_topics, heldout_topics = split_topics(load_topics())
+        builtin_sft = [(f"topic {row['topic']}", row["messages"]) for row in sft_conversations(train_topics, system_prompt)]
+        builtin_train = [{**p, "source": "builtin"} for p in dpo_pairs(train_topics, system_prompt)]
+        builtin_heldout = [{**p, "source": "builtin"} for p in dpo_pairs(heldout_topics, system_prompt)]
+    else:
+        builtin_sft, builtin_train, builtin_heldout = [], [], []
+
+    # SFT conversations
+    report = SourceReport("builtin")
+    candidates = [("builtin", loc, m) for loc, m in builtin_sft]
+    report.read = len(builtin_sft)
+    source_reports = {"builtin": report} if builtin_sft else {}
+    for source in config.sft_sources:
+        report = source_reports.setdefault(source.name, SourceReport(source.name))
+        for location, messages in read_conversations(source, config.on_malformed, report):
+            candidates.append((source.name, location, with_system_prompt(messages, system_prompt)))
+    for name, location, messages in candidates:
+        report = source_reports[name]
+        problem = conversation_problem(messages)
+        if problem is None and _token_length(tokenizer, messages) > config.sft.max_length:
+            problem = "longer_than_max_length"
+        if problem:
+            report.drop(problem, location)
+            continue
+        report.kept += 1
+        data.sft.append({"messages": messages, "source": name})
+    reports["sft"] = {name: r.as_dict() for name, r in source_reports.items()}
+
+    # DPO pairs
+    source_reports = {}
+    pairs: list[tuple[str, str, dict, bool | None]] = []  # (source, location, pair, fixed held-out side)
+    if builtin_train:
+        source_reports["builtin"] = SourceReport("builtin")
+        source_reports["builtin"].read = len(builtin_train) + len(builtin_heldout)
+        pairs += [("builtin", f"topic {p['topic']}", p, False) for p in builtin_train]
+        pairs += [("builtin", f"topic {p['topic']}", p, True) for p in builtin_heldout]
+    for source in config.dpo_sources:
+        report = source_reports.setdefault(source.name, SourceReport(source.name))
+        counts: dict = {}
+        for location, record in iter_located_records(source, config.on_malformed, counts):
+            report.read += 1
+            pair = _pair_from_record(record, source, location, config.on_malformed, report)
+            if pair is not None:
+                pairs.append((source.name, location, {**pair, "prompt": with_system_prompt(pair["prompt"], system_prompt)}, None))
+            if source.max_records and report.read >= source.max_records:
+                break
+        for reason, count in counts.items():
+            report.dropped[reason] = report.dropped.get(reason, 0) + count
+    seen_heldout_prompts: set[str] = set()
+    for name, location, pair, heldout in pairs:
+        report = source_reports[name]
+        problem = preference_problem(pair)
+        if problem is None:
+            longest = max(_token_length(tokenizer, pair["prompt"] + pair[k]) for k in ("chosen", "rejected"))
+            if longest > config.dpo.max_length:
+                problem = "longer_than_max_length"
+        if problem:
+            report.drop(problem, location)
+            continue
+        row = {"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"], "source": name}
+        key = prompt_key(pair["prompt"])
+        if heldout is None:
+            heldout = stable_fraction(f"{config.seed}:{key}") < config.heldout_fraction
+        report.kept += 1
+        if heldout:
+            report.heldout += 1
+            data.dpo_heldout.append(row)
+            if key not in seen_heldout_prompts:
+                seen_heldout_prompts.add(key)
+                data.heldout_prompts.append(pair["prompt"])
+        else:
+            data.dpo_train.append(row)
+    reports["dpo"] = {name: r.as_dict() for name, r in source_reports.items()}
+
+    if not data.sft:
+        raise DataError("branch data: no usable SFT conversation; check sft_sources in the branch config and "
+                        "data/report.json")
+    if not data.dpo_train or not data.dpo_heldout:
+        raise DataError("branch data: DPO needs training and held-out pairs; add dpo_sources or builtin_dialogues")
+    # Interleave held-out prompts across sources (built-in ones first are otherwise all that is sampled).
+    random.Random(config.seed).shuffle(data.heldout_prompts)
+    random.Random(config.seed).shuffle(data.dpo_heldout)
+    data.report = {"system_prompt": system_prompt, "sft": reports["sft"], "dpo": reports["dpo"],
+                   "totals": {"sft": len(data.sft), "dpo_train": len(data.dpo_train),
+                              "dpo_heldout": len(data.dpo_heldout), "heldout_prompts": len(data.heldout_prompts)}}
+    return data
+
+
+def _pair_from_record(record: dict, source, location: str, on_malformed: str, report: SourceReport) -> dict | None:
+    try:
+        if source.format == "preference":
+            return {"prompt": record["prompt"], "chosen": record["chosen"], "rejected": record["rejected"]}
+        # rubric: {"prompt": str | messages, "responses": [str, ...]} → best vs worst by the rubric
+        prompt = record["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        responses = [r if isinstance(r, str) else r["content"] for r in record["responses"]]
+    except (KeyError, TypeError) as err:
+        if on_malformed == "fail":
+            raise DataError(f"{location}: not a {source.format} record (missing or wrong {err}); fix the record or "
+                            f"set on_malformed: skip") from None
+        report.drop("malformed_record", location)
+        return None
+    built = build_pairs(prompt[-1]["content"], responses, source.min_margin)
+    if built is None:
+        report.drop("rubric_margin_too_small", location)
+        return None
+    chosen, rejected = built
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    """Write atomically; return the sha256 of the content (the data digest recorded in lineage)."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The branch
+
+
+def fail_if_injected(stage: str) -> None:
+    if os.environ.get(FAIL_STAGE_ENV) == stage:
+        raise RuntimeError(f"injected failure before the {stage} stage ({FAIL_STAGE_ENV}={stage})")
+
+
+def check_milestone(milestone: Path) -> dict:
+    from genesis_model.checkpoint import read_meta, verify_checkpoint
+
+    milestone = Path(milestone)
+    meta = read_meta(milestone)  # raises CheckpointError for missing / incomplete
+    verify_checkpoint(milestone)
+    return meta
+
+
+def check_chat_template(tokenizer_dir: Path | None, source: str) -> None:
+    if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise DataError(f"{source}: no tokenizer found for this checkpoint; keep its run's data_dir in place")
+    config = Path(tokenizer_dir) / "tokenizer_config.json"
+    template = Path(tokenizer_dir) / "chat_template.jinja"
+    has_template = template.is_file() or (config.is_file() and json.loads(config.read_text()).get("chat_template"))
+    if not has_template:
+        raise DataError(f"{tokenizer_dir}: tokenizer has no chat template; retrain it with `genesis tokenizer train` "
+                        f"(which writes the ChatML template) before branching")
+
+
+def run_branch(milestone: Path, config: BranchConfig, out: Path, log=print) -> dict:
+    """Grow one branch off `milestone` into `out`; returns the eval.json content."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from genesis.branch.evaluate import evaluate_branch
+    from genesis.branch.training import resolve_device, run_dpo, run_sft, stage_complete
+    from genesis_model.hf import export_hf
+    from genesis_model.inference import load_checkpoint, tokenizer_dir_of_checkpoint
+    from genesis_model.train import RunLock
+
+    started = time.time()
+    milestone, out = Path(milestone).resolve(), Path(out).resolve()
+    meta = check_milestone(milestone)
+    check_chat_template(tokenizer_dir_of_checkpoint(meta), str(milestone))
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, BRANCH_LOCK)
+    lock.acquire()
+    try:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        device = resolve_device(config.device)
+        if (out / "eval.json").is_file():
+            log(f"branch {out} is already complete; nothing to do")
+            return json.loads((out / "eval.json").read_text())
+
+        base = out / "base"
+        fail_if_injected("export")
+        if not (base / "genesis.json").is_file():
+            log(f"[branch 1/5] export {milestone} → {base}")
+            loaded = load_checkpoint(milestone)
+            export_hf(loaded.model, base, tokenizer_dir=loaded.tokenizer_dir, dtype=torch.float32,
+                      extra_metadata={"source_checkpoint": str(milestone), "step": meta.get("step")})
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+
+        fail_if_injected("data")
+        log("[branch 2/5] data: SFT conversations and DPO pairs")
+        data = assemble_data(config, tokenizer)
+        data_dir = out / "data"
+        data_dir.mkdir(exist_ok=True)
+        digests = {name: write_jsonl(data_dir / f"{name}.jsonl", rows) for name, rows in
+                   (("sft", data.sft), ("dpo_train", data.dpo_train), ("dpo_heldout", data.dpo_heldout),
+                    ("heldout_prompts", data.heldout_prompts))}
+        write_json(data_dir / "report.json", data.report)
+        log(f"      {data.report['totals']}")
+
+        lineage = {"milestone": str(milestone), "step": meta.get("step"), "tokens_seen": meta.get("tokens_seen"),
+                   "run_dir": meta.get("config", {}).get("run_dir"), "config": config.model_dump(mode="json"),
+                   "data_digests": digests, "device": device}
+        write_json(out / "branch.json", lineage)
+
+        sft_dir, dpo_dir = out / "sft", out / "dpo"
+        fail_if_injected("sft")
+        if stage_complete(sft_dir):
+            log(f"[branch 3/5] SFT already complete: {sft_dir}")
+        else:
+            log(f"[branch 3/5] SFT on {len(data.sft)} conversations → {sft_dir}")
+            run_sft(base, data.sft, sft_dir, config.sft, device, config.seed)
+        fail_if_injected("dpo")
+        if stage_complete(dpo_dir):
+            log(f"[branch 4/5] DPO already complete: {dpo_dir}")
+        else:
+            log(f"[branch 4/5] DPO on {len(data.dpo_train)} pairs → {dpo_dir}")
+            run_dpo(sft_dir, data.dpo_train, dpo_dir, config.dpo, device, config.seed)
+
+        fail_if_injected("eval")
+        log("[branch 5/5] evaluation on held-out pairs and prompts")
+        result = evaluate_branch(base, sft_dir, dpo_dir, data.dpo_heldout, data.heldout_prompts, config.eval, device)
+        result["milestone"] = {"path": str(milestone), "step": meta.get("step")}
+        result["seconds"] = round(time.time() - started, 1)
+        write_json(out / "eval.json", result)
+        return result
+    finally:
+        lock.release()
+

@@ -1,0 +1,147 @@
+"""SFT and DPO with TRL on Hugging Face model directories.
+
+Both stages train into `<out>.tmp` and rename it to `<out>` only when the model, tokenizer and training log
+are saved, so a directory named `sft` or `dpo` is always complete. Device-dependent defaults are set here,
+not left to TRL: its configs default to bf16 and gradient checkpointing, which on a CPU without bf16
+instructions made a 4M-parameter SFT step ~10× slower (see ../shared/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from genesis.branch.config import DPORecipe, SFTRecipe, StageRecipe
+
+IM_END = "<|im_end|>"
+PAD = "<|pad|>"
+STAGE_MARKER = "genesis_stage.json"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def stage_complete(path: Path) -> bool:
+    return (Path(path) / STAGE_MARKER).is_file()
+
+
+def _common_args(config_cls, recipe: StageRecipe, output_dir: Path, device: str, seed: int) -> dict:
+    import dataclasses
+
+    cuda = device == "cuda"
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; the GPU image has an older 5.x.
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return dict(
+        **{checkpointing: recipe.gradient_checkpointing},
+        output_dir=str(output_dir),
+        learning_rate=recipe.learning_rate,
+        num_train_epochs=recipe.epochs,
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accum_steps,
+        warmup_steps=recipe.warmup_ratio,  # transformers ≥ 5: a float in [0, 1) is a ratio of total steps
+        lr_scheduler_type=recipe.lr_scheduler,
+        weight_decay=recipe.weight_decay,
+        logging_steps=recipe.logging_steps,
+        max_length=recipe.max_length,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def _load_model(model_dir: Path, device: str):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.pad_token = PAD
+    return tokenizer
+
+
+def _finish(trainer, tokenizer, tmp: Path, out: Path, stage: str, parent: Path, rows: int) -> Path:
+    """Save model + tokenizer + log into tmp, mark complete, and rename into place."""
+    model = trainer.model
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    # NOTE: a chat model ends its turn with <|im_end|>; generation must stop there as well as at EOS.
+    model.generation_config.eos_token_id = [im_end, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids(PAD)
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    for leftover in ("trainer", "training_args.bin"):
+        target = tmp / leftover
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    log = [row for row in trainer.state.log_history]
+    (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
+    (tmp / STAGE_MARKER).write_text(json.dumps({"stage": stage, "parent": str(parent), "train_rows": rows,
+                                                "steps": trainer.state.global_step}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def run_sft(base_dir: Path, rows: list[dict], out: Path, recipe: SFTRecipe, device: str, seed: int) -> Path:
+    """Supervised fine-tuning on conversations ({"messages": [...]}) with assistant-only loss."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = _tokenizer(base_dir)
+    args = SFTConfig(
+        **_common_args(SFTConfig, recipe, tmp / "trainer", device, seed),
+        # NOTE: loss only on assistant tokens, found through the chat template's {% generation %} markers;
+        # the model learns to answer, not to imitate users or recite system prompts.
+        assistant_only_loss=True,
+        eos_token=IM_END,
+        packing=recipe.packing,
+        dataset_num_proc=None,
+    )
+    dataset = Dataset.from_list([{"messages": row["messages"]} for row in rows])
+    trainer = SFTTrainer(model=_load_model(base_dir, device), args=args, train_dataset=dataset,
+                         processing_class=tokenizer)
+    trainer.train()
+    return _finish(trainer, tokenizer, tmp, out, "sft", base_dir, len(rows))
+
+
+def run_dpo(sft_dir: Path, rows: list[dict], out: Path, recipe: DPORecipe, device: str, seed: int) -> Path:
+    """Direct preference optimisation from the SFT model; the reference model is the SFT directory."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = _tokenizer(sft_dir)
+    args = DPOConfig(
+        **_common_args(DPOConfig, recipe, tmp / "trainer", device, seed),
+        beta=recipe.beta,
+        loss_type=recipe.loss_type,
+        precompute_ref_log_probs=recipe.precompute_ref_log_probs,
+    )
+    dataset = Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows])
+    # NOTE: the reference is loaded from the saved SFT directory explicitly (TRL would otherwise reload it
+    # from the policy's `_name_or_path`, which is the same directory but implicit).
+    trainer = DPOTrainer(model=_load_model(sft_dir, device), ref_model=_load_model(sft_dir, device), args=args,
+                         train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    return _finish(trainer, tokenizer, tmp, out, "dpo", sft_dir, len(rows))

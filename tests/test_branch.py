@@ -1,0 +1,311 @@
+"""Milestone branches: principles, built-in dialogues, the hedging rubric, SFT/DPO data and a real branch."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genesis.branch.config import BranchConfig
+from genesis.branch.conversations import BranchSource, SourceReport, conversation_problem, fold_tools, read_conversations
+from genesis.branch.dialogues import (HEDGE_CLOSERS, HEDGE_OPENERS, dpo_pairs, full_answer, hedged_rewrite, load_topics,
+                                      sft_conversations, split_topics)
+from genesis.branch.principles import load_principles
+from genesis.branch.rubric import build_pairs, score_reply
+from genesis.config import REPO_ROOT, load_config
+from genesis.errors import ConfigError, DataError
+
+DATA = REPO_ROOT.parent / "shared" / "data"
+TINY_BRANCH = REPO_ROOT / "configs" / "branch" / "tiny.yaml"
+
+
+def genesis(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "genesis.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO_ROOT)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Principles
+
+
+def test_the_system_prompt_states_every_principle():
+    principles = load_principles()
+    full = principles.system_prompt("full")
+    for principle in principles.principles:
+        assert principle.description in full
+    assert principles.system_prompt("brief") == "You are Genesis. Be helpful, curious, honest and not boring."
+
+
+def test_a_principles_file_with_an_unknown_field_is_one_line(tmp_path):
+    bad = tmp_path / "principles.yaml"
+    bad.write_text("name: x\nprinciples:\n  - {name: kind, description: Be kind., tone: warm}\n")
+    with pytest.raises(ConfigError) as err:
+        load_principles(bad)
+    message = str(err.value)
+    assert str(bad) in message and "tone" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rubric
+
+
+@pytest.mark.parametrize("reply, behaviour", [
+    ("I can't help with that question.", "refusal"),
+    ("It depends on many factors.", "empty_depends"),
+    ("I'm not an expert, so take this with a grain of salt. Please note this is not professional advice.", "disclaimer"),
+    ("You should consult a professional about how bread rises.", "deflection"),
+    ("Great question! Bread rises.", "filler"),
+])
+def test_each_hedging_behaviour_is_penalised(reply, behaviour):
+    score = score_reply(reply, "Why does bread rise?")
+    assert score.features[behaviour] > 0 and score.hedging > 0
+
+
+def test_stacked_disclaimers_cost_more_than_the_sum_of_single_ones():
+    one = score_reply("Please note: yeast makes gas.").hedging
+    two = score_reply("Please note: as an AI, yeast makes gas.").hedging
+    assert two > 2 * one
+
+
+def test_it_depends_with_specifics_is_not_hedging():
+    specific = "It depends on temperature: at 25 C yeast doubles dough in about 90 minutes, at 5 C it takes 12 hours."
+    assert score_reply(specific).features["empty_depends"] == 0
+
+
+def test_sending_someone_to_a_professional_is_right_when_the_prompt_is_not_benign():
+    reply = "Please consult a doctor right away."
+    assert score_reply(reply, "What dosage of this drug is too much for my child?").features["deflection"] == 0
+    assert score_reply(reply, "Why do onions make me cry?").features["deflection"] > 0
+
+
+def test_curiosity_rewards_specifics_examples_and_a_relevant_follow_up():
+    prompt = "How do tides work?"
+    flat = score_reply("The Moon affects the water.", prompt)
+    rich = score_reply("The Moon pulls the near ocean harder than Earth's centre, making two bulges; for example, "
+                       "the Bay of Fundy rises 16 metres. Want to know why spring tides are bigger?", prompt)
+    generic = score_reply("The Moon pulls the near ocean. Anything else?", prompt)
+    assert rich.curiosity > flat.curiosity
+    assert rich.features["example"] == 1.0 and rich.features["specifics"] > 0
+    assert rich.features["follow_up"] == 1.5  # a question about tides: relevant
+    assert generic.features["follow_up"] == 1.0  # a question, but a generic one
+
+
+def test_pairs_choose_the_higher_scoring_reply_and_skip_near_ties():
+    prompt = "Why is the sky blue?"
+    good = "Air scatters blue light about 5.5 times more than red, for example at noon. Curious about sunsets and the sky?"
+    hedged = "It depends on many factors. I'm not an expert. You may want to consult a professional."
+    assert build_pairs(prompt, [hedged, good]) == (good, hedged)
+    assert build_pairs(prompt, [good, good + " "]) is None
+    assert build_pairs(prompt, [good]) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Built-in dialogues
+
+
+def test_the_built_in_set_has_a_few_hundred_conversations_and_a_stable_held_out_split():
+    topics = load_topics()
+    train, heldout = split_topics(topics)
+    assert len(topics) >= 40 and 0 < len(heldout) < len(train)
+    assert split_topics(topics) == (train, heldout)
+    conversations = sft_conversations(topics, "You are Genesis.")
+    assert len(conversations) >= 200
+    assert any(len(c["messages"]) == 5 for c in conversations)  # two-turn follow-ups
+    assert any(c["messages"][0]["role"] != "system" for c in conversations)  # and some without a system prompt
+    assert all(conversation_problem(c["messages"]) is None for c in conversations)
+
+
+def test_held_out_topics_stay_out_of_the_pretraining_corpus():
+    from data_prep.builtin import dialog_texts
+
+    corpus = "\n".join(dialog_texts())
+    train, heldout = split_topics(load_topics())
+    assert all(t.answer[:60] in corpus for t in train)
+    assert not any(t.answer[:60] in corpus for t in heldout)
+
+
+def test_every_hedged_rewrite_scores_below_its_original_on_the_rubric():
+    topics = load_topics()
+    for pair in dpo_pairs(topics, None):
+        prompt = pair["prompt"][-1]["content"]
+        chosen, rejected = score_reply(pair["chosen"][0]["content"], prompt), score_reply(pair["rejected"][0]["content"], prompt)
+        assert rejected.hedging >= 2 and chosen.hedging == 0, pair["rejected"][0]["content"]
+        assert chosen.score > rejected.score
+    rewrites = {hedged_rewrite(t, i) for t in topics for i in range(3)}
+    assert len(rewrites) > 100  # varied, not one fixed phrase
+    assert {o for o in HEDGE_OPENERS if any(r.startswith(o) for r in rewrites)} == set(HEDGE_OPENERS)
+    assert all(any(c in r for r in rewrites) for c in HEDGE_CLOSERS)
+    assert all(full_answer(t).endswith(t.follow_up or "") for t in topics)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversations and preference records
+
+
+@pytest.mark.parametrize("messages, problem", [
+    ([], "empty_conversation"),
+    ([{"role": "assistant", "content": "hi"}], "does_not_start_with_user"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "roles_do_not_alternate"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}], "empty_turn"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "system", "content": "c"}],
+     "system_not_first"),
+    ([{"role": "user", "content": "a"}], "does_not_end_with_assistant"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "tool", "content": "c"}],
+     "tool_result_without_call"),
+    ([{"role": "user", "content": "a"}, {"role": "narrator", "content": "b"}], "unknown_role"),
+])
+def test_bad_conversations_are_named_by_their_problem(messages, problem):
+    assert conversation_problem(messages) == problem
+
+
+def test_a_tool_call_conversation_is_valid():
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": {}}}]},
+                {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    assert conversation_problem(messages) is None
+
+
+def test_data_kit_conversations_and_function_calls_are_read_with_locations():
+    report = SourceReport("fc")
+    source = BranchSource(name="fc", kind="local", format="function_calling",
+                          paths=[str(DATA / "function_calling" / "glaive_toolcall_sample.jsonl.gz")])
+    rows = list(read_conversations(source, "fail", report))
+    assert len(rows) == report.read == 300
+    location, messages = rows[0]
+    assert location.endswith("glaive_toolcall_sample.jsonl.gz:1")
+    assert messages[0]["role"] == "system" and "<tools>" in messages[0]["content"]
+    calls = [m for m in messages if m.get("tool_calls")]
+    assert calls and all(isinstance(c["function"]["arguments"], str) for m in calls for c in m["tool_calls"])
+
+
+def test_folded_tool_conversations_render_exactly_like_the_original(tiny_corpus):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tiny_corpus / "tokenizer"))
+    with gzip.open(DATA / "function_calling" / "glaive_toolcall_sample.jsonl.gz", "rt") as handle:
+        rows = [json.loads(next(handle)) for _ in range(20)]
+    for row in rows:
+        original = tokenizer.apply_chat_template(row["messages"], tools=row["tools"], tokenize=False)
+        assert tokenizer.apply_chat_template(fold_tools(row["messages"], row["tools"]), tokenize=False) == original
+
+
+def test_a_malformed_record_fails_with_its_file_and_line_or_is_counted(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    path.write_text(good + "\n" + "{not json\n" + json.dumps({"text": "no messages"}) + "\n")
+    source = BranchSource(name="chat", kind="local", paths=[str(path)])
+    with pytest.raises(DataError, match=f"{path}:2: invalid JSON"):
+        list(read_conversations(source, "fail", SourceReport("chat")))
+    path.write_text(good + "\n" + json.dumps({"text": "no messages"}) + "\n")
+    with pytest.raises(DataError, match=f"{path}:2: not a conversation"):
+        list(read_conversations(source, "fail", SourceReport("chat")))
+    report = SourceReport("chat")
+    assert len(list(read_conversations(source, "skip", report))) == 1
+    assert report.dropped == {"malformed_record": 1} and report.examples[0].startswith(f"{path}:2")
+
+
+def test_branch_data_is_checked_split_and_reported(tiny_corpus, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from genesis.branch.pipeline import assemble_data
+
+    rubric_file = tmp_path / "candidates.jsonl"
+    rubric_file.write_text(json.dumps({"prompt": "Why do cats purr?", "responses": [
+        "It depends on many factors. You may want to consult an expert.",
+        "Cats purr at 25 to 150 Hz, for example while nursing kittens. Have you noticed cats purr when hurt too?"]}) + "\n"
+        + json.dumps({"prompt": "Name a colour.", "responses": ["Red.", "Blue."]}) + "\n")
+    config = load_config(BranchConfig, TINY_BRANCH, [
+        "sft_sources=[{name: gsm8k, kind: local, paths: ['" + str(DATA / "sft" / "gsm8k.test.jsonl.gz") + "'], max_records: 200}]",
+        "dpo_sources=[{name: hh, kind: local, format: preference, paths: ['" + str(DATA / "dpo" / "hh_rlhf_harmless_base.test.jsonl.gz")
+        + "'], max_records: 300}, {name: rubric, kind: local, format: rubric, paths: ['" + str(rubric_file) + "']}]"])
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tiny_corpus / "tokenizer"))
+    data = assemble_data(config, tokenizer)
+    report = data.report
+    assert report["sft"]["gsm8k"]["read"] == 200
+    assert report["sft"]["gsm8k"]["dropped"].get("longer_than_max_length", 0) > 0  # 256-token context
+    assert all(row["messages"][0]["content"] == report["system_prompt"] for row in data.sft if row["source"] == "gsm8k")
+    assert report["dpo"]["rubric"]["kept"] == 1 and report["dpo"]["rubric"]["dropped"] == {"rubric_margin_too_small": 1}
+    assert report["dpo"]["hh"]["heldout"] > 0 and report["dpo"]["builtin"]["heldout"] > 0
+    train_prompts = {row["prompt"][-1]["content"] for row in data.dpo_train}
+    assert not train_prompts & {row["prompt"][-1]["content"] for row in data.dpo_heldout}
+    assert report["totals"]["dpo_train"] == len(data.dpo_train)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real branch off a real milestone, and bad input
+
+
+def test_a_checkpoint_that_is_missing_or_incomplete_is_one_line(tmp_path):
+    line = one_error_line(genesis("branch", "--milestone", str(tmp_path / "nope"), "--config", str(TINY_BRANCH),
+                                  "--out", str(tmp_path / "b")))
+    assert "does not exist" in line
+    (tmp_path / "half").mkdir()
+    line = one_error_line(genesis("branch", "--milestone", str(tmp_path / "half"), "--config", str(TINY_BRANCH),
+                                  "--out", str(tmp_path / "b")))
+    assert "incomplete" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused(tiny_corpus, tmp_path):
+    import shutil
+
+    from genesis.branch.pipeline import check_chat_template
+
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(tiny_corpus / "tokenizer", tokenizer)
+    (tokenizer / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match="no chat template"):
+        check_chat_template(tokenizer, "milestone")
+    check_chat_template(tiny_corpus / "tokenizer", "milestone")
+
+
+@pytest.mark.slow
+def test_a_branch_off_a_milestone_gives_sft_and_dpo_models_and_dpo_prefers_the_chosen_answers(tiny_trunk, tmp_path):
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    milestone = tiny_trunk / "milestones" / "step_00000150"
+    out = tmp_path / "branch"
+    args = ["branch", "--milestone", str(milestone), "--config", str(TINY_BRANCH), "--out", str(out),
+            "sft.epochs=2", "eval.max_prompts=12", "eval.max_new_tokens=80"]
+    # A crash just before evaluation keeps the finished SFT and DPO models and writes no eval.json...
+    env = {**os.environ, "GENESIS_BRANCH_FAIL_STAGE": "eval"}
+    crashed = subprocess.run([sys.executable, "-m", "genesis.cli", *args], capture_output=True, text=True,
+                             timeout=900, cwd=REPO_ROOT, env=env)
+    assert crashed.returncode != 0 and "injected failure" in crashed.stderr
+    assert (out / "sft" / "genesis_stage.json").is_file() and (out / "dpo" / "genesis_stage.json").is_file()
+    assert not (out / "eval.json").exists()
+    # ...and the rerun picks up there instead of training again.
+    finished = genesis(*args)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "SFT already complete" in finished.stdout and "DPO already complete" in finished.stdout
+
+    result = json.loads((out / "eval.json").read_text())
+    for stage in ("sft", "dpo"):
+        assert set(result[stage]) >= {"preference_accuracy", "format_adherence", "hedging_score"}
+        model_dir = out / stage
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        assert "{% generation %}" in tokenizer.chat_template or "{%- generation %}" in tokenizer.chat_template
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        assert tokenizer.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
+    assert result["dpo"]["preference_accuracy"] > result["sft"]["preference_accuracy"]
+    assert result["samples"] and {"prompt", "sft", "dpo"} <= set(result["samples"][0])
+    report = json.loads((out / "data" / "report.json").read_text())
+    assert report["totals"]["dpo_heldout"] == result["heldout_pairs"]
+    lineage = json.loads((out / "branch.json").read_text())
+    assert lineage["step"] == 150 and lineage["milestone"] == str(milestone)
