@@ -120,24 +120,46 @@ def train_tokenizer(config: CorpusConfig, data_dir: Path) -> Path:
                                threads=config.workers)
 
 
-def prepare(config: CorpusConfig, data_dir: str | Path) -> Manifest:
+def _keys(config: CorpusConfig) -> tuple[str, str]:
+    clean_key = _hash([s.model_dump() for s in config.sources] + [config.clean.model_dump(), config.docs_per_shard])
+    return clean_key, _hash([clean_key, config.tokenizer.model_dump(), config.seed])
+
+
+def stage_clean(config: CorpusConfig, data_dir: Path) -> dict:
+    """Sources → clean text parts + report.json (skipped when done with this config)."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     markers = StageMarkers(data_dir)
-    clean_key = _hash([s.model_dump() for s in config.sources] + [config.clean.model_dump(), config.docs_per_shard])
-    tokenizer_key = _hash([clean_key, config.tokenizer.model_dump(), config.seed])
-
+    clean_key, _ = _keys(config)
     if not markers.done("clean", clean_key):
         markers.clear_from(["clean", "tokenizer"])
         report = clean_and_dedup(config, data_dir)
         dump_report(data_dir / "report.json", report)
         markers.mark("clean", clean_key)
+    return json.loads((data_dir / "report.json").read_text())
+
+
+def stage_tokenizer(config: CorpusConfig, data_dir: Path) -> Path:
+    """Clean text → SentencePiece tokenizer + HF twin (skipped when done with this config)."""
+    data_dir = Path(data_dir)
+    markers = StageMarkers(data_dir)
+    clean_key, tokenizer_key = _keys(config)
+    if not markers.done("clean", clean_key):
+        raise DataError(f"{data_dir}: the clean stage has not finished for this corpus config; run it first")
     if not markers.done("tokenizer", tokenizer_key):
         for source in config.sources:  # shards of another tokenizer must not survive
             shutil.rmtree(data_dir / source.name, ignore_errors=True)
         train_tokenizer(config, data_dir)
         markers.mark("tokenizer", tokenizer_key)
+    return data_dir / "tokenizer"
 
+
+def stage_shards(config: CorpusConfig, data_dir: Path) -> Manifest:
+    """Clean text + tokenizer → token shards and manifest.json (finished shards are skipped one by one)."""
+    data_dir = Path(data_dir)
+    _, tokenizer_key = _keys(config)
+    if not StageMarkers(data_dir).done("tokenizer", tokenizer_key):
+        raise DataError(f"{data_dir}: the tokenizer stage has not finished for this corpus config; run it first")
     tokenizer_model = data_dir / "tokenizer" / "tokenizer.model"
     shards = tokenize_parts(data_dir, tokenizer_model, config.workers, config.executor, config.dask_address)
     from data_prep.tokenizer import SentencePieceTokenizer
@@ -153,3 +175,9 @@ def prepare(config: CorpusConfig, data_dir: str | Path) -> Manifest:
     )
     write_manifest(data_dir, manifest)
     return manifest
+
+
+def prepare(config: CorpusConfig, data_dir: str | Path) -> Manifest:
+    stage_clean(config, Path(data_dir))
+    stage_tokenizer(config, Path(data_dir))
+    return stage_shards(config, Path(data_dir))

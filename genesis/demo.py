@@ -1,107 +1,100 @@
-"""`genesis demo`: the whole pipeline on a fresh CPU machine, in minutes, with nothing downloaded.
+"""`genesis demo`: the main job on a fresh CPU machine, in minutes, with nothing downloaded.
 
+Runs genesis_flow under an embedded Prefect server with MLflow on SQLite:
 built-in corpus → tokenizer → token shards → tiny model pretrained on 2 gloo ranks under torchrun, reaching
-2 milestones → each milestone exported as a Hugging Face model → a sample from each → a summary.
+2 milestones → an SFT + DPO branch at each, grown while the trunk keeps training → everything registered →
+the lineage tree, a sample reply from each model, and how to open the Prefect and MLflow UIs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from genesis.config import REPO_ROOT, TrainConfig, load_config
+
+SAMPLE_PROMPT = "Why do we have seasons?"
+DEMO_BRANCH_OVERRIDES = ["sft.epochs=2", "eval.max_prompts=16", "eval.max_new_tokens=100"]
 
 
-def run_pretraining(config_path: Path, overrides: list[str], nproc: int, run_dir: Path, resume: bool = True) -> None:
-    """Launch the trainer under torchrun as a child process group and stream its output."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), "-m", "genesis_model.train", "--config", str(config_path), *overrides]
-    if resume:
-        command += ["--resume", "auto"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env)
-    if result.returncode != 0:
-        from genesis.errors import GenesisError
-
-        raise GenesisError(f"pretraining failed (exit {result.returncode}); see the log above and "
-                           f"{run_dir / 'events.jsonl'}, then rerun to resume from the last checkpoint")
-
-
-def sample_text(hf_dir: Path, prompt: str, max_new_tokens: int = 40) -> str:
+def sample_reply(model_dir: Path, prompt: str, chat: bool, max_new_tokens: int = 60) -> str:
     from genesis_model.generate import Generator, SamplingConfig
     from genesis_model.inference import load_hf, load_tokenizer
 
-    loaded = load_hf(hf_dir)
-    tokenizer = load_tokenizer(loaded.tokenizer_dir, str(hf_dir))
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
-    new = Generator(loaded.model).generate(ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.7,
-                                                               top_k=40, seed=0), stop_ids={tokenizer.eos_token_id, 2})
-    return prompt + tokenizer.decode(new, skip_special_tokens=True)
+    loaded = load_hf(model_dir)
+    tokenizer = load_tokenizer(loaded.tokenizer_dir, str(model_dir))
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    else:
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+    stop = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>")}
+    new = Generator(loaded.model).generate(ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.7, top_k=40,
+                                                               seed=0), stop_ids=stop)
+    return tokenizer.decode([t for t in new if t not in stop], skip_special_tokens=True).strip()
+
+
+def unigram_baseline(run_dir: Path) -> float:
+    """The unigram cross-entropy on the run's own held-out documents (what the model must clearly beat)."""
+    from genesis.config import TrainConfig, load_config
+    from genesis_model.loader import TokenLoader, unigram_cross_entropy
+
+    config = load_config(TrainConfig, run_dir / "config.yaml")
+    loader = TokenLoader(config.data_dir, config.window, 1, holdout_docs_per_source=config.eval.holdout_docs_per_source,
+                         seed=config.seed)
+    return unigram_cross_entropy(loader)
 
 
 def demo(workdir: Path, nproc: int = 2) -> dict:
-    from data_prep.pipeline import prepare
-    from data_prep.sources import CorpusConfig
-    from genesis_model.checkpoint import list_checkpoints
-    from genesis_model.hf import export_hf
-    from genesis_model.inference import load_checkpoint
-    from genesis_model.loader import TokenLoader, unigram_cross_entropy
+    workdir = workdir.resolve()
+    os.environ.setdefault("GENESIS_HOME", str(workdir / "mlflow"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from the embedded server
+    from flows.genesis import genesis_flow
+    from flows.params import DataParams, GenesisParams, PretrainParams
+    from genesis.registry import BASE, DPO, SFT, connect, default_tracking_uri, lineage, resolve_model_uri
 
     started = time.time()
-    workdir = workdir.resolve()
-    data_dir, run_dir, models_dir = workdir / "data", workdir / "trunk", workdir / "models"
-    print(f"[1/4] data: built-in corpus → {data_dir}", flush=True)
-    corpus = load_config(CorpusConfig, REPO_ROOT / "configs" / "corpus" / "builtin.yaml")
-    manifest = prepare(corpus, data_dir)
-    print(f"      {manifest.num_tokens:,} tokens in {sum(len(s.shards) for s in manifest.sources)} shards", flush=True)
+    params = GenesisParams(
+        data=DataParams(corpus="configs/corpus/builtin.yaml", data_dir=str(workdir / "data")),
+        pretrain=PretrainParams(train_config="configs/train/tiny-demo.yaml", run_dir=str(workdir / "trunk"), nproc=nproc),
+        branch_config="configs/branch/tiny.yaml", branch_overrides=DEMO_BRANCH_OVERRIDES)
+    result = genesis_flow(params)
+    tracker = connect()
+    tree = lineage(tracker)
 
-    config_path = REPO_ROOT / "configs" / "train" / "tiny-demo.yaml"
-    overrides = [f"data_dir={data_dir}", f"run_dir={run_dir}"]
-    config = load_config(TrainConfig, config_path, overrides)
-    print(f"[2/4] pretraining: tiny model on {nproc} gloo ranks → {run_dir}", flush=True)
-    run_pretraining(config_path, overrides, nproc, run_dir)
-
-    print("[3/4] milestones → Hugging Face models", flush=True)
-    milestones = [ref for ref in list_checkpoints(run_dir) if ref.milestone]
-    exported = []
-    for ref in milestones:
-        loaded = load_checkpoint(ref.path)
-        out = export_hf(loaded.model, models_dir / f"base-step_{ref.step:08d}", tokenizer_dir=loaded.tokenizer_dir,
-                        extra_metadata={"source_checkpoint": str(ref.path)})
-        exported.append((ref, out))
-
-    print("[4/4] samples", flush=True)
+    print("\n" + "=" * 100 + "\nlineage (from MLflow):\n" + result["lineage"], flush=True)
     samples = {}
-    for ref, out in exported:
-        for prompt in ("The ", "def "):
-            key = f"base@{ref.step} {prompt!r}"
-            samples[key] = sample_text(out, prompt)
-            print(f"--- base model at step {ref.step} ---\n{samples[key]}\n", flush=True)
+    for node in tree:
+        for name, version, chat in [(BASE, node["version"], False)] + [
+                (kind_name, branch[kind]["version"], True)
+                for branch in node["branches"] for kind, kind_name in (("sft", SFT), ("dpo", DPO)) if branch[kind]]:
+            uri = f"models:/{name}/{version}"
+            prompt = "The sky is blue because" if not chat else SAMPLE_PROMPT
+            samples[f"{uri} (step {node['step']})"] = reply = sample_reply(resolve_model_uri(uri), prompt, chat)
+            print(f"\n--- {uri}, milestone step {node['step']} ---\n> {prompt}\n{reply}", flush=True)
 
-    latest = json.loads((run_dir / "latest.json").read_text())
-    loader = TokenLoader(data_dir, config.window, 1, holdout_docs_per_source=config.eval.holdout_docs_per_source,
-                         seed=config.seed)
+    trunk = result["trunk"]
     summary = {
         "seconds": round(time.time() - started, 1),
-        "val_loss": latest.get("val_loss", {}).get("all"),
-        "unigram_val_loss": round(unigram_cross_entropy(loader), 4),
-        "milestones": len(milestones),
-        "branches": 0,
+        "val_loss": trunk["val_loss"].get("all"),
+        "unigram_val_loss": round(unigram_baseline(Path(trunk["run_dir"])), 4),
+        "milestones": len(trunk["milestones"]),
+        "branches": sum(len(node["branches"]) for node in tree),
         "samples": samples,
+        "branch_eval": [b["eval"] for b in result["branches"]],
     }
-    print(f"validation loss {summary['val_loss']:.3f} vs unigram baseline {summary['unigram_val_loss']:.3f}")
-    print("tree:\n  trunk " + str(run_dir) + "".join(f"\n  ├── milestone step {ref.step} → {out}" for ref, out in exported))
-    print(f"done in {summary['seconds']:.0f} s")
+    print(f"\nvalidation loss {summary['val_loss']:.3f} vs unigram baseline {summary['unigram_val_loss']:.3f} nats/token")
+    print(f"done in {summary['seconds']:.0f} s\n")
+    print("Look around:")
+    print(f"  MLflow UI:   mlflow ui --backend-store-uri {default_tracking_uri()}   (then http://127.0.0.1:5000)")
+    print("  Prefect UI:  prefect server start   (then http://127.0.0.1:4200; the demo ran on a temporary server,")
+    print("               `prefect deploy --all` and a process worker give you the flows as deployments)")
+    print(f"  Try a model: genesis generate --model models:/{DPO}@latest --chat --prompt '{SAMPLE_PROMPT}'"
+          f"   (with GENESIS_HOME={os.environ['GENESIS_HOME']})")
     return summary
 
 
-def _free_port() -> int:
-    import socket
+def write_summary(summary: dict, path: Path) -> None:
+    path.write_text(json.dumps(summary, indent=2))
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -221,78 +221,132 @@ def check_chat_template(tokenizer_dir: Path | None, source: str) -> None:
                         f"(which writes the ChatML template) before branching")
 
 
-def run_branch(milestone: Path, config: BranchConfig, out: Path, log=print) -> dict:
-    """Grow one branch off `milestone` into `out`; returns the eval.json content."""
-    import torch
-    from transformers import AutoTokenizer
+class Branch:
+    """One branch directory and its stages; each stage is callable on its own (the flow runs them as tasks)
+    and reads what earlier stages left on disk."""
 
-    from genesis.branch.evaluate import evaluate_branch
-    from genesis.branch.training import resolve_device, run_dpo, run_sft, stage_complete
-    from genesis_model.hf import export_hf
-    from genesis_model.inference import load_checkpoint, tokenizer_dir_of_checkpoint
-    from genesis_model.train import RunLock
+    def __init__(self, milestone: Path, config: BranchConfig, out: Path, log=print):
+        from genesis_model.inference import tokenizer_dir_of_checkpoint
 
-    started = time.time()
-    milestone, out = Path(milestone).resolve(), Path(out).resolve()
-    meta = check_milestone(milestone)
-    check_chat_template(tokenizer_dir_of_checkpoint(meta), str(milestone))
-    out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out, BRANCH_LOCK)
-    lock.acquire()
-    try:
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        device = resolve_device(config.device)
-        if (out / "eval.json").is_file():
-            log(f"branch {out} is already complete; nothing to do")
-            return json.loads((out / "eval.json").read_text())
+        self.milestone, self.out, self.config, self.log = Path(milestone).resolve(), Path(out).resolve(), config, log
+        self.meta = check_milestone(self.milestone)
+        check_chat_template(tokenizer_dir_of_checkpoint(self.meta), str(self.milestone))
+        self.step = int(self.meta.get("step", 0))
+        self.base_dir, self.data_dir = self.out / "base", self.out / "data"
+        self.sft_dir, self.dpo_dir, self.eval_path = self.out / "sft", self.out / "dpo", self.out / "eval.json"
 
-        base = out / "base"
+    @property
+    def device(self) -> str:
+        from genesis.branch.training import resolve_device
+
+        return resolve_device(self.config.device)
+
+    @property
+    def complete(self) -> bool:
+        return self.eval_path.is_file()
+
+    def lock(self):
+        from genesis_model.train import RunLock
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        return RunLock(self.out, BRANCH_LOCK)
+
+    def _threads(self) -> None:
+        if self.config.threads:
+            import torch
+
+            torch.set_num_threads(self.config.threads)
+
+    def export(self) -> Path:
+        import torch
+
+        from genesis_model.hf import export_hf
+        from genesis_model.inference import load_checkpoint
+
         fail_if_injected("export")
-        if not (base / "genesis.json").is_file():
-            log(f"[branch 1/5] export {milestone} → {base}")
-            loaded = load_checkpoint(milestone)
-            export_hf(loaded.model, base, tokenizer_dir=loaded.tokenizer_dir, dtype=torch.float32,
-                      extra_metadata={"source_checkpoint": str(milestone), "step": meta.get("step")})
-        tokenizer = AutoTokenizer.from_pretrained(str(base))
+        if not (self.base_dir / "genesis.json").is_file():
+            self.log(f"[branch 1/5] export {self.milestone} → {self.base_dir}")
+            loaded = load_checkpoint(self.milestone)
+            export_hf(loaded.model, self.base_dir, tokenizer_dir=loaded.tokenizer_dir, dtype=torch.float32,
+                      extra_metadata={"source_checkpoint": str(self.milestone), "step": self.step})
+        return self.base_dir
+
+    def data(self) -> dict:
+        from transformers import AutoTokenizer
 
         fail_if_injected("data")
-        log("[branch 2/5] data: SFT conversations and DPO pairs")
-        data = assemble_data(config, tokenizer)
-        data_dir = out / "data"
-        data_dir.mkdir(exist_ok=True)
-        digests = {name: write_jsonl(data_dir / f"{name}.jsonl", rows) for name, rows in
+        self.log("[branch 2/5] data: SFT conversations and DPO pairs")
+        data = assemble_data(self.config, AutoTokenizer.from_pretrained(str(self.base_dir)))
+        self.data_dir.mkdir(exist_ok=True)
+        digests = {name: write_jsonl(self.data_dir / f"{name}.jsonl", rows) for name, rows in
                    (("sft", data.sft), ("dpo_train", data.dpo_train), ("dpo_heldout", data.dpo_heldout),
                     ("heldout_prompts", data.heldout_prompts))}
-        write_json(data_dir / "report.json", data.report)
-        log(f"      {data.report['totals']}")
+        write_json(self.data_dir / "report.json", data.report)
+        write_json(self.out / "branch.json", {
+            "milestone": str(self.milestone), "step": self.step, "tokens_seen": self.meta.get("tokens_seen"),
+            "run_dir": self.meta.get("config", {}).get("run_dir"), "config": self.config.model_dump(mode="json"),
+            "data_digests": digests, "device": self.device})
+        self.log(f"      {data.report['totals']}")
+        return data.report
 
-        lineage = {"milestone": str(milestone), "step": meta.get("step"), "tokens_seen": meta.get("tokens_seen"),
-                   "run_dir": meta.get("config", {}).get("run_dir"), "config": config.model_dump(mode="json"),
-                   "data_digests": digests, "device": device}
-        write_json(out / "branch.json", lineage)
+    def _rows(self, name: str) -> list:
+        path = self.data_dir / f"{name}.jsonl"
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
-        sft_dir, dpo_dir = out / "sft", out / "dpo"
+    def sft(self) -> Path:
+        from genesis.branch.training import run_sft, stage_complete
+
         fail_if_injected("sft")
-        if stage_complete(sft_dir):
-            log(f"[branch 3/5] SFT already complete: {sft_dir}")
-        else:
-            log(f"[branch 3/5] SFT on {len(data.sft)} conversations → {sft_dir}")
-            run_sft(base, data.sft, sft_dir, config.sft, device, config.seed)
+        if stage_complete(self.sft_dir):
+            self.log(f"[branch 3/5] SFT already complete: {self.sft_dir}")
+            return self.sft_dir
+        self._threads()
+        rows = self._rows("sft")
+        self.log(f"[branch 3/5] SFT on {len(rows)} conversations → {self.sft_dir}")
+        return run_sft(self.base_dir, rows, self.sft_dir, self.config.sft, self.device, self.config.seed)
+
+    def dpo(self) -> Path:
+        from genesis.branch.training import run_dpo, stage_complete
+
         fail_if_injected("dpo")
-        if stage_complete(dpo_dir):
-            log(f"[branch 4/5] DPO already complete: {dpo_dir}")
-        else:
-            log(f"[branch 4/5] DPO on {len(data.dpo_train)} pairs → {dpo_dir}")
-            run_dpo(sft_dir, data.dpo_train, dpo_dir, config.dpo, device, config.seed)
+        if stage_complete(self.dpo_dir):
+            self.log(f"[branch 4/5] DPO already complete: {self.dpo_dir}")
+            return self.dpo_dir
+        self._threads()
+        rows = self._rows("dpo_train")
+        self.log(f"[branch 4/5] DPO on {len(rows)} pairs → {self.dpo_dir}")
+        return run_dpo(self.sft_dir, rows, self.dpo_dir, self.config.dpo, self.device, self.config.seed)
+
+    def evaluate(self) -> dict:
+        from genesis.branch.evaluate import evaluate_branch
 
         fail_if_injected("eval")
-        log("[branch 5/5] evaluation on held-out pairs and prompts")
-        result = evaluate_branch(base, sft_dir, dpo_dir, data.dpo_heldout, data.heldout_prompts, config.eval, device)
-        result["milestone"] = {"path": str(milestone), "step": meta.get("step")}
-        result["seconds"] = round(time.time() - started, 1)
-        write_json(out / "eval.json", result)
+        if self.complete:
+            return json.loads(self.eval_path.read_text())
+        self._threads()
+        self.log("[branch 5/5] evaluation on held-out pairs and prompts")
+        started = time.time()
+        result = evaluate_branch(self.base_dir, self.sft_dir, self.dpo_dir, self._rows("dpo_heldout"),
+                                 self._rows("heldout_prompts"), self.config.eval, self.device)
+        result["milestone"] = {"path": str(self.milestone), "step": self.step}
+        result["eval_seconds"] = round(time.time() - started, 1)
+        write_json(self.eval_path, result)
         return result
+
+
+def run_branch(milestone: Path, config: BranchConfig, out: Path, log=print) -> dict:
+    """Grow one branch off `milestone` into `out`; returns the eval.json content."""
+    branch = Branch(milestone, config, out, log)
+    lock = branch.lock()
+    lock.acquire()
+    try:
+        if branch.complete:
+            log(f"branch {branch.out} is already complete; nothing to do")
+            return json.loads(branch.eval_path.read_text())
+        branch.export()
+        branch.data()
+        branch.sft()
+        branch.dpo()
+        return branch.evaluate()
     finally:
         lock.release()
-

@@ -1,0 +1,251 @@
+"""Orchestration and lineage: Prefect flows under the test harness, MLflow on a temporary SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_CORPUS, TINY_CPU, REPO
+
+QUICK_BRANCH = ["sft.max_steps=4", "dpo.max_steps=2", "eval.max_prompts=3", "eval.max_pairs=12", "eval.max_new_tokens=16"]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def tracking(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def task_states(flow_state) -> dict[str, str]:
+    """Task name → state name of one flow run (e.g. 'Completed', 'Cached', 'Failed')."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def versions(uri: str, name: str) -> list:
+    from mlflow import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions(f"name='{name}'")
+    except Exception:  # noqa: BLE001 - the registered model does not exist yet
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def test_data_flow_records_the_corpus_and_a_rerun_takes_finished_stages_from_the_cache(harness, tracking, tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.data import data_flow
+    from flows.params import DataParams
+
+    corpus = tmp_path / "corpus.yaml"
+    corpus.write_text(TINY_CORPUS)
+    params = DataParams(corpus=str(corpus), data_dir=str(tmp_path / "data"))
+    first = data_flow(params, return_state=True)
+    assert first.is_completed(), first.message
+    result = first.result()
+    assert result["tokens"] > 100_000 and (tmp_path / "data" / "manifest.json").is_file()
+
+    run = MlflowClient(tracking_uri=tracking).get_run(result["mlflow_run_id"])
+    assert run.data.tags["genesis.stage"] == "data" and run.data.metrics["tokens/all"] == result["tokens"]
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"prose", "dialog"}
+    artifacts = {a.path for a in MlflowClient(tracking_uri=tracking).list_artifacts(run.info.run_id)}
+    assert {"report.json", "manifest.json"} <= artifacts
+
+    second = data_flow(params, return_state=True)
+    states = task_states(second)
+    assert states["download-clean-dedup"] == states["train-tokenizer"] == states["tokenize-shards"] == "Cached"
+    # A stage whose output is gone is recomputed, not trusted to the cache.
+    (tmp_path / "data" / "manifest.json").unlink()
+    third = data_flow(params, return_state=True)
+    assert task_states(third)["tokenize-shards"] == "Completed" and (tmp_path / "data" / "manifest.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Branches and the registry
+
+
+def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_registers_once(
+        harness, tracking, tiny_trunk, tmp_path, monkeypatch):
+    from flows.branch import branch_flow
+    from flows.params import BranchParams
+    from genesis_model.train import RunLock
+
+    milestone = tiny_trunk / "milestones" / "step_00000150"
+    params = BranchParams(milestone=str(milestone), out=str(tmp_path / "branch"), overrides=QUICK_BRANCH)
+
+    monkeypatch.setenv("GENESIS_BRANCH_FAIL_STAGE", "eval")
+    failed = branch_flow(params, return_state=True)
+    assert failed.is_failed() and "injected failure before the eval stage" in failed.message
+    assert versions(tracking, "genesis-sft") == [] and versions(tracking, "genesis-dpo") == []
+
+    monkeypatch.delenv("GENESIS_BRANCH_FAIL_STAGE")
+    done = branch_flow(params, return_state=True)
+    assert done.is_completed(), done.message
+    states = task_states(done)
+    assert [states[t] for t in ("export-milestone", "branch-data", "sft", "dpo")] == ["Cached"] * 4
+    assert states["evaluate"] == "Completed"
+    result = done.result()
+    assert result["versions"] == {"sft": "1", "dpo": "1"}
+
+    (sft,), (dpo,), (base,) = versions(tracking, "genesis-sft"), versions(tracking, "genesis-dpo"), versions(tracking, "genesis-base")
+    assert sft.tags["parent_model"] == "genesis-base" and sft.tags["parent_version"] == str(base.version)
+    assert dpo.tags["parent_model"] == "genesis-sft" and dpo.tags["parent_version"] == str(sft.version)
+    assert {"milestone_step", "data_digest", "code_version"} <= set(dpo.tags) and dpo.tags["milestone_step"] == "150"
+    assert "step-150" in dpo.aliases
+
+    # Triggered again (event and watcher both fire): same versions, nothing new.
+    again = branch_flow(params, return_state=True)
+    assert again.result()["versions"] == {"sft": "1", "dpo": "1"}
+    # While another run holds the branch, this one leaves it alone.
+    lock = RunLock(tmp_path / "branch", "branch.lock")
+    lock.acquire()
+    try:
+        assert branch_flow(params).get("skipped")
+    finally:
+        lock.release()
+    assert len(versions(tracking, "genesis-dpo")) == 1
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    generated = subprocess.run([sys.executable, "-m", "genesis.cli", "generate", "--model", "models:/genesis-dpo@latest",
+                                "--chat", "--prompt", "Why is the sky blue?", "--max-new-tokens", "8"],
+                               capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    tree = subprocess.run([sys.executable, "-m", "genesis.cli", "lineage"], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+    assert tree.returncode == 0, tree.stderr[-2000:]
+    assert "genesis-base v1" in tree.stdout and "genesis-sft v1" in tree.stdout and "genesis-dpo v1" in tree.stdout
+    missing = subprocess.run([sys.executable, "-m", "genesis.cli", "generate", "--model", "models:/genesis-dpo@nope",
+                              "--prompt", "x"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert missing.returncode != 0 and "genesis lineage" in missing.stderr.strip().splitlines()[-1]
+
+
+def test_bad_flow_input_fails_with_one_clear_line(harness, tracking, tiny_trunk, tmp_path):
+    from flows.branch import branch_flow
+    from flows.params import BranchParams, PretrainParams
+    from flows.pretrain import pretrain_flow
+    from genesis_model.train import RunLock
+
+    unknown = branch_flow(params={"milestone": str(tmp_path), "colour": "red"}, return_state=True)
+    assert unknown.is_failed() and "colour" in unknown.message
+
+    missing = branch_flow(BranchParams(milestone=str(tmp_path / "milestones" / "step_00000010")), return_state=True)
+    assert missing.is_failed() and "does not exist" in missing.message and "\n" not in missing.message
+
+    unreachable = branch_flow(BranchParams(milestone=str(tiny_trunk / "milestones" / "step_00000150")),
+                              tracking_uri="http://127.0.0.1:9", return_state=True)
+    assert unreachable.is_failed() and "unreachable" in unreachable.message
+    assert not (tiny_trunk / "branches").exists()
+
+    lock = RunLock(tiny_trunk)
+    lock.acquire()
+    try:
+        locked = pretrain_flow(PretrainParams(train_config=str(TINY_CPU), run_dir=str(tiny_trunk)), return_state=True)
+    finally:
+        lock.release()
+    assert locked.is_failed() and "locked" in locked.message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trunk process
+
+
+def _trainer_processes(marker: str) -> list:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in process.info["cmdline"] or []) and "genesis_model.train" in " ".join(process.info["cmdline"]):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_to_flow", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_a_pretrain_flow_run_leaves_no_trainer_process(tiny_corpus, tmp_path, signal_to_flow):
+    run_dir = tmp_path / f"trunk-{signal_to_flow.name}"
+    script = (
+        "from flows.pretrain import pretrain_flow\nfrom flows.params import PretrainParams\n"
+        f"pretrain_flow(PretrainParams(train_config={str(TINY_CPU)!r}, data_dir={str(tiny_corpus)!r}, "
+        f"run_dir={str(run_dir)!r}, max_steps=100000, overrides=['model.vocab_size=2048', 'eval.every=0']))\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    flow_process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
+        time.sleep(1)
+    assert (run_dir / "metrics.jsonl").is_file(), "the trainer never started"
+    assert len(_trainer_processes(str(run_dir))) >= 2  # torchrun and its ranks
+
+    flow_process.send_signal(signal_to_flow)  # what a process worker does to a cancelled flow run
+    flow_process.wait(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline and _trainer_processes(str(run_dir)):
+        time.sleep(1)
+    assert _trainer_processes(str(run_dir)) == []
+
+
+@pytest.mark.slow
+def test_genesis_flow_grows_a_branch_at_each_milestone_while_the_trunk_trains(harness, tracking, tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.genesis import genesis_flow, milestone_watcher
+    from flows.params import DataParams, GenesisParams, PretrainParams, WatcherParams
+
+    corpus = tmp_path / "corpus.yaml"
+    corpus.write_text(TINY_CORPUS)
+    params = GenesisParams(
+        data=DataParams(corpus=str(corpus), data_dir=str(tmp_path / "data")),
+        pretrain=PretrainParams(train_config=str(TINY_CPU), run_dir=str(tmp_path / "trunk"), nproc=2, max_steps=60,
+                                overrides=["model.vocab_size=2048", "micro_batch_size=4", "checkpoint.save_every=30",
+                                           "checkpoint.milestone_every=30", "eval.every=30", "log_every=10",
+                                           "optimizer.warmup_steps=5"]),
+        branch_overrides=QUICK_BRANCH)
+    result = genesis_flow(params)
+    assert [Path(m).name for m in result["trunk"]["milestones"]] == ["step_00000030", "step_00000060"]
+    assert [b["step"] for b in result["branches"]] == [30, 60]
+    assert len(versions(tracking, "genesis-base")) == 2 and len(versions(tracking, "genesis-dpo")) == 2
+    assert "step      30" in result["lineage"] and "step      60" in result["lineage"]
+
+    client = MlflowClient(tracking_uri=tracking)
+    pretrain = client.get_run(result["trunk"]["mlflow_run_id"])
+    assert {"loss", "lr", "val_loss/all", "val_loss/prose", "val_loss/dialog"} <= set(pretrain.data.metrics)
+    assert "loss.png" in {a.path for a in client.list_artifacts(pretrain.info.run_id)}
+    history = client.get_metric_history(pretrain.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(10, 61, 10))
+
+    # The watcher finds nothing left to do: every milestone has its branch.
+    assert milestone_watcher(WatcherParams(run_dirs=[str(tmp_path / "trunk")], launch="inline")) == []
+    # A continued cycle extends the same trunk and adds a milestone; the first two are untouched.
+    before = (tmp_path / "trunk" / "milestones" / "step_00000030" / "COMPLETE.json").read_text()
+    extended = genesis_flow(params.model_copy(update={"pretrain": params.pretrain.model_copy(update={"max_steps": 90})}))
+    assert [b["step"] for b in extended["branches"]] == [90]
+    assert (tmp_path / "trunk" / "milestones" / "step_00000030" / "COMPLETE.json").read_text() == before
+    assert len(versions(tracking, "genesis-base")) == 3 and len(versions(tracking, "genesis-dpo")) == 3
