@@ -14,6 +14,8 @@ import pytest
 from genesis.manifest import Manifest, SourceEntry, TokenizerEntry, sha256_file, write_manifest, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
+# Prefect's temporary test servers should not phone home (and their telemetry writes contend for SQLite).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 SHARED = REPO.parent / "shared"
 TINY_CPU = REPO / "configs" / "train" / "tiny-cpu.yaml"
 # Small and fast: 2 ranks × 2 sequences × 64 tokens per step.

@@ -40,7 +40,8 @@ def test_a_deployed_branch_flow_runs_on_a_process_worker_and_lands_in_mlflow(tin
     port = _free_port()
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GENESIS_REPO": str(REPO), "MLFLOW_TRACKING_URI": tracking}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GENESIS_REPO": str(REPO), "MLFLOW_TRACKING_URI": tracking,
+           "COLUMNS": "250"}  # rich tables: no truncated names
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -65,9 +66,9 @@ def test_a_deployed_branch_flow_runs_on_a_process_worker_and_lands_in_mlflow(tin
                      "milestone-watcher/milestone-watcher"):
             assert name in listed.stdout, listed.stdout
 
+        worker_log = open(tmp_path / "worker.log", "w")
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "genesis-process"],
-                                  cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
+                                  cwd=REPO, env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
         parameters = {"params": {"milestone": str(tiny_trunk / "milestones" / "step_00000150"),
                                  "out": str(tmp_path / "branch"), "overrides": QUICK_BRANCH}}
         script = ("import json, sys\nfrom prefect.deployments import run_deployment\n"
@@ -77,7 +78,7 @@ def test_a_deployed_branch_flow_runs_on_a_process_worker_and_lands_in_mlflow(tin
                                 timeout=700)
         assert waited.returncode == 0, waited.stderr[-2000:]
         state = json.loads(waited.stdout.strip().splitlines()[-1])
-        assert state["state"] == "COMPLETED", state
+        assert state["state"] == "COMPLETED", (state, (tmp_path / "worker.log").read_text()[-3000:])
 
         client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
         (dpo,) = client.search_model_versions("name='genesis-dpo'")

@@ -116,7 +116,10 @@ def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_regi
     assert sft.tags["parent_model"] == "genesis-base" and sft.tags["parent_version"] == str(base.version)
     assert dpo.tags["parent_model"] == "genesis-sft" and dpo.tags["parent_version"] == str(sft.version)
     assert {"milestone_step", "data_digest", "code_version"} <= set(dpo.tags) and dpo.tags["milestone_step"] == "150"
-    assert "step-150" in dpo.aliases
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    assert str(client.get_model_version_by_alias("genesis-dpo", "step-150").version) == str(dpo.version)
 
     # Triggered again (event and watcher both fire): same versions, nothing new.
     again = branch_flow(params, return_state=True)
@@ -216,7 +219,7 @@ def test_stopping_a_pretrain_flow_run_leaves_no_trainer_process(tiny_corpus, tmp
 def test_genesis_flow_grows_a_branch_at_each_milestone_while_the_trunk_trains(harness, tracking, tmp_path):
     from mlflow import MlflowClient
 
-    from flows.genesis import genesis_flow, milestone_watcher
+    from flows.tree import genesis_flow, milestone_watcher
     from flows.params import DataParams, GenesisParams, PretrainParams, WatcherParams
 
     corpus = tmp_path / "corpus.yaml"

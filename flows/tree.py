@@ -1,4 +1,7 @@
-"""genesis_flow: the tree. Data, then the trunk, and a branch at each milestone as soon as it is reached
+"""genesis_flow: the tree. (Not named genesis.py: Prefect loads a deployment's entrypoint with `flows/` on
+sys.path, where a flows/genesis.py would shadow the `genesis` package.)
+
+genesis_flow: Data, then the trunk, and a branch at each milestone as soon as it is reached
 while the trunk keeps training. milestone_watcher: the scheduled safety net that finds milestones without a
 branch and launches them."""
 
