@@ -80,8 +80,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(loaded.tokenizer_dir, loaded.source)
     if args.chat:
         messages = []
-        if args.system is not None:
-            messages.append({"role": "system", "content": args.system})
+        system = _system_prompt(args.system, loaded.source)
+        if system:
+            messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": args.prompt})
         if not tokenizer.chat_template:
             from genesis.errors import GenesisError
@@ -106,6 +107,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _system_prompt(requested: str | None, model_source: str) -> str | None:
+    """--system TEXT wins; otherwise the prompt a branch model was tuned with; otherwise the principles'."""
+    import json
+
+    if requested is not None:
+        return requested or None
+    marker = Path(model_source) / "genesis_stage.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("system_prompt"):
+        return json.loads(marker.read_text())["system_prompt"]
+    from genesis.branch.principles import load_principles
+
+    return load_principles().system_prompt("full")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--system", default=None, help="system prompt for --chat")
+    gen.add_argument("--system", default=None, help="system prompt for --chat (default: the one the model was tuned "
+                     "with, else configs/principles.yaml's; '' for none)")
     gen.add_argument("--no-compile", dest="compile", action="store_false", help="skip CUDA-graph decoding")
     gen.set_defaults(handler=cmd_generate)
 

@@ -69,8 +69,9 @@ class RunLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
+            other = "another run_dir" if self.path.name == LOCK_NAME else "another directory"
             raise RunDirError(f"{self.path.parent}: directory is locked by {holder}; stop that run or use "
-                              f"another directory") from None
+                              f"{other}") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")

@@ -293,6 +293,9 @@ class Branch:
         path = self.data_dir / f"{name}.jsonl"
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
+    def _system_prompt(self) -> str:
+        return json.loads((self.data_dir / "report.json").read_text())["system_prompt"]
+
     def sft(self) -> Path:
         from genesis.branch.training import run_sft, stage_complete
 
@@ -303,7 +306,8 @@ class Branch:
         self._threads()
         rows = self._rows("sft")
         self.log(f"[branch 3/5] SFT on {len(rows)} conversations → {self.sft_dir}")
-        return run_sft(self.base_dir, rows, self.sft_dir, self.config.sft, self.device, self.config.seed)
+        return run_sft(self.base_dir, rows, self.sft_dir, self.config.sft, self.device, self.config.seed,
+                       self._system_prompt())
 
     def dpo(self) -> Path:
         from genesis.branch.training import run_dpo, stage_complete
@@ -315,7 +319,8 @@ class Branch:
         self._threads()
         rows = self._rows("dpo_train")
         self.log(f"[branch 4/5] DPO on {len(rows)} pairs → {self.dpo_dir}")
-        return run_dpo(self.sft_dir, rows, self.dpo_dir, self.config.dpo, self.device, self.config.seed)
+        return run_dpo(self.sft_dir, rows, self.dpo_dir, self.config.dpo, self.device, self.config.seed,
+                       self._system_prompt())
 
     def evaluate(self) -> dict:
         from genesis.branch.evaluate import evaluate_branch

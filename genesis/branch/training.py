@@ -78,7 +78,8 @@ def _tokenizer(model_dir: Path):
     return tokenizer
 
 
-def _finish(trainer, tokenizer, tmp: Path, out: Path, stage: str, parent: Path, rows: int) -> Path:
+def _finish(trainer, tokenizer, tmp: Path, out: Path, stage: str, parent: Path, rows: int,
+            system_prompt: str | None) -> Path:
     """Save model + tokenizer + log into tmp, mark complete, and rename into place."""
     model = trainer.model
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
@@ -92,15 +93,18 @@ def _finish(trainer, tokenizer, tmp: Path, out: Path, stage: str, parent: Path, 
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     log = [row for row in trainer.state.log_history]
     (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
+    # The system prompt the model was tuned with: `genesis generate --chat` uses it unless told otherwise.
     (tmp / STAGE_MARKER).write_text(json.dumps({"stage": stage, "parent": str(parent), "train_rows": rows,
-                                                "steps": trainer.state.global_step}, indent=2))
+                                                "steps": trainer.state.global_step, "system_prompt": system_prompt},
+                                               indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
 
 
-def run_sft(base_dir: Path, rows: list[dict], out: Path, recipe: SFTRecipe, device: str, seed: int) -> Path:
+def run_sft(base_dir: Path, rows: list[dict], out: Path, recipe: SFTRecipe, device: str, seed: int,
+            system_prompt: str | None = None) -> Path:
     """Supervised fine-tuning on conversations ({"messages": [...]}) with assistant-only loss."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -121,10 +125,11 @@ def run_sft(base_dir: Path, rows: list[dict], out: Path, recipe: SFTRecipe, devi
     trainer = SFTTrainer(model=_load_model(base_dir, device), args=args, train_dataset=dataset,
                          processing_class=tokenizer)
     trainer.train()
-    return _finish(trainer, tokenizer, tmp, out, "sft", base_dir, len(rows))
+    return _finish(trainer, tokenizer, tmp, out, "sft", base_dir, len(rows), system_prompt)
 
 
-def run_dpo(sft_dir: Path, rows: list[dict], out: Path, recipe: DPORecipe, device: str, seed: int) -> Path:
+def run_dpo(sft_dir: Path, rows: list[dict], out: Path, recipe: DPORecipe, device: str, seed: int,
+            system_prompt: str | None = None) -> Path:
     """Direct preference optimisation from the SFT model; the reference model is the SFT directory."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -144,4 +149,4 @@ def run_dpo(sft_dir: Path, rows: list[dict], out: Path, recipe: DPORecipe, devic
     trainer = DPOTrainer(model=_load_model(sft_dir, device), ref_model=_load_model(sft_dir, device), args=args,
                          train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
-    return _finish(trainer, tokenizer, tmp, out, "dpo", sft_dir, len(rows))
+    return _finish(trainer, tokenizer, tmp, out, "dpo", sft_dir, len(rows), system_prompt)
