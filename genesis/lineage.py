@@ -126,9 +126,9 @@ def _record_milestone(tracker: Tracker, milestone: Path, parent_run_id: str | No
     import mlflow
 
     from genesis_model.checkpoint import read_meta
-    from genesis.registry import _existing_version
+    from genesis.registry import existing_version
 
-    existing = _existing_version(tracker, BASE, str(milestone))
+    existing = existing_version(tracker, BASE, str(milestone))
     if existing is not None:
         return str(existing.version)
     meta = read_meta(milestone)
@@ -153,7 +153,7 @@ def record_branch(tracker: Tracker, branch, base_version: str, parent_run_id: st
     """Log the branch's SFT and DPO runs and register both (idempotent); needs a complete branch."""
     import mlflow
 
-    from genesis.registry import _existing_version
+    from genesis.registry import existing_version
 
     if not branch.complete:
         raise RuntimeError(f"{branch.out}: branch has no eval.json; register only complete branches")
@@ -163,7 +163,7 @@ def record_branch(tracker: Tracker, branch, base_version: str, parent_run_id: st
     versions = {}
     for name, stage, model_dir, parent in ((SFT, "sft", branch.sft_dir, (BASE, base_version)),
                                            (DPO, "dpo", branch.dpo_dir, None)):
-        existing = _existing_version(tracker, name, milestone)
+        existing = existing_version(tracker, name, milestone)
         if existing is not None:
             versions[stage] = str(existing.version)
             continue

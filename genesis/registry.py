@@ -200,7 +200,7 @@ def _metric_name(key: str) -> str:
 # Registry
 
 
-def _existing_version(tracker: Tracker, name: str, milestone_path: str):
+def existing_version(tracker: Tracker, name: str, milestone_path: str):
     versions = tracker.client.search_model_versions(f"name='{name}' and tag.milestone_path='{milestone_path}'")
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
@@ -211,7 +211,7 @@ def register_model(tracker: Tracker, name: str, model_dir: Path, run_id: str, ta
     from mlflow.exceptions import MlflowException
 
     client = tracker.client
-    existing = _existing_version(tracker, name, tags["milestone_path"])
+    existing = existing_version(tracker, name, tags["milestone_path"])
     if existing is not None:
         return str(existing.version), False
     try:

@@ -108,6 +108,7 @@ def reply_metrics(replies: list[dict], prompts: list[list[dict]]) -> dict:
         "hedging_score": sum(s.hedging for s in scores) / n if n else float("nan"),
         "curiosity_score": sum(s.curiosity for s in scores) / n if n else float("nan"),
         "mean_reply_chars": sum(len(r["text"]) for r in replies) / n if n else float("nan"),
+        "ended": {reason: sum(r["ended"] == reason for r in replies) for reason in sorted({r["ended"] for r in replies})},
     }
 
 
