@@ -32,7 +32,7 @@ TOOLS_HEADER = 'You can call these tools. Reply with <tool_call>{"name": ..., "a
 
 class BranchSource(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["hub", "local", "builtin"]
+    kind: Literal["hub", "local"] = Field(description="the built-in dialogues are switched on by builtin_dialogues")
     hub_id: str | None = None
     subset: str | None = None
     split: str = "train"
@@ -43,7 +43,7 @@ class BranchSource(StrictModel):
     min_margin: float = Field(default=1.0, ge=0, description="rubric sources: score gap needed to make a pair")
 
     def as_source_config(self) -> SourceConfig:
-        return SourceConfig(name=self.name, kind="local" if self.kind == "builtin" else self.kind, hub_id=self.hub_id,
+        return SourceConfig(name=self.name, kind=self.kind, hub_id=self.hub_id,
                             subset=self.subset, split=self.split, paths=self.paths, weight=1.0)
 
 
