@@ -168,8 +168,10 @@ def _builder_for(path: Path) -> str:
     raise DataError(f"{path}: unknown file type; use .jsonl[.gz], .json, .parquet or .txt")
 
 
-def _scan_jsonl(path: Path, on_bad: str, counts: dict) -> Iterator[dict]:
-    """Line-by-line JSONL reading that names the file and line of any bad record."""
+def scan_jsonl_numbered(path: Path, on_bad: str, counts: dict,
+                        skip_hint: str = "use on_bad_record: skip") -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of every non-blank line; an invalid line fails naming file:line (with
+    `skip_hint` as the way out) or is skipped and counted."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
@@ -180,12 +182,18 @@ def _scan_jsonl(path: Path, on_bad: str, counts: dict) -> Iterator[dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     if on_bad == "fail":
-                        raise DataError(f"{path}:{line_number}: invalid JSON ({err.msg}); fix the line or use on_bad_record: skip") from None
+                        raise DataError(f"{path}:{line_number}: invalid JSON ({err.msg}); fix the line or {skip_hint}") from None
                     counts["invalid_json"] = counts.get("invalid_json", 0) + 1
                     continue
-                yield record
+                yield line_number, record
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 (byte {err.start}); re-encode the file as UTF-8") from None
+
+
+def _scan_jsonl(path: Path, on_bad: str, counts: dict) -> Iterator[dict]:
+    """Line-by-line JSONL reading that names the file and line of any bad record."""
+    for _, record in scan_jsonl_numbered(path, on_bad, counts):
+        yield record
 
 
 def _first_bad_jsonl_line(path: Path) -> int | None:

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from data_prep.sources import SourceConfig, _builder_for, record_to_conversation, resolve_paths
+from data_prep.sources import SourceConfig, _builder_for, record_to_conversation, resolve_paths, scan_jsonl_numbered
 from genesis.config import StrictModel
 from genesis.errors import DataError
 
@@ -80,30 +80,13 @@ def iter_located_records(source: BranchSource, on_malformed: str, counts: dict) 
 
 
 def _numbered_jsonl(path: Path, on_malformed: str, counts: dict) -> Iterator[tuple[int, dict]]:
-    import gzip
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    if on_malformed == "fail":
-                        raise DataError(f"{path}:{line_number}: invalid JSON ({err.msg}); fix the line or set "
-                                        f"on_malformed: skip") from None
-                    counts["invalid_json"] = counts.get("invalid_json", 0) + 1
-                    continue
-                if not isinstance(record, dict):
-                    if on_malformed == "fail":
-                        raise DataError(f"{path}:{line_number}: a record must be a JSON object")
-                    counts["malformed_record"] = counts.get("malformed_record", 0) + 1
-                    continue
-                yield line_number, record
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 (byte {err.start}); re-encode the file as UTF-8") from None
+    for line_number, record in scan_jsonl_numbered(path, on_malformed, counts, skip_hint="set on_malformed: skip"):
+        if not isinstance(record, dict):
+            if on_malformed == "fail":
+                raise DataError(f"{path}:{line_number}: a record must be a JSON object")
+            counts["malformed_record"] = counts.get("malformed_record", 0) + 1
+            continue
+        yield line_number, record
 
 
 # -------------------------------------------------------------------------------------------------------------
