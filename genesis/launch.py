@@ -40,10 +40,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def trainer_command(config_path: Path, overrides: list[str], nproc: int, resume: bool = True,
-                    extra_flags: list[str] = ()) -> list[str]:
+def trainer_command(config_path: Path, overrides: list[str], nproc: int, resume: bool = True) -> list[str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), "-m", "genesis_model.train", "--config", str(config_path), *overrides, *extra_flags]
+               str(free_port()), "-m", "genesis_model.train", "--config", str(config_path), *overrides]
     if resume:
         command += ["--resume", "auto"]
     return command

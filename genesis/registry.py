@@ -153,7 +153,6 @@ class MetricsFollower:
     def __init__(self, metrics_path: Path, run_id: str, tracker: Tracker):
         self.path, self.run_id, self.tracker = Path(metrics_path), run_id, tracker
         self.offset = 0
-        self.last: dict = {}
 
     def poll(self) -> int:
         from mlflow.entities import Metric
@@ -176,7 +175,6 @@ class MetricsFollower:
             for key, value in _flatten(row).items():
                 if key not in ("step", "time") and isinstance(value, (int, float)) and value == value:
                     metrics.append(Metric(key=_metric_name(key), value=float(value), timestamp=timestamp, step=step))
-            self.last = row
         for start in range(0, len(metrics), 900):
             self.tracker.client.log_batch(self.run_id, metrics=metrics[start : start + 900])
         return len(metrics)
