@@ -64,6 +64,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from genesis.chat import prepare_prompt
     from genesis_model.generate import Generator, SamplingConfig, stream_text
     from genesis_model.inference import load_checkpoint, load_hf, load_tokenizer
 
@@ -78,27 +79,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         loaded = load_hf(resolve_model_uri(args.model), dtype=dtype, device=device)
     tokenizer = load_tokenizer(loaded.tokenizer_dir, loaded.source)
-    if args.chat:
-        messages = []
-        system = _system_prompt(args.system, loaded.source)
-        if system:
-            messages.append({"role": "system", "content": system})
-        messages.append({"role": "user", "content": args.prompt})
-        if not tokenizer.chat_template:
-            from genesis.errors import GenesisError
-
-            raise GenesisError(f"{loaded.source}: tokenizer has no chat template; --chat needs one")
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(prompt_ids, "input_ids"):
-            prompt_ids = prompt_ids["input_ids"]
-        stop_ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
-    else:
-        prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False)
-        stop_ids = {tokenizer.eos_token_id}
+    prompt = prepare_prompt(tokenizer, args.prompt, args.chat, loaded.source, system=args.system)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
     generator = Generator(loaded.model, compile_decode=device == "cuda" and args.compile)
-    stream = generator.stream(list(prompt_ids), sampling, stop_ids={i for i in stop_ids if i is not None})
+    stream = generator.stream(prompt.ids, sampling, stop_ids=prompt.stop_ids)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     if not args.chat:
         sys.stdout.write(args.prompt)
@@ -107,20 +92,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
-
-
-def _system_prompt(requested: str | None, model_source: str) -> str | None:
-    """--system TEXT wins; otherwise the prompt a branch model was tuned with; otherwise the principles'."""
-    import json
-
-    if requested is not None:
-        return requested or None
-    marker = Path(model_source) / "genesis_stage.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("system_prompt"):
-        return json.loads(marker.read_text())["system_prompt"]
-    from genesis.branch.principles import load_principles
-
-    return load_principles().system_prompt("full")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Commands of the later stages register here; each module adds its own parser."""
-    for module_name in ("data_prep.cli", "genesis.branch.cli", "genesis.pipeline_cli"):
+    for module_name in ("data_prep.cli", "genesis.branch.cli", "genesis.pipeline_cli", "genesis.serve.cli"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as err:

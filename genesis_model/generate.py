@@ -128,7 +128,7 @@ def stream_text(
             continue
         ids.append(token_id)
         text = decode(ids)
-        if text.endswith("\ufffd"):
-            continue  # an incomplete UTF-8 sequence; wait for the rest of its bytes
+        if text.endswith("\ufffd") or len(text) <= len(emitted):
+            continue  # an incomplete UTF-8 sequence (wait for the rest of its bytes), or nothing visible
         yield text[len(emitted):]
         emitted = text
