@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -356,6 +357,13 @@ def load_model_weights(path: Path, model) -> dict:
     path = Path(path)
     meta = read_meta(path)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except CheckpointException as err:
+        # NOTE: DCP's CheckpointException derives from BaseException; turn it into a one-line error here so
+        # callers (the CLI, the serve page) need not catch BaseException.
+        reason = next((line for line in reversed(str(err).splitlines()) if line.strip()), "unreadable")
+        raise CheckpointError(f"{path}: weights could not be read ({reason[:160]}); the checkpoint is damaged, "
+                              f"use another (genesis verifies checksums on resume)") from None
     model.load_state_dict(state["model"])
     return meta

@@ -137,7 +137,8 @@ class ModelPool:
             tokenizer = load_tokenizer(loaded.tokenizer_dir, entry.id)
             generator = Generator(loaded.model, compile_decode=self.device == "cuda")
         except GenesisError as err:
-            raise ModelLoadFailed(f"{entry.id}: could not be loaded: {err}") from None
+            # The visitor sees the model's id, not where it lives on disk.
+            raise ModelLoadFailed(f"could not be loaded: {str(err).replace(entry.location, entry.id)}") from None
         except Exception as err:  # noqa: BLE001 - a damaged model file must not take the server down
             reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             raise ModelLoadFailed(f"{entry.id}: could not be loaded ({type(err).__name__}: {reason})") from None
