@@ -4,6 +4,10 @@
     python bench/branch_small.py branch --work /tmp/gb --out bench/results/branch_small.json
 
 Two phases because one device call is limited to 10 minutes; the work directory persists between them.
+A DPO sweep reuses one SFT model for several DPO recipes (each variant: `name:key=value;key=value`):
+
+    python bench/branch_small.py sft --work /tmp/gb
+    python bench/branch_small.py sweep --work /tmp/gb --variants "s01:dpo.loss_type=[sigmoid];dpo.beta=0.1" ...
 """
 
 import argparse
@@ -55,13 +59,68 @@ def branch(work: Path, out: Path) -> None:
                                     for stage in ("sft", "dpo")}})
 
 
+def small_config(overrides: list[str]):
+    from genesis.branch.config import BranchConfig
+    from genesis.config import load_config
+
+    return load_config(BranchConfig, REPO / "configs" / "branch" / "small.yaml", overrides)
+
+
+def sft(work: Path) -> None:
+    """Export, data and SFT of the recipe, stopping before DPO."""
+    from genesis.branch.pipeline import Branch
+
+    started = time.time()
+    branch = Branch(work / "trunk" / "milestones" / f"step_{STEPS:08d}", small_config([]), work / "branch")
+    branch.export()
+    branch.data()
+    branch.sft()
+    print(f"sft phase done in {time.time() - started:.0f} s", flush=True)
+
+
+def sweep(work: Path, variants: list[str], out: Path) -> None:
+    """DPO variants off the same SFT model; held-out preference accuracy (all pairs) and a short sample eval."""
+    from genesis.branch.pipeline import Branch
+
+    results = {}
+    for variant in variants:
+        name, _, overrides = variant.partition(":")
+        variant_dir = work / "sweep" / name
+        variant_dir.mkdir(parents=True, exist_ok=True)
+        for shared in ("base", "data", "sft"):  # read-only inputs: the recipe branch's own
+            if not (variant_dir / shared).exists():
+                (variant_dir / shared).symlink_to(work / "branch" / shared)
+        config = small_config([o for o in overrides.split(";") if o] + ["eval.max_prompts=24", "eval.max_new_tokens=256"])
+        branch = Branch(work / "trunk" / "milestones" / f"step_{STEPS:08d}", config, variant_dir)
+        started = time.time()
+        branch.dpo()
+        dpo_seconds = time.time() - started
+        result = branch.evaluate()
+        results[name] = {"overrides": overrides, "dpo_seconds": round(dpo_seconds, 1),
+                         **{stage: {k: result[stage][k] for k in ("preference_accuracy", "logprob_accuracy",
+                                                                  "format_adherence", "hedging_score",
+                                                                  "preference_accuracy_by_source")}
+                            for stage in ("sft", "dpo")},
+                         "dpo_train_log": json.loads((variant_dir / "dpo" / "train_log.json").read_text())[-1]}
+        print(name, json.dumps(results[name]), flush=True)
+        write_json(out, {**environment(), "variants": results})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("phase", choices=["pretrain", "branch"])
+    parser.add_argument("phase", choices=["pretrain", "branch", "sft", "sweep"])
+    parser.add_argument("--variants", nargs="*", default=[])
     parser.add_argument("--work", type=Path, default=Path("/tmp/gb"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "branch_small.json")
     args = parser.parse_args()
-    pretrain(args.work) if args.phase == "pretrain" else branch(args.work, args.out)
+    if args.phase == "pretrain":
+        pretrain(args.work)
+    elif args.phase == "sft":
+        sft(args.work)
+    elif args.phase == "sweep":
+        sweep(args.work, args.variants, args.out)
+    else:
+        branch(args.work, args.out)
 
 
 if __name__ == "__main__":
