@@ -41,7 +41,7 @@ class GenerateRequest(BaseModel, extra="forbid"):
     prompt: str
     chat: bool = True
     system: str | None = Field(default=None, description="system prompt for chat; default the model's or the principles'")
-    max_new_tokens: int = Field(default=128, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1, description="default 128, or the server's limit if lower")
     temperature: float = Field(default=0.8, ge=0.0, le=5.0)
     top_k: int | None = Field(default=50, ge=1)
     top_p: float | None = Field(default=0.95, gt=0.0, le=1.0)
@@ -105,6 +105,8 @@ def create_app(run_dir: Path, tracking_uri: str | None = None, limits: ServeLimi
                               f"shorten it")
         if not body.prompt.strip():
             return error(400, "prompt: empty; type something to continue")
+        if body.max_new_tokens is None:
+            body.max_new_tokens = min(128, limits.max_new_tokens)
         if body.max_new_tokens > limits.max_new_tokens:
             return error(400, f"max_new_tokens: {body.max_new_tokens} is over the limit of {limits.max_new_tokens}")
         try:
