@@ -125,7 +125,8 @@ def create_app(run_dir: Path, tracking_uri: str | None = None, limits: ServeLimi
 
             prompt = prepare_prompt(runtime.tokenizer, body.prompt, body.chat, runtime.source, system=body.system)
             if len(prompt.ids) >= runtime.context:
-                raise GenesisError(f"prompt: {len(prompt.ids)} tokens does not fit the context of {runtime.context}")
+                hint = "; shorten the prompt" + (" or the system prompt, or turn chat off" if body.chat else "")
+                raise GenesisError(f"prompt: {len(prompt.ids)} tokens does not fit the context of {runtime.context}{hint}")
         except Busy as err:
             line.leave()
             stats["refused_429"] += 1
