@@ -199,20 +199,28 @@ def test_stopping_a_pretrain_flow_run_leaves_no_trainer_process(tiny_corpus, tmp
         f"pretrain_flow(PretrainParams(train_config={str(TINY_CPU)!r}, data_dir={str(tiny_corpus)!r}, "
         f"run_dir={str(run_dir)!r}, max_steps=100000, overrides=['model.vocab_size=2048', 'eval.every=0']))\n")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    # NOTE: its own session, so the ephemeral Prefect server the flow process starts can be cleaned up below
+    # (a killed flow process leaves that server orphaned; the trainer is what this test is about).
     flow_process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
-        time.sleep(1)
-    assert (run_dir / "metrics.jsonl").is_file(), "the trainer never started"
-    assert len(_trainer_processes(str(run_dir))) >= 2  # torchrun and its ranks
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
+            time.sleep(1)
+        assert (run_dir / "metrics.jsonl").is_file(), "the trainer never started"
+        assert len(_trainer_processes(str(run_dir))) >= 2  # torchrun and its ranks
 
-    flow_process.send_signal(signal_to_flow)  # what a process worker does to a cancelled flow run
-    flow_process.wait(timeout=60)
-    deadline = time.time() + 60
-    while time.time() < deadline and _trainer_processes(str(run_dir)):
-        time.sleep(1)
-    assert _trainer_processes(str(run_dir)) == []
+        flow_process.send_signal(signal_to_flow)  # what a process worker does to a cancelled flow run
+        flow_process.wait(timeout=60)
+        deadline = time.time() + 60
+        while time.time() < deadline and _trainer_processes(str(run_dir)):
+            time.sleep(1)
+        assert _trainer_processes(str(run_dir)) == []
+    finally:
+        try:
+            os.killpg(flow_process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.slow
