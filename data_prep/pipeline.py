@@ -64,7 +64,8 @@ def clean_and_dedup(config: CorpusConfig, data_dir: Path) -> dict:
         owners += [index] * len(kept)
     keep, dedup_report = deduplicate(
         texts, exact=config.clean.exact_dedup, near=config.clean.near_dedup, num_perm=config.clean.num_perm,
-        bands=config.clean.bands, rows=config.clean.rows, shingle_words=config.clean.shingle_words)
+        bands=config.clean.bands, rows=config.clean.rows, shingle_words=config.clean.shingle_words,
+        min_jaccard=config.clean.near_min_jaccard, offset_bands=config.clean.offset_bands)
     kept_set = set(keep)
     removed_by = dedup_report.pop("removed_by")
     for index, source in enumerate(config.sources):

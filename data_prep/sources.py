@@ -48,6 +48,9 @@ class CleanConfig(StrictModel):
     num_perm: int = Field(default=112, ge=8)
     bands: int = Field(default=14, ge=1)
     rows: int = Field(default=8, ge=1)
+    near_min_jaccard: float = Field(default=0.65, gt=0, le=1,
+                                    description="link an LSH candidate pair only at this exact shingle Jaccard")
+    offset_bands: bool = Field(default=True, description="also probe the bands shifted by half a band")
 
 
 class TokenizerTrainConfig(StrictModel):

@@ -8,12 +8,13 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from data_prep.clean import clean_texts
-from data_prep.dedup import deduplicate
+from data_prep.dedup import deduplicate, near_duplicate_clusters
 from data_prep.pipeline import prepare
 from data_prep.sources import CleanConfig, CorpusConfig, SourceConfig, iter_texts, render_chat
 from data_prep.tokenizer import CHAT_TOKENS, SentencePieceTokenizer, train_sentencepiece
@@ -149,6 +150,37 @@ def test_dedup_removes_exact_and_planted_near_duplicates_and_keeps_distinct_docu
     assert len(removed & planted) >= 0.8 * len(planted)  # the 14×8 S-curve finds ~96% at Jaccard 0.82
     assert set(range(len(documents))) <= set(keep)  # no distinct document lost
     assert report["examples"]
+
+
+def _shingle_sets_with_jaccard(similarity_percent: int) -> list[np.ndarray]:
+    """Two sorted shingle-hash sets of 100 elements each sharing `similarity_percent`% of their union."""
+    shared = round(200 * similarity_percent / (100 + similarity_percent))  # |A∩B| / (200 − |A∩B|)
+    a = np.arange(100, dtype=np.uint64)
+    b = np.concatenate([a[:shared], np.arange(1000, 1000 + 100 - shared, dtype=np.uint64)])
+    return [a, np.sort(b)]
+
+
+def test_near_dedup_does_not_link_an_accidental_band_collision_between_dissimilar_documents():
+    signatures = np.arange(2 * 112, dtype=np.uint32).reshape(2, 112)
+    signatures[1, :8] = signatures[0, :8]  # one shared band bucket
+    representative = near_duplicate_clusters(signatures, _shingle_sets_with_jaccard(10), bands=14, rows=8)
+    assert list(representative) == [0, 1]
+
+
+def test_near_dedup_links_a_verified_pair_that_only_an_offset_band_proposes():
+    signatures = np.arange(2 * 112, dtype=np.uint32).reshape(2, 112)
+    signatures[1, 4:12] = signatures[0, 4:12]  # straddles aligned bands 0 and 1: only the offset band matches
+    shingle_sets = _shingle_sets_with_jaccard(80)
+    assert list(near_duplicate_clusters(signatures, shingle_sets, 14, 8, offset_bands=False)) == [0, 1]
+    assert list(near_duplicate_clusters(signatures, shingle_sets, 14, 8, offset_bands=True)) == [0, 0]
+
+
+def test_near_dedup_compares_every_pair_in_a_bucket_so_a_dissimilar_middle_member_hides_nothing():
+    signatures = np.zeros((3, 112), dtype=np.uint32)  # all three share every bucket
+    similar_a, similar_c = _shingle_sets_with_jaccard(90)
+    unrelated_b = np.arange(5000, 5100, dtype=np.uint64)
+    representative = near_duplicate_clusters(signatures, [similar_a, unrelated_b, similar_c], 14, 8)
+    assert list(representative) == [0, 1, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
