@@ -37,7 +37,7 @@ from bench.common import (  # noqa: E402
 from genesis.config import load_model_config  # noqa: E402
 
 
-def build_genesis(config, activation_checkpointing: str, compile: bool):
+def build_genesis(config, activation_checkpointing: str, compile: bool, memory_budget: float):
     from genesis_model.distributed import init_distributed
     from genesis_model.model import Transformer
     from genesis_model.parallelize import parallelize
@@ -46,7 +46,8 @@ def build_genesis(config, activation_checkpointing: str, compile: bool):
     model = Transformer(config)
     model.init_weights(seed=0)
     model = model.cuda()
-    parallelize(model, info.mesh, compile=compile, activation_checkpointing=activation_checkpointing)
+    parallelize(model, info.mesh, compile=compile, activation_checkpointing=activation_checkpointing,
+                compile_memory_budget=memory_budget)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step(tokens, targets):
@@ -59,7 +60,10 @@ def build_genesis(config, activation_checkpointing: str, compile: bool):
     return model, step
 
 
-def build_hf(config, activation_checkpointing: str, compile: bool):
+def build_hf(config, activation_checkpointing: str, compile: bool, memory_budget: float):
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = memory_budget
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from genesis_model.hf import hf_config_dict
@@ -82,13 +86,14 @@ def build_hf(config, activation_checkpointing: str, compile: bool):
     return model, step
 
 
-def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkpointing, compile, matmul_tflops):
+def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkpointing, compile, matmul_tflops,
+            memory_budget):
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.manual_seed(0)
     build = build_genesis if impl == "genesis" else build_hf
     with Stopwatch() as build_time:
-        model, step = build(config, activation_checkpointing, compile)
+        model, step = build(config, activation_checkpointing, compile, memory_budget)
     num_params = sum(p.numel() for p in model.parameters())
     batches = [torch.randint(0, config.vocab_size, (micro_batch, seq_len + 1), device="cuda") for _ in range(4)]
 
@@ -113,6 +118,7 @@ def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkp
         "impl": impl,
         "micro_batch": micro_batch,
         "activation_checkpointing": activation_checkpointing,
+        "compile_memory_budget": memory_budget,
         "tok_s": round(tok_s, 1),
         "mfu": round(flops / (H100_BF16_PEAK_TFLOPS * 1e12), 4),
         "mfu_vs_measured_matmul": round(flops / (matmul_tflops * 1e12), 4) if matmul_tflops else None,
@@ -135,6 +141,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--memory-budget", type=float, default=1.0,
+                        help="torch.compile's activation memory budget (parallel.compile_memory_budget)")
+    parser.add_argument("--label", default=None, help="stored as the runs' `revision`, to tell code versions apart")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "train_step.json")
     args = parser.parse_args()
 
@@ -149,18 +158,21 @@ def main() -> None:
 
     for impl in args.impl:
         for micro_batch in args.micro_batches:
-            key = (impl, micro_batch, args.ac)
+            key = (impl, micro_batch, args.ac, args.memory_budget)
             try:
                 run = run_one(impl, config, micro_batch, config.max_seq_len, args.steps, args.warmup, args.ac,
-                              not args.no_compile, results["matmul_tflops"])
+                              not args.no_compile, results["matmul_tflops"], args.memory_budget)
             except Exception as err:  # a failed configuration (e.g. out of memory) is a result too
                 traceback.print_exc()
                 run = {"impl": impl, "micro_batch": micro_batch, "activation_checkpointing": args.ac,
-                       "error": f"{type(err).__name__}: {str(err)[:300]}"}
+                       "compile_memory_budget": args.memory_budget, "error": f"{type(err).__name__}: {str(err)[:300]}"}
                 gc.collect()
                 torch.cuda.empty_cache()
+            if args.label:
+                run["revision"] = args.label
             results["runs"] = [r for r in results["runs"]
-                               if (r["impl"], r["micro_batch"], r.get("activation_checkpointing", "none")) != key]
+                               if (r["impl"], r["micro_batch"], r.get("activation_checkpointing", "none"),
+                                   r.get("compile_memory_budget", 1.0)) != key]
             results["runs"].append(run)
             write_json(args.out, results)
             print(json.dumps(run), flush=True)

@@ -124,6 +124,10 @@ class ParallelConfig(StrictModel):
     reduce_dtype: Literal["bfloat16", "float32"] = "float32"
     compile: bool = True
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    compile_memory_budget: float = Field(
+        default=1.0, gt=0, le=1,
+        description="below 1, torch.compile's partitioner recomputes the cheapest ops in backward to keep "
+                    "saved activations near this fraction of its default plan (parallelize.py)")
     nccl_timeout_s: int = Field(default=600, gt=0)
 
 

@@ -18,10 +18,12 @@ DEFAULT_CHUNK_ROWS = 4096
 def _chunk_loss_and_logit_grad(logits, targets, valid):
     """Sum of losses over a chunk and d(sum)/d(logits) = softmax - one_hot(target), zero on ignored rows.
 
-    `logits` may be bf16 (as the matmul produced them); the maths is in fp32. On CUDA this function is
-    compiled, so reading the logits, the log-sum-exp and the gradient become two fused passes instead of
-    six separate ones over a (rows, V) fp32 buffer.
+    `logits` may be bf16 (as the matmul produced them); the maths is in fp32 and the gradient comes back in
+    the logits' dtype, ready for the next matmul. On CUDA this function is compiled, so reading the logits,
+    the log-sum-exp and the gradient become two fused passes over the chunk, and no (rows, V) fp32 buffer is
+    ever written to memory.
     """
+    logits_dtype = logits.dtype
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     log_normaliser = torch.logsumexp(logits, dim=-1)
     target_logits = logits.gather(1, targets[:, None]).squeeze(1)
@@ -29,7 +31,7 @@ def _chunk_loss_and_logit_grad(logits, targets, valid):
     probs = torch.exp(logits - log_normaliser[:, None])
     one_hot = torch.zeros_like(probs).scatter_(1, targets[:, None], 1.0)
     grad_logits = (probs - one_hot) * valid[:, None]
-    return loss_sum, grad_logits
+    return loss_sum, grad_logits.to(logits_dtype)
 
 
 _compiled_chunk = None

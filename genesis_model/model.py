@@ -60,9 +60,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, E); cos/sin: (T, E) in fp32. Rotation in fp32, result in x's dtype (as HF does:
-    HF casts cos/sin to x's dtype first, which is the same in fp32 and within rounding in bf16)."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    """x: (B, T, heads, E); cos/sin: (T, E) in fp32, cast to x's dtype first as HF does (the same in fp32,
+    within rounding in bf16)."""
+    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]  # broadcast over heads
     return x * cos + rotate_half(x) * sin
 
 
@@ -102,10 +102,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        # NOTE: attention keeps q, k, v and its output for backward. `v` is copied out of the fused qkv
+        # result so that keeping it does not keep the whole (B, T, (H + 2K)·E) buffer alive.
+        v = v.contiguous().view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, E) views for SDPA
 
         if self.kv_cache is not None:
             # Decoding: attend over the whole static cache; `mask` hides the positions not yet written.

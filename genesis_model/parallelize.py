@@ -52,10 +52,21 @@ def apply_activation_checkpointing(model: Transformer, mode: Literal["none", "se
         model.layers[name] = wrapped
 
 
-def apply_compile(model: Transformer) -> None:
+def apply_compile(model: Transformer, memory_budget: float = 1.0) -> None:
     """Compile each block separately. The blocks share code, so Dynamo compiles one graph and reuses it
     for all of them: minutes for a whole-model compile of genesis-1b become well under a minute.
-    `Module.compile()` compiles in place, so parameter names (and checkpoints) are unchanged."""
+    `Module.compile()` compiles in place, so parameter names (and checkpoints) are unchanged.
+
+    `memory_budget` < 1 switches AOTAutograd's partitioner to its memory-budget mode: it picks what to
+    recompute in backward by estimated runtime per byte saved, so elementwise outputs (RMSNorm outputs, the
+    SiLU·up product feeding the down projection) go first. Which ops it chose is measured, not assumed:
+    BENCHMARKS.md lists the saved tensors per block and the step time at each budget.
+    """
+    import torch._functorch.config as functorch_config
+
+    # NOTE: a process-wide setting, read when each graph is compiled (the first forward), not here; the
+    # engine compiles only the blocks, and the loss kernel has no backward graph to partition.
+    functorch_config.activation_memory_budget = memory_budget
     for block in model.layers.values():
         block.compile(fullgraph=True)
 
@@ -97,9 +108,10 @@ def parallelize(
     reduce_dtype: str = "float32",
     compile: bool = True,
     activation_checkpointing: Literal["none", "selective", "full"] = "none",
+    compile_memory_budget: float = 1.0,
 ) -> nn.Module:
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
-        apply_compile(model)
+        apply_compile(model, compile_memory_budget)
     apply_fsdp(model, mesh, DTYPES[param_dtype], DTYPES[reduce_dtype], reshard_after_forward=mesh.size() > 1)
     return model
