@@ -196,17 +196,24 @@ class CurveReader:
     def __init__(self, path: Path):
         self.path = path
         self._offset = 0
+        self._inode: int | None = None
         self._rows: list[dict] = []
         self._lock = threading.Lock()
+        # Bumped whenever the file is found replaced, so a page that appends by step knows to start over.
+        self.generation = 0
 
     def _refresh(self) -> None:
         with self._lock:
             try:
-                size = self.path.stat().st_size
+                stat = self.path.stat()
             except OSError:
                 return
-            if size < self._offset:  # the file was replaced (a new run in the same dir): start over
+            size = stat.st_size
+            replaced = self._inode is not None and stat.st_ino != self._inode
+            if replaced or size < self._offset:  # a new run in the same dir: start over
                 self._offset, self._rows = 0, []
+                self.generation += 1
+            self._inode = stat.st_ino
             if size == self._offset:
                 return
             with open(self.path, "rb") as handle:
@@ -228,23 +235,28 @@ class CurveReader:
         return self._rows[-1] if self._rows else {}
 
     def series(self, since_step: int = -1) -> dict:
-        """{"train": {key: [[step, value], ...]}, "val": {source: [[step, value], ...]}} for steps > since_step."""
+        """{"train": {key: [[step, value], ...]}, "val": {source: [[step, value], ...]}} for steps > since_step,
+        plus `last_step` and the file's `generation`.
+
+        A run resumed from an earlier checkpoint logs some steps twice (the file is appended to); the later
+        row of a step wins, so the curve shows the history the checkpoints actually hold.
+        """
         self._refresh()
+        latest_by_step = {row["step"]: row for row in self._rows if row["step"] > since_step}
         train: dict[str, list] = {key: [] for key in CURVE_KEYS}
         val: dict[str, list] = {}
         last_step = since_step
-        for row in self._rows:
-            step = row["step"]
-            if step <= since_step:
-                continue
-            last_step = max(last_step, step)
+        for step in sorted(latest_by_step):
+            row = latest_by_step[step]
+            last_step = step
             for key in CURVE_KEYS:
                 if isinstance(row.get(key), (int, float)):
                     train[key].append([step, row[key]])
             for key, value in row.items():
                 if key.startswith("val_loss/") and isinstance(value, (int, float)):
                     val.setdefault(key.removeprefix("val_loss/"), []).append([step, value])
-        return {"last_step": last_step, "train": {k: v for k, v in train.items() if v}, "val": val}
+        return {"last_step": last_step, "generation": self.generation,
+                "train": {k: v for k, v in train.items() if v}, "val": val}
 
 
 def _checkpoint_label(path: str | None) -> str | None:

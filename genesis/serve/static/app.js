@@ -77,9 +77,12 @@ async function refreshCurves() {
   } catch (err) {
     return;
   }
-  if (data.last_step < curves.lastStep) {  // a new run replaced the metrics file: start over
-    curves.train = {}; curves.val = {};
+  if (curves.generation !== undefined && data.generation !== curves.generation) {
+    // A new run replaced the metrics file: drop the old points and fetch the new file from its start.
+    curves.train = {}; curves.val = {}; curves.lastStep = -1; curves.generation = data.generation;
+    return refreshCurves();
   }
+  curves.generation = data.generation;
   for (const [key, points] of Object.entries(data.train)) (curves.train[key] ||= []).push(...points);
   for (const [key, points] of Object.entries(data.val)) (curves.val[key] ||= []).push(...points);
   curves.lastStep = data.last_step;
