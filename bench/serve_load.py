@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import environment, write_json  # noqa: E402
+from genesis.launch import free_port  # noqa: E402
 
 PROMPTS = ["Why is the sky blue?", "How do I start learning to cook?", "What is a prime number?",
            "Tell me about volcanoes.", "How does a bicycle stay upright?"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_mib(process: psutil.Process) -> float:

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from genesis.launch import free_port
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -43,7 +45,7 @@ def init_distributed(device_type: str, timeout_s: int = 600) -> DistInfo:
     if "RANK" not in os.environ:
         # Plain `python -m genesis_model.train`: behave as a one-rank torchrun job.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -67,11 +69,3 @@ def init_distributed(device_type: str, timeout_s: int = 600) -> DistInfo:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

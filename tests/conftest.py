@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from genesis.launch import free_port
 from genesis.manifest import Manifest, SourceEntry, TokenizerEntry, sha256_file, write_manifest, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +57,7 @@ def run_trainer(run_dir: Path, data_dir: Path, overrides: list[str] = (), flags:
                 env: dict | None = None, timeout: int = 600, config: Path = TINY_CPU) -> subprocess.CompletedProcess:
     """Run the real trainer as production does: torchrun, gloo on CPU, one process per rank."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), "-m", "genesis_model.train", "--config", str(config),
+               "--master_port", str(free_port()), "-m", "genesis_model.train", "--config", str(config),
                f"data_dir={data_dir}", f"run_dir={run_dir}", *FAST_OVERRIDES, *overrides, *flags]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
@@ -71,12 +72,6 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl")}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------

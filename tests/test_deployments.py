@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, _free_port
+from conftest import REPO
+
+from genesis.launch import free_port
 
 QUICK_BRANCH = ["sft.max_steps=3", "dpo.max_steps=2", "eval.max_prompts=2", "eval.max_pairs=8", "eval.max_new_tokens=12"]
 
@@ -37,7 +39,7 @@ def _stop(process: subprocess.Popen) -> None:
 def test_a_deployed_branch_flow_runs_on_a_process_worker_and_lands_in_mlflow(tiny_trunk, tmp_path):
     from mlflow import MlflowClient
 
-    port = _free_port()
+    port = free_port()
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GENESIS_REPO": str(REPO), "MLFLOW_TRACKING_URI": tracking,

@@ -9,7 +9,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import httpx
 import pytest
 
 from genesis.config import REPO_ROOT as REPO
+from genesis.launch import free_port
 
 TINY_BRANCH = REPO / "configs" / "branch" / "tiny.yaml"
 MILESTONE = "step_00000150"
@@ -27,17 +27,11 @@ QUICK_BRANCH = ["sft.max_steps=4", "dpo.max_steps=2", "eval.max_prompts=2", "eva
                 "eval.max_new_tokens=8", "eval.samples=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Server:
     """`genesis serve` in a subprocess, stopped at the end."""
 
     def __init__(self, run_dir: Path, *flags: str):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "genesis.cli", "serve", "--run-dir", str(run_dir), "--port", str(self.port),
