@@ -51,6 +51,19 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+DELAY_SAVE_ENV = "GENESIS_DELAY_SAVE"
+
+
+def _injected_save_delay(rank: int) -> None:
+    """Fault injection for the no-hang check (bench/two_gpu.py): `GENESIS_DELAY_SAVE=RANK:SECONDS` makes that
+    rank arrive late at a checkpoint's first collective, as a rank stuck on a slow disk would."""
+    spec = os.environ.get(DELAY_SAVE_ENV, "")
+    if spec:
+        delayed_rank, seconds = spec.split(":")
+        if int(delayed_rank) == rank:
+            time.sleep(float(seconds))
+
+
 @dataclass(frozen=True)
 class CheckpointRef:
     path: Path
@@ -196,6 +209,7 @@ class Checkpointer:
             parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
+        _injected_save_delay(self.rank)
         dist.barrier()
 
         (tmp / "trainer").mkdir(exist_ok=True)

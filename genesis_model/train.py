@@ -255,6 +255,11 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
         shutdown_distributed()
 
 
+def _is_collective_failure(err: RuntimeError) -> bool:
+    """NCCL reports a failed or timed-out collective as a DistError; gloo as a plain RuntimeError naming gloo."""
+    return isinstance(err, dist.DistError) or "gloo" in str(err) or "Timed out" in str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -265,6 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteStop as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except RuntimeError as err:
+        if not _is_collective_failure(err):
+            raise
+        # NOTE: a collective that times out (a rank stuck or gone) raises here after `parallel.nccl_timeout_s`
+        # instead of hanging; say which rank saw it and what survives, not a 200-line traceback per rank.
+        rank = os.environ.get("RANK", "0")
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: rank {rank}: a collective failed ({type(err).__name__}: {first_line[:300]}); another rank "
+              f"is stuck or gone (parallel.nccl_timeout_s bounds the wait); complete checkpoints are kept: "
+              f"fix the cause, then --resume auto", file=sys.stderr)
+        return 4
     return 0 if status in ("completed", "paused") else 143
 
 

@@ -149,6 +149,20 @@ def test_k_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoi
     assert json.loads((tmp_path / "latest.json").read_text())["status"] == "stopped_nonfinite"
 
 
+def test_a_rank_stuck_past_the_collective_timeout_ends_the_job_with_one_line_instead_of_hanging(token_data, tmp_path):
+    run_dir = tmp_path / "late_rank"
+    # Rank 1 arrives 12 s late at the step-3 checkpoint; rank 0's collective gives up after 3 s, so its error
+    # (not rank 1's arrival) is what ends the wait.
+    result = run_trainer(run_dir, token_data, ["max_steps=6", "checkpoint.save_every=3", "checkpoint.async_save=false",
+                                               "parallel.nccl_timeout_s=3"],
+                         env={"GENESIS_DELAY_SAVE": "1:12"}, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: rank 0: a collective failed")]
+    assert errors and "Timed out" in errors[0] and "--resume auto" in errors[0], result.stderr[-3000:]
+    assert max(losses_by_step(run_dir)) == 3  # it trained to the save and failed there, not at start-up
+    assert not list_checkpoints(run_dir)  # the interrupted save left nothing that resume would trust
+
+
 def test_keep_last_prunes_rolling_checkpoints_but_never_milestones(token_data, tmp_path):
     assert_ok(run_trainer(tmp_path, token_data, ["max_steps=30", "checkpoint.save_every=5", "checkpoint.keep_last=2",
                                                  "checkpoint.milestone_every=10"]))
