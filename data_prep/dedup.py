@@ -103,7 +103,7 @@ def candidate_pairs(signatures: np.ndarray, bands: int, rows: int, offset_bands:
     The `bands` aligned bands cover permutations [0, rows), [rows, 2·rows), …; with `offset_bands` the bands
     shifted by half a band ([rows/2, 3·rows/2), …) are probed too. They reuse the same signature, so they cost
     no hashing, and they give a pair near the S-curve's threshold a second set of chances: datasketch-style LSH
-    with 14 × 8 finds only ~73% of pairs at Jaccard 0.75. The extra candidates are safe only because every
+    with 14 × 8 finds only ~77% of pairs at Jaccard 0.75. The extra candidates are safe only because every
     pair is then verified (see `near_duplicate_clusters`).
 
     In a bucket, each document is paired with up to `max_bucket_comparisons` earlier members, so a dissimilar
@@ -147,8 +147,9 @@ def near_duplicate_clusters(signatures: np.ndarray, shingle_sets: list[np.ndarra
     LSH proposes pairs (`candidate_pairs`); a pair is linked only if the exact Jaccard similarity of its shingle
     sets is at least `min_jaccard`. The exact check drops accidental band collisions and keeps chains from
     joining dissimilar documents, without the ±0.04 noise of a signature-agreement estimate, which rejected
-    genuine copies when it was the check (BENCHMARKS.md, data stage). The default 0.65 sits a little under the 14 × 8 S-curve's threshold (≈ 0.72), so verification removes what LSH
-    proposed by accident, not what it was tuned to find.
+    genuine copies when it was the check (BENCHMARKS.md, data stage). The default 0.65 sits a little under the
+    14 × 8 S-curve's threshold (≈ 0.72), so verification removes what LSH proposed by accident, not what it was
+    tuned to find.
     """
     union = _UnionFind(len(signatures))
     for first, second in sorted(candidate_pairs(signatures, bands, rows, offset_bands)):
