@@ -18,32 +18,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import environment, write_json  # noqa: E402
-from genesis.manifest import Manifest, SourceEntry, TokenizerEntry, sha256_file, write_manifest, write_shard  # noqa: E402
+from bench.common import environment, write_json, write_synthetic_token_data  # noqa: E402
 
 CONFIG = REPO / "configs" / "train" / "genesis-1b-h100.yaml"
 
 
 def make_data(data_dir: Path, tokens: int = 4_000_000) -> None:
-    rng = np.random.default_rng(0)
-    tokenizer = data_dir / "tokenizer" / "tokenizer.model"
-    tokenizer.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.write_bytes(b"synthetic 49152")
-    docs, total = [], 0
-    while total < tokens:
-        length = int(rng.integers(200, 4000))
-        docs.append(np.append(rng.integers(4, 49152, size=length), 2))
-        total += length + 1
-    entry = write_shard(data_dir / "web" / "shard_00000.arrow", docs, eos_id=2)
-    entry.path = "web/shard_00000.arrow"
-    write_manifest(data_dir, Manifest(
-        tokenizer=TokenizerEntry(path="tokenizer/tokenizer.model", sha256=sha256_file(tokenizer), vocab_size=49152, eos_id=2),
-        sources=[SourceEntry(name="web", weight=1.0, shards=[entry])]))
+    write_synthetic_token_data(data_dir, 49152, tokens, lambda rng, length: rng.integers(4, 49152, size=length),
+                               "synthetic 49152")
 
 
 def command_for(run_dir: Path, data_dir: Path, overrides: list[str], resume: bool) -> list[str]:

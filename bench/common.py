@@ -60,6 +60,31 @@ def measure_matmul_tflops(size: int = 8192, repeats: int = 20) -> float:
     return 2 * size**3 / seconds / 1e12
 
 
+def write_synthetic_token_data(data_dir: Path, vocab_size: int, tokens: int, document, tokenizer_text: str) -> None:
+    """One source ("web") in one shard of documents of 200–4,000 tokens, `document(rng, length)` giving each
+    one's ids (EOS = 2 is appended), and a manifest. The tokenizer file is a placeholder: the trainer only
+    checks its hash and vocabulary size."""
+    import numpy as np
+
+    from genesis.manifest import Manifest, SourceEntry, TokenizerEntry, sha256_file, write_manifest, write_shard
+
+    rng = np.random.default_rng(0)
+    tokenizer = data_dir / "tokenizer" / "tokenizer.model"
+    tokenizer.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.write_bytes(tokenizer_text.encode())
+    docs, total = [], 0
+    while total < tokens:
+        length = int(rng.integers(200, 4000))
+        docs.append(np.append(document(rng, length), 2))
+        total += length + 1
+    entry = write_shard(data_dir / "web" / "shard_00000.arrow", docs, eos_id=2)
+    entry.path = "web/shard_00000.arrow"
+    write_manifest(data_dir, Manifest(
+        tokenizer=TokenizerEntry(path="tokenizer/tokenizer.model", sha256=sha256_file(tokenizer),
+                                 vocab_size=vocab_size, eos_id=2),
+        sources=[SourceEntry(name="web", weight=1.0, shards=[entry])]))
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

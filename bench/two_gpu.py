@@ -39,16 +39,16 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from bench.checkpoint import read_jsonl  # noqa: E402
-from bench.common import environment, write_json  # noqa: E402
+from bench.common import environment, write_json, write_synthetic_token_data  # noqa: E402
 from genesis.launch import free_port  # noqa: E402
-from genesis.manifest import Manifest, SourceEntry, TokenizerEntry, sha256_file, write_manifest, write_shard  # noqa: E402
 from genesis_model.checkpoint import is_complete  # noqa: E402
 
 PROFILES = {
     "gpu": {
         "config": REPO / "configs" / "train" / "genesis-1b-2x4090.yaml",
         "vocab_size": 49_152,
-        "overrides": ["micro_batch_size=1", "eval.every=0", "log_every=1", "verify_data_checksums=false",
+        "micro_batch": 1,
+        "overrides": ["eval.every=0", "log_every=1", "verify_data_checksums=false",
                       "checkpoint.milestone_every=0", "checkpoint.keep_last=3"],
         "scaling_accum": 8,
         "timeout_s": 60,
@@ -56,7 +56,8 @@ PROFILES = {
     "cpu": {
         "config": REPO / "configs" / "train" / "tiny-cpu.yaml",
         "vocab_size": 4096,
-        "overrides": ["micro_batch_size=2", "seq_len=64", "eval.every=0", "log_every=1", "verify_data_checksums=false",
+        "micro_batch": 2,
+        "overrides": ["seq_len=64", "eval.every=0", "log_every=1", "verify_data_checksums=false",
                       "checkpoint.milestone_every=0", "checkpoint.keep_last=3"],
         "scaling_accum": 2,
         "timeout_s": 20,
@@ -67,21 +68,10 @@ PROFILES = {
 def make_learnable_data(data_dir: Path, vocab_size: int, tokens: int = 3_000_000) -> None:
     """Token shards whose documents count upwards from a random start (mod the vocabulary): learnable in a few
     dozen steps, so "the loss went down" means something; uniform random tokens would sit at ln V."""
-    rng = np.random.default_rng(0)
-    tokenizer = data_dir / "tokenizer" / "tokenizer.model"
-    tokenizer.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.write_bytes(f"synthetic counting {vocab_size}".encode())
-    docs, total = [], 0
-    while total < tokens:
-        length = int(rng.integers(200, 4000))
-        docs.append(np.append(3 + (int(rng.integers(0, vocab_size)) + np.arange(length)) % (vocab_size - 3), 2))
-        total += length + 1
-    entry = write_shard(data_dir / "web" / "shard_00000.arrow", docs, eos_id=2)
-    entry.path = "web/shard_00000.arrow"
-    write_manifest(data_dir, Manifest(
-        tokenizer=TokenizerEntry(path="tokenizer/tokenizer.model", sha256=sha256_file(tokenizer),
-                                 vocab_size=vocab_size, eos_id=2),
-        sources=[SourceEntry(name="web", weight=1.0, shards=[entry])]))
+    write_synthetic_token_data(
+        data_dir, vocab_size, tokens,
+        lambda rng, length: 3 + (int(rng.integers(0, vocab_size)) + np.arange(length)) % (vocab_size - 3),
+        f"synthetic counting {vocab_size}")
 
 
 class Runner:
@@ -92,7 +82,8 @@ class Runner:
     def command(self, run_dir: Path, nproc: int, overrides: list[str], flags: list[str]) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_port", str(free_port()), "-m", "genesis_model.train", "--config", str(self.profile["config"]),
-                f"data_dir={self.data_dir}", f"run_dir={run_dir}", *self.profile["overrides"], *overrides, *flags]
+                f"data_dir={self.data_dir}", f"run_dir={run_dir}", f"micro_batch_size={self.profile['micro_batch']}",
+                *self.profile["overrides"], *overrides, *flags]
 
     def run(self, run_dir: Path, nproc: int, overrides: list[str] = (), flags: list[str] = (), env: dict | None = None,
             check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
@@ -135,7 +126,7 @@ def scaling(runner: Runner, work: Path, accum: int) -> dict:
         "mfu_per_gpu_2gpu_no_p2p": steady(work / "scale_2_no_p2p", "mfu"),
         # The trainer logs rank 0's peak; FSDP shards evenly, so it stands for each GPU.
         "peak_gib_per_gpu_mb1": round(max(row["memory_gib"] for row in read_jsonl(work / "scale_2_no_p2p" / "metrics.jsonl")), 2),
-        "scaling_setup": f"micro-batch {runner.profile['overrides'][0].split('=')[1]}, accumulation {accum}, 25 steps, "
+        "scaling_setup": f"micro-batch {runner.profile['micro_batch']}, accumulation {accum}, 25 steps, "
                          "median tokens/s after step 5",
     }
 
