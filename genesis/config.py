@@ -128,7 +128,24 @@ class ParallelConfig(StrictModel):
         default=1.0, gt=0, le=1,
         description="below 1, torch.compile's partitioner recomputes the cheapest ops in backward to keep "
                     "saved activations near this fraction of its default plan (parallelize.py)")
-    nccl_timeout_s: int = Field(default=600, gt=0)
+    one_rank: Literal["plain", "fsdp"] = Field(
+        default="plain",
+        description="on one rank: 'plain' keeps an unsharded module with fp32 weights computing in param_dtype; "
+                    "'fsdp' wraps it in FSDP2 anyway, the multi-GPU code path (parallelize.py)")
+    compile_scope: Literal["blocks", "model"] = Field(
+        default="blocks",
+        description="compile each block ('blocks', fast to compile, any world size) or embedding-to-final-norm as "
+                    "one graph ('model', one plain rank only)")
+    accumulate_unsharded: bool = Field(
+        default=True,
+        description="with several ranks and grad_accum_steps > 1: keep the bf16 weights and the fp32 gradients "
+                    "unsharded from the first micro-step to the last, so each optimizer step does one all-gather "
+                    "and one reduce-scatter instead of two all-gathers per micro-step; costs 6 bytes per "
+                    "parameter (about 6 GiB for genesis-1b); false is the lean mode for the tightest GPUs")
+    nccl_timeout_s: int = Field(
+        default=600, gt=0,
+        description="how long a rank waits for the others: a checkpoint save that takes longer ends the job with "
+                    "one line (exit 4); every other collective gives up 30 s later (distributed.py)")
 
 
 class TrainConfig(StrictModel):

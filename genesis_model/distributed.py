@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +44,38 @@ def resolve_device_type(requested: str) -> str:
     return requested
 
 
+# The process group's own timeout is `parallel.nccl_timeout_s` plus this grace, so the engine's deadline on a
+# checkpoint save (`exit_if_longer_than`) ends a stuck job first, with one line. NOTE: on a timeout NCCL's
+# watchdog aborts the process from a C++ thread (seen on 2 H200s: SIGABRT, a stack dump per rank, no Python
+# exception), so the engine cannot turn it into a readable error afterwards; it has to come first.
+COLLECTIVE_TIMEOUT_GRACE_S = 30
+
+
+@contextmanager
+def exit_if_longer_than(seconds: float, message: str, exit_code: int = 4) -> Iterator[None]:
+    """Run the block; if it is still running after `seconds`, print `message` and end the process.
+
+    The thread that waits is inside a C++ collective (which releases the GIL), so it cannot be interrupted;
+    a timer thread prints the line and exits with `os._exit`. A save cut short leaves no completion marker,
+    so resume ignores what it wrote and the last complete checkpoint stands.
+    """
+
+    def expire() -> None:
+        print(message, file=sys.stderr, flush=True)
+        os._exit(exit_code)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def init_distributed(device_type: str, timeout_s: int = 600) -> DistInfo:
-    """Join (or create) the default process group and build a 1-D data-parallel mesh over it."""
+    """Join (or create) the default process group and build a 1-D data-parallel mesh over it. Collectives
+    give up after `timeout_s` plus `COLLECTIVE_TIMEOUT_GRACE_S`."""
     if "RANK" not in os.environ:
         # Plain `python -m genesis_model.train`: behave as a one-rank torchrun job.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -59,7 +93,7 @@ def init_distributed(device_type: str, timeout_s: int = 600) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=datetime.timedelta(seconds=timeout_s + COLLECTIVE_TIMEOUT_GRACE_S),
             device_id=device if backend == "nccl" else None,
         )
     mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))

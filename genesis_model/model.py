@@ -6,6 +6,7 @@ biases anywhere; the token embedding doubles as the output projection when `tie_
 
 This file is single-device maths. FSDP2, torch.compile and activation checkpointing are applied from
 `parallelize.py`; the loss lives in `loss.py` because its chunking is a memory trick, not modelling.
+Matmuls and norms compute in their input's dtype, so fp32 weights can drive bf16 activations (`compute_dtype`).
 
 Shapes: B batch, T sequence, D model dim, H query heads, K key/value heads, E head dim (D / H), V vocab.
 """
@@ -22,6 +23,21 @@ from genesis.config import ModelConfig
 from genesis_model.loss import fused_linear_cross_entropy
 
 
+class Linear(nn.Linear):
+    """A bias-free linear layer that computes in its input's dtype.
+
+    With bf16 weights (FSDP's mixed precision) or fp32 everywhere (CPU) the cast is a no-op. With fp32 master
+    weights and bf16 activations (one GPU without FSDP, see `Transformer.compute_dtype`) the weight is cast
+    inside the compiled block, and its gradient comes back in fp32.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain. Computed in fp32 and cast back, exactly as Hugging Face's
     LlamaRMSNorm does, so exported models match to the last bit in fp32 and closely in bf16."""
@@ -35,7 +51,7 @@ class RMSNorm(nn.Module):
         input_dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(input_dtype)
+        return self.weight.to(input_dtype) * x.to(input_dtype)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -94,8 +110,8 @@ class Attention(nn.Module):
         # NOTE: q, k and v come from one fused matmul (one kernel launch, better GPU utilisation); export
         # splits the weight into HF's q_proj/k_proj/v_proj rows in this order.
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.wqkv = nn.Linear(config.dim, qkv_out, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.wqkv = Linear(config.dim, qkv_out)
+        self.wo = Linear(self.n_heads * self.head_dim, config.dim)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, positions=None, mask=None):
@@ -125,8 +141,8 @@ class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.ffn_dim = config.ffn_dim
-        self.w13 = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
-        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.w13 = Linear(config.dim, 2 * config.ffn_dim)
+        self.w2 = Linear(config.ffn_dim, config.dim)
 
     def forward(self, x):
         gate, up = self.w13(x).split(self.ffn_dim, dim=-1)
@@ -149,6 +165,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    # The activations' dtype when it differs from the weights' (None: the weights' dtype). Set by
+    # parallelize.py for one GPU without FSDP: fp32 master weights, bf16 activations, the same maths as FSDP's
+    # bf16 parameter policy.
+    compute_dtype: torch.dtype | None = None
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -157,7 +178,7 @@ class Transformer(nn.Module):
         # parallelize.py wraps blocks (compile, checkpointing), so checkpoints stay loadable either way.
         self.layers = nn.ModuleDict({str(i): Block(config) for i in range(config.n_layers)})
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = None if config.tie_embeddings else Linear(config.dim, config.vocab_size)
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         # Non-persistent: derived from the config, so never saved, and recomputed exactly by `init_weights`.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -217,7 +238,16 @@ class Transformer(nn.Module):
         With `targets`, the logits are never materialised for the whole batch (see loss.py). `positions`
         (T,) is for decoding with a KV cache (`setup_kv_cache`); training leaves it None.
         """
-        B, T = tokens.shape
+        x = self.hidden_states(tokens, positions)
+        output_weight = self.output_weight.to(x.dtype)
+        if targets is not None:
+            return fused_linear_cross_entropy(x.flatten(0, 1), output_weight, targets.flatten(), ignore_index)
+        return F.linear(x, output_weight).float()
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) → the final norm's output (B, T, D): everything but the output projection.
+        (`parallelize.py` may compile this whole method as one graph.)"""
+        T = tokens.shape[1]
         if positions is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.max_seq_len}")
@@ -228,13 +258,11 @@ class Transformer(nn.Module):
             mask = (torch.arange(self.kv_cache_len, device=tokens.device) <= positions[:, None])[None, None]
 
         x = self.tok_embeddings(tokens)  # (B, T, D)
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
         for block in self.layers.values():
             x = block(x, cos, sin, positions, mask)
-        x = self.norm(x)
-
-        if targets is not None:
-            return fused_linear_cross_entropy(x.flatten(0, 1), self.output_weight, targets.flatten(), ignore_index)
-        return F.linear(x, self.output_weight).float()
+        return self.norm(x)
 
     # ---------------------------------------------------------------------------------------------------------
     # Decoding
@@ -245,10 +273,11 @@ class Transformer(nn.Module):
         """Allocate a static KV cache in every attention layer (dtype and device of the weights)."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         weight = self.tok_embeddings.weight
+        dtype = self.compute_dtype or weight.dtype
         self.kv_cache_len = max_seq_len
         for block in self.layers.values():
             block.attention.kv_cache = KVCache(
-                batch_size, max_seq_len, self.config.n_kv_heads, self.config.head_dim, weight.dtype, weight.device
+                batch_size, max_seq_len, self.config.n_kv_heads, self.config.head_dim, dtype, weight.device
             )
 
     def clear_kv_cache(self) -> None:

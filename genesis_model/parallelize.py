@@ -2,6 +2,10 @@
 
 Order matters and follows torchtitan: checkpointing wraps a block's computation, compile traces the
 (possibly checkpointed) block, and FSDP2 shards last so its hooks sit outside the compiled region.
+
+On one rank there is nothing to shard. By default (`one_rank="plain"`) the model then stays a plain module
+with fp32 weights that compute in bf16 (`Transformer.compute_dtype`): the same maths as FSDP's bf16
+parameter policy, without its per-step copies and Python hooks, and it may be compiled as one graph.
 """
 
 from __future__ import annotations
@@ -52,10 +56,13 @@ def apply_activation_checkpointing(model: Transformer, mode: Literal["none", "se
         model.layers[name] = wrapped
 
 
-def apply_compile(model: Transformer, memory_budget: float = 1.0) -> None:
-    """Compile each block separately. The blocks share code, so Dynamo compiles one graph and reuses it
-    for all of them: minutes for a whole-model compile of genesis-1b become well under a minute.
+def apply_compile(model: Transformer, memory_budget: float = 1.0, scope: Literal["blocks", "model"] = "blocks") -> None:
+    """`blocks`: compile each block separately. The blocks share code, so Dynamo compiles one graph and
+    reuses it for all of them: minutes for a whole-model compile of genesis-1b become well under a minute.
     `Module.compile()` compiles in place, so parameter names (and checkpoints) are unchanged.
+    `model`: one graph from the embedding to the final norm (`Transformer.hidden_states`); a longer first
+    compile, but one compiled call per step instead of one per block, which is what a launch-bound step at
+    micro-batch 1 needs. FSDP's hooks cannot live inside that graph, so it is for one rank only.
 
     `memory_budget` < 1 switches AOTAutograd's partitioner to its memory-budget mode: it picks what to
     recompute in backward by estimated runtime per byte saved, so elementwise outputs (RMSNorm outputs, the
@@ -63,10 +70,22 @@ def apply_compile(model: Transformer, memory_budget: float = 1.0) -> None:
     BENCHMARKS.md lists the saved tensors per block and the step time at each budget.
     """
     import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
 
     # NOTE: a process-wide setting, read when each graph is compiled (the first forward), not here; the
     # engine compiles only the blocks, and the loss kernel has no backward graph to partition.
     functorch_config.activation_memory_budget = memory_budget
+    # NOTE: Inductor computes fused elementwise ops in fp32 and by default drops the bf16 roundings between
+    # them. On the plain one-rank path the RMSNorm gain is an fp32 weight cast to bf16 in the graph, so that
+    # dropped rounding made one GPU compute differently from FSDP (whose gain arrives already in bf16): a
+    # 2-GPU checkpoint resumed on one H200 started 0.36% off in loss (BENCHMARKS.md). Keeping eager's
+    # roundings makes compiled, eager, plain and FSDP agree to the bit in the forward.
+    inductor_config.emulate_precision_casts = True
+    if scope == "model":
+        # NOTE: an instance attribute shadows the method, so `forward` calls the compiled graph while the
+        # module tree, parameter names and checkpoints stay those of the plain model.
+        model.hidden_states = torch.compile(model.hidden_states, fullgraph=True)
+        return
     for block in model.layers.values():
         block.compile(fullgraph=True)
 
@@ -82,8 +101,8 @@ def apply_fsdp(
 
     Parameters stay fp32 in their shards (the optimizer's master weights); each forward all-gathers them
     as `param_dtype`, and gradients are reduced in `reduce_dtype`.
-    NOTE: FSDP runs even at world size 1 because it is also what applies the bf16 parameter policy; a
-    single GPU gets the same numerics and code path as many.
+    With `one_rank="fsdp"` it also runs on one rank, where it only applies the bf16 parameter policy (the
+    multi-GPU code path on one GPU; the plain path computes the same maths with fewer copies).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -109,9 +128,20 @@ def parallelize(
     compile: bool = True,
     activation_checkpointing: Literal["none", "selective", "full"] = "none",
     compile_memory_budget: float = 1.0,
+    one_rank: Literal["plain", "fsdp"] = "plain",
+    compile_scope: Literal["blocks", "model"] = "blocks",
 ) -> nn.Module:
+    """`param_dtype` is the compute dtype of matmuls; weights, gradients and optimizer state stay fp32.
+    `reduce_dtype` is FSDP's gradient reduction dtype (on one plain rank gradients are simply fp32)."""
+    plain = mesh.size() == 1 and one_rank == "plain"
+    if compile and compile_scope == "model" and not plain:
+        raise ValueError("parallel.compile_scope 'model' needs one rank without FSDP (parallel.one_rank: plain); "
+                         "use compile_scope 'blocks' with several ranks")
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
-        apply_compile(model, compile_memory_budget)
-    apply_fsdp(model, mesh, DTYPES[param_dtype], DTYPES[reduce_dtype], reshard_after_forward=mesh.size() > 1)
+        apply_compile(model, compile_memory_budget, compile_scope)
+    if plain:
+        model.compute_dtype = DTYPES[param_dtype]
+    else:
+        apply_fsdp(model, mesh, DTYPES[param_dtype], DTYPES[reduce_dtype], reshard_after_forward=mesh.size() > 1)
     return model

@@ -202,7 +202,8 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
         param_dtype = parallel.param_dtype if device_type == "cuda" else "float32"
         parallelize(model, info.mesh, param_dtype=param_dtype, reduce_dtype=parallel.reduce_dtype,
                     compile=use_compile, activation_checkpointing=parallel.activation_checkpointing,
-                    compile_memory_budget=parallel.compile_memory_budget)
+                    compile_memory_budget=parallel.compile_memory_budget, one_rank=parallel.one_rank,
+                    compile_scope=parallel.compile_scope)
         optimizer = build_optimizer(model, config.optimizer, device_type)
         loader = TokenLoader(config.data_dir, config.window, config.micro_batch_size, info.rank, info.world_size,
                              config.seed, config.eval.holdout_docs_per_source)

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from genesis.config import TrainConfig
 from genesis_model.checkpoint import Checkpointer, CheckpointRef, capture_rng_state, restore_rng_state
-from genesis_model.distributed import DistInfo
+from genesis_model.distributed import DistInfo, exit_if_longer_than
 from genesis_model.loader import TokenLoader
 from genesis_model.metrics import MetricsSink, ProgressLine, SpikeDetector, peak_tflops, write_json_atomic
 from genesis_model.optim import lr_at
@@ -56,6 +57,15 @@ class Trainer:
         self._stop_signal: int | None = None
         self._inject_nan = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
         self._val_batches = None
+        self._fsdp = isinstance(model, FSDPModule)
+        self._accumulate_unsharded = (self._fsdp and dist_info.world_size > 1 and config.grad_accum_steps > 1
+                                      and config.parallel.accumulate_unsharded)
+        if self._accumulate_unsharded:
+            # NOTE: with resharding after forward, every micro-step all-gathers each block twice (forward and
+            # backward): 2 × accumulation × 2 bytes × parameters per optimizer step, which over PCIe, or any
+            # link slower than the GPU, dominates the step. Kept unsharded, the weights are gathered once per
+            # optimizer step and the gradients reduced once (`train_step`).
+            model.set_reshard_after_forward(False)
 
     # ---------------------------------------------------------------------------------------------------------
     # State
@@ -145,8 +155,13 @@ class Trainer:
             inputs, targets = self.loader.next_batch()
             inputs = inputs.to(self.dist.device, non_blocking=True)
             targets = targets.to(self.dist.device, non_blocking=True)
-            # Reduce-scatter gradients only on the last micro-step; earlier ones accumulate locally.
-            self.model.set_requires_gradient_sync(micro_step == config.grad_accum_steps - 1)
+            # Reduce-scatter gradients only on the last micro-step; earlier ones accumulate locally. (A plain
+            # one-rank model has nothing to reduce: its gradients simply accumulate.)
+            if self._fsdp:
+                last_micro_step = micro_step == config.grad_accum_steps - 1
+                self.model.set_requires_gradient_sync(last_micro_step)
+                if self._accumulate_unsharded:
+                    self.model.set_reshard_after_backward(last_micro_step)
             loss = self.model(inputs, targets)
             if self.step + 1 in self._inject_nan and self.dist.is_main:
                 loss = loss * float("nan")
@@ -185,6 +200,10 @@ class Trainer:
                 total += self.model(inputs.to(self.dist.device), targets.to(self.dist.device))
             results[name] = float(self._all_reduce_mean(total / len(batches)))
         self.model.train()
+        if self._accumulate_unsharded:
+            # Weights gathered by these forwards stay unsharded (no resharding after forward); free them, and
+            # hand the optimizer and the checkpointer the sharded parameters again.
+            self.model.reshard()
         if results:
             results["all"] = sum(results.values()) / len(results)
         return results
@@ -202,8 +221,20 @@ class Trainer:
         return False, False
 
     def save(self, milestone: bool = False) -> float:
-        return self.checkpointer.save(self.step, self.model, self.optimizer, self.rank_state(),
-                                      self.checkpoint_meta(), milestone=milestone)
+        def blocking_save() -> float:
+            return self.checkpointer.save(self.step, self.model, self.optimizer, self.rank_state(),
+                                          self.checkpoint_meta(), milestone=milestone)
+
+        if self.dist.world_size == 1:
+            return blocking_save()
+        # A save is where every rank waits for every other (DCP plans and commits collectively): a rank stuck
+        # or gone shows up here first, and the deadline turns it into one line instead of a hang or an abort.
+        timeout = self.config.parallel.nccl_timeout_s
+        message = (f"error: rank {self.dist.rank}: the checkpoint save at step {self.step} did not finish within "
+                   f"parallel.nccl_timeout_s={timeout} s: another rank is stuck or gone; complete checkpoints "
+                   f"are kept: fix the cause, then --resume auto")
+        with exit_if_longer_than(timeout, message):
+            return blocking_save()
 
     def _handle_signal(self, signum, frame) -> None:
         self._stop_signal = signum

@@ -105,6 +105,17 @@ def test_resume_on_one_rank_from_two_continues_the_same_loss_trajectory(uninterr
     assert resumed[0]["saved_world_size"] == 2 and resumed[0]["world_size"] == 1
 
 
+def test_weights_kept_unsharded_through_accumulation_change_the_traffic_not_the_losses(token_data, tmp_path):
+    # Evaluation and a save fall between accumulated steps: both must see the sharded parameters again.
+    common = ["max_steps=6", "grad_accum_steps=3", "eval.every=2", "checkpoint.save_every=3"]
+    for mode in ("true", "false"):
+        assert_ok(run_trainer(tmp_path / mode, token_data, [*common, f"parallel.accumulate_unsharded={mode}"]))
+    kept, resharded = losses_by_step(tmp_path / "true"), losses_by_step(tmp_path / "false")
+    assert kept == resharded and sorted(kept) == list(range(1, 7))
+    assert_same_tensors(full_state(tmp_path / "true" / "checkpoints" / "step_00000006", tmp_path),
+                        full_state(tmp_path / "false" / "checkpoints" / "step_00000006", tmp_path))
+
+
 def test_model_only_checkpoint_is_refused_unless_the_optimizer_is_reset_explicitly(uninterrupted, token_data, tmp_path):
     source = uninterrupted / "checkpoints" / "step_00000150"
     model = Transformer(load_model_config("tiny"))
@@ -151,14 +162,16 @@ def test_k_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoi
 
 def test_a_rank_stuck_past_the_collective_timeout_ends_the_job_with_one_line_instead_of_hanging(token_data, tmp_path):
     run_dir = tmp_path / "late_rank"
-    # Rank 1 arrives 12 s late at the step-3 checkpoint; rank 0's collective gives up after 3 s, so its error
-    # (not rank 1's arrival) is what ends the wait.
+    # Rank 1 arrives 12 s late at the step-3 checkpoint; rank 0's save deadline ends the job after 3 s, so its
+    # error (not rank 1's arrival) is what ends the wait.
     result = run_trainer(run_dir, token_data, ["max_steps=6", "checkpoint.save_every=3", "checkpoint.async_save=false",
                                                "parallel.nccl_timeout_s=3"],
                          env={"GENESIS_DELAY_SAVE": "1:12"}, timeout=120)
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: rank 0: a collective failed")]
-    assert errors and "Timed out" in errors[0] and "--resume auto" in errors[0], result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines()
+              if line.startswith("error: rank 0: the checkpoint save at step 3 did not finish within")]
+    assert errors and "parallel.nccl_timeout_s=3 s" in errors[0] and "--resume auto" in errors[0], result.stderr[-3000:]
+    assert result.returncode == 4
     assert max(losses_by_step(run_dir)) == 3  # it trained to the save and failed there, not at start-up
     assert not list_checkpoints(run_dir)  # the interrupted save left nothing that resume would trust
 
