@@ -20,10 +20,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="genesis-1b")
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--one-rank", default="plain", choices=["plain", "fsdp"])
+    parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     config = load_model_config(args.model)
-    model, step = build_genesis(config, "none", True)
+    model, step = build_genesis(config, "none", True, one_rank=args.one_rank, compile_scope=args.compile_scope)
     batch = torch.randint(0, config.vocab_size, (args.micro_batch, config.max_seq_len + 1), device="cuda")
     for _ in range(4):
         step(batch[:, :-1], batch[:, 1:])

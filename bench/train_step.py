@@ -2,8 +2,9 @@
 
 Both run one optimizer step per micro-batch at T=2048 with fused AdamW. HF: `attn_implementation="sdpa"`,
 bf16 autocast over fp32 weights, whole-model `torch.compile`. Genesis: the trainer's own path
-(`parallelize.py`: per-block compile, FSDP2 bf16 parameters with fp32 master weights and reduction, the
-chunked fused linear + cross-entropy).
+(`parallelize.py`: fp32 weights computing in bf16, either as a plain module (`--one-rank plain`, the default on
+one GPU) or through FSDP2's bf16 parameter policy (`--one-rank fsdp`, the multi-GPU path); per-block or
+whole-model compile (`--compile-scope`); the chunked fused linear + cross-entropy).
 
     python bench/train_step.py --impl genesis hf --micro-batches 1 4 8 --out bench/results/train_step.json
 
@@ -37,7 +38,8 @@ from bench.common import (  # noqa: E402
 from genesis.config import load_model_config  # noqa: E402
 
 
-def build_genesis(config, activation_checkpointing: str, compile: bool, memory_budget: float):
+def build_genesis(config, activation_checkpointing: str, compile: bool, memory_budget: float = 1.0,
+                  one_rank: str = "plain", compile_scope: str = "blocks"):
     from genesis_model.distributed import init_distributed
     from genesis_model.model import Transformer
     from genesis_model.parallelize import parallelize
@@ -47,7 +49,7 @@ def build_genesis(config, activation_checkpointing: str, compile: bool, memory_b
     model.init_weights(seed=0)
     model = model.cuda()
     parallelize(model, info.mesh, compile=compile, activation_checkpointing=activation_checkpointing,
-                compile_memory_budget=memory_budget)
+                compile_memory_budget=memory_budget, one_rank=one_rank, compile_scope=compile_scope)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step(tokens, targets):
@@ -87,13 +89,16 @@ def build_hf(config, activation_checkpointing: str, compile: bool, memory_budget
 
 
 def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkpointing, compile, matmul_tflops,
-            memory_budget):
+            memory_budget, one_rank, compile_scope):
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.manual_seed(0)
-    build = build_genesis if impl == "genesis" else build_hf
     with Stopwatch() as build_time:
-        model, step = build(config, activation_checkpointing, compile, memory_budget)
+        if impl == "genesis":
+            model, step = build_genesis(config, activation_checkpointing, compile, memory_budget, one_rank,
+                                        compile_scope)
+        else:
+            model, step = build_hf(config, activation_checkpointing, compile, memory_budget)
     num_params = sum(p.numel() for p in model.parameters())
     batches = [torch.randint(0, config.vocab_size, (micro_batch, seq_len + 1), device="cuda") for _ in range(4)]
 
@@ -119,6 +124,7 @@ def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkp
         "micro_batch": micro_batch,
         "activation_checkpointing": activation_checkpointing,
         "compile_memory_budget": memory_budget,
+        **({"one_rank": one_rank, "compile_scope": compile_scope} if impl == "genesis" else {}),
         "tok_s": round(tok_s, 1),
         "mfu": round(flops / (H100_BF16_PEAK_TFLOPS * 1e12), 4),
         "mfu_vs_measured_matmul": round(flops / (matmul_tflops * 1e12), 4) if matmul_tflops else None,
@@ -132,6 +138,19 @@ def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkp
     }
 
 
+def run_key(run: dict) -> tuple:
+    """What makes two runs the same configuration. Genesis runs from before `one_rank` existed used FSDP on
+    one rank with per-block compile."""
+    variant = ((run.get("one_rank", "fsdp"), run.get("compile_scope", "blocks")) if run["impl"] == "genesis"
+               else (None, None))
+    return (run["impl"], run["micro_batch"], run.get("activation_checkpointing", "none"),
+            run.get("compile_memory_budget", 1.0), *variant)
+
+
+def run_key_sortable(run: dict) -> tuple:
+    return tuple("" if part is None else str(part).zfill(4) for part in run_key(run))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="genesis-1b")
@@ -143,6 +162,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--memory-budget", type=float, default=1.0,
                         help="torch.compile's activation memory budget (parallel.compile_memory_budget)")
+    parser.add_argument("--one-rank", default="plain", choices=["plain", "fsdp"], help="parallel.one_rank")
+    parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
+                        help="parallel.compile_scope")
     parser.add_argument("--label", default=None, help="stored as the runs' `revision`, to tell code versions apart")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "train_step.json")
     args = parser.parse_args()
@@ -158,32 +180,35 @@ def main() -> None:
 
     for impl in args.impl:
         for micro_batch in args.micro_batches:
-            key = (impl, micro_batch, args.ac, args.memory_budget)
+            variant = (args.one_rank, args.compile_scope) if impl == "genesis" else (None, None)
             try:
                 run = run_one(impl, config, micro_batch, config.max_seq_len, args.steps, args.warmup, args.ac,
-                              not args.no_compile, results["matmul_tflops"], args.memory_budget)
+                              not args.no_compile, results["matmul_tflops"], args.memory_budget, *variant)
             except Exception as err:  # a failed configuration (e.g. out of memory) is a result too
                 traceback.print_exc()
                 run = {"impl": impl, "micro_batch": micro_batch, "activation_checkpointing": args.ac,
                        "compile_memory_budget": args.memory_budget, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+                if impl == "genesis":
+                    run.update(one_rank=args.one_rank, compile_scope=args.compile_scope)
                 gc.collect()
                 torch.cuda.empty_cache()
             if args.label:
                 run["revision"] = args.label
-            results["runs"] = [r for r in results["runs"]
-                               if (r["impl"], r["micro_batch"], r.get("activation_checkpointing", "none"),
-                                   r.get("compile_memory_budget", 1.0)) != key]
+            results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(run)]
             results["runs"].append(run)
             write_json(args.out, results)
             print(json.dumps(run), flush=True)
 
-    print(f"\n{'impl':8} {'mb':>3} {'ac':>9} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} {'act/seq':>8}")
-    for r in sorted(results["runs"], key=lambda r: (r["impl"], r.get("activation_checkpointing", ""), r["micro_batch"])):
+    print(f"\n{'impl':8} {'variant':13} {'mb':>3} {'ac':>9} {'budget':>6} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} "
+          f"{'act/seq':>8}")
+    for r in sorted(results["runs"], key=run_key_sortable):
+        variant = f"{r.get('one_rank', 'fsdp')}/{r.get('compile_scope', 'blocks')}" if r["impl"] == "genesis" else ""
+        head = (f"{r['impl']:8} {variant:13} {r['micro_batch']:>3} {r.get('activation_checkpointing', 'none'):>9} "
+                f"{r.get('compile_memory_budget') or 1.0:>6}")
         if "error" in r:
-            print(f"{r['impl']:8} {r['micro_batch']:>3} {r.get('activation_checkpointing',''):>9} {r['error'][:60]}")
+            print(f"{head} {r['error'][:60]}")
         else:
-            print(f"{r['impl']:8} {r['micro_batch']:>3} {r['activation_checkpointing']:>9} {r['tok_s']:>9.0f} "
-                  f"{r['mfu']:>6.3f} {r['peak_gib']:>9.2f} {r['act_gib_per_seq']:>8.2f}")
+            print(f"{head} {r['tok_s']:>9.0f} {r['mfu']:>6.3f} {r['peak_gib']:>9.2f} {r['act_gib_per_seq']:>8.2f}")
     os.environ.pop("RANK", None)
 
 

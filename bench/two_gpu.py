@@ -3,6 +3,7 @@
 Every figure comes from the real entry point (`torchrun -m genesis_model.train`) on synthetic token shards,
 with configs/train/genesis-1b-2x4090.yaml (the reference run's settings) and a few overrides:
 
+0. collectives: all-gather and reduce-scatter bandwidth at FSDP's sizes, P2P on and off (bench/collectives.py);
 1. scaling: tokens/s on 1 GPU and on 2 GPUs at the same micro-batch and accumulation, with NCCL peer-to-peer
    on and with `NCCL_P2P_DISABLE=1` (the reference run's PCIe setting); MFU per GPU;
 2. the smoke matrix on NCCL with DCP checkpoints: 100+ steps of training only; a 220-step run saving at 150;
@@ -16,6 +17,7 @@ with configs/train/genesis-1b-2x4090.yaml (the reference run's settings) and a f
 
     python bench/two_gpu.py --workdir /tmp/two_gpu --out bench/results/two_gpu.json
     python bench/two_gpu.py --cpu-dry-run --workdir /tmp/two_gpu_cpu --out /tmp/two_gpu_cpu.json
+    python bench/two_gpu.py --only smoke --update   # one section at a time, keeping the others' figures
 
 `--cpu-dry-run` runs the same matrix with the tiny model on 2 gloo ranks (the script's own check on a
 machine without GPUs; its figures say nothing about GPUs).
@@ -48,9 +50,12 @@ PROFILES = {
         "config": REPO / "configs" / "train" / "genesis-1b-2x4090.yaml",
         "vocab_size": 49_152,
         "micro_batch": 1,
-        "overrides": ["eval.every=0", "log_every=1", "verify_data_checksums=false",
+        # NOTE: accumulation 1 outside the scaling runs (the config's 64 would make the 300-step smoke matrix
+        # 40M tokens), and the reshard check's 1-GPU run doubles it to keep the global batch.
+        "overrides": ["grad_accum_steps=1", "eval.every=0", "log_every=1", "verify_data_checksums=false",
                       "checkpoint.milestone_every=0", "checkpoint.keep_last=3"],
         "scaling_accum": 8,
+        "collective_megabytes": [100, 1000],
         "timeout_s": 60,
     },
     "cpu": {
@@ -60,6 +65,7 @@ PROFILES = {
         "overrides": ["seq_len=64", "eval.every=0", "log_every=1", "verify_data_checksums=false",
                       "checkpoint.milestone_every=0", "checkpoint.keep_last=3"],
         "scaling_accum": 2,
+        "collective_megabytes": [4],
         "timeout_s": 20,
     },
 }
@@ -114,21 +120,52 @@ def max_rel_diff(a: dict[int, float], b: dict[int, float], steps: range) -> floa
 
 
 def scaling(runner: Runner, work: Path, accum: int) -> dict:
-    common = [f"grad_accum_steps={accum}", "max_steps=25", "checkpoint.save_every=0", "checkpoint.save_at_end=false"]
+    common = [f"grad_accum_steps={accum}", "max_steps=20", "checkpoint.save_every=0", "checkpoint.save_at_end=false"]
     runner.run(work / "scale_1", 1, common)
+    # The one-GPU baseline is the engine's default there (parallel.one_rank: plain); FSDP on one rank, the
+    # multi-GPU code path, is measured beside it.
+    runner.run(work / "scale_1_fsdp", 1, [*common, "parallel.one_rank=fsdp"])
     runner.run(work / "scale_2_p2p", 2, [*common, 'env.NCCL_P2P_DISABLE="0"'])
     runner.run(work / "scale_2_no_p2p", 2, [*common, 'env.NCCL_P2P_DISABLE="1"'])
-    one, p2p, no_p2p = (steady(work / name, "tokens_per_s") for name in ("scale_1", "scale_2_p2p", "scale_2_no_p2p"))
+    # The lean mode (weights resharded after each forward and backward, gathered again every micro-step): the
+    # reference run's memory target is measured here, its cost in tokens/s beside the default.
+    runner.run(work / "scale_2_no_p2p_lean", 2, [*common, 'env.NCCL_P2P_DISABLE="1"', "parallel.accumulate_unsharded=false"])
+    names = ("scale_1", "scale_1_fsdp", "scale_2_p2p", "scale_2_no_p2p", "scale_2_no_p2p_lean")
+    one, one_fsdp, p2p, no_p2p, lean = (steady(work / name, "tokens_per_s") for name in names)
+
+    def peak(name: str) -> float:
+        # The trainer logs rank 0's peak; FSDP shards evenly, so it stands for each GPU.
+        return round(max(row["memory_gib"] for row in read_jsonl(work / name / "metrics.jsonl")), 2)
+
     return {
-        "tok_s_1gpu": round(one, 1), "tok_s_2gpu": round(p2p, 1), "tok_s_2gpu_no_p2p": round(no_p2p, 1),
+        "tok_s_1gpu": round(one, 1), "tok_s_1gpu_fsdp": round(one_fsdp, 1),
+        "tok_s_2gpu": round(p2p, 1), "tok_s_2gpu_no_p2p": round(no_p2p, 1), "tok_s_2gpu_no_p2p_lean": round(lean, 1),
         "scaling_p2p": round(p2p / one, 3), "scaling_no_p2p": round(no_p2p / one, 3),
+        "scaling_no_p2p_lean": round(lean / one, 3), "scaling_p2p_vs_1gpu_fsdp": round(p2p / one_fsdp, 3),
         "mfu_per_gpu_1gpu": steady(work / "scale_1", "mfu"), "mfu_per_gpu_2gpu": steady(work / "scale_2_p2p", "mfu"),
         "mfu_per_gpu_2gpu_no_p2p": steady(work / "scale_2_no_p2p", "mfu"),
-        # The trainer logs rank 0's peak; FSDP shards evenly, so it stands for each GPU.
-        "peak_gib_per_gpu_mb1": round(max(row["memory_gib"] for row in read_jsonl(work / "scale_2_no_p2p" / "metrics.jsonl")), 2),
-        "scaling_setup": f"micro-batch {runner.profile['micro_batch']}, accumulation {accum}, 25 steps, "
-                         "median tokens/s after step 5",
+        "peak_gib_per_gpu_mb1": peak("scale_2_no_p2p_lean"),
+        "peak_gib_per_gpu_mb1_accumulate_unsharded": peak("scale_2_no_p2p"),
+        "scaling_setup": f"micro-batch {runner.profile['micro_batch']}, accumulation {accum}, 20 steps, "
+                         "median tokens/s after step 5; peak_gib_per_gpu_mb1 in the lean mode "
+                         "(parallel.accumulate_unsharded=false)",
     }
+
+
+def collectives(runner: Runner, work: Path) -> dict:
+    """FSDP's two collectives alone (bench/collectives.py), with P2P on and off: the link's share of a slow step."""
+    results = {}
+    for name, p2p_disable in (("p2p", "0"), ("no_p2p", "1")):
+        out = work / f"collectives_{name}.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), str(REPO / "bench" / "collectives.py"), "--out", str(out),
+                   "--megabytes", *map(str, runner.profile["collective_megabytes"])]
+        completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                                   env={**os.environ, "NCCL_P2P_DISABLE": p2p_disable})
+        if completed.returncode != 0:
+            raise RuntimeError(f"collectives ({name}) failed: {completed.stderr[-2000:]}")
+        results[f"collectives_{name}"] = json.loads(out.read_text())["rows"]
+    return results
 
 
 def smoke_matrix(runner: Runner, work: Path) -> dict:
@@ -200,8 +237,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/two_gpu"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "two_gpu.json")
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny model, 2 gloo ranks on CPU")
-    parser.add_argument("--only", nargs="+", default=["scaling", "smoke", "batch", "hang"],
-                        choices=["scaling", "smoke", "batch", "hang"])
+    section_names = ["collectives", "scaling", "smoke", "batch", "hang"]
+    parser.add_argument("--only", nargs="+", default=section_names, choices=section_names)
+    parser.add_argument("--update", action="store_true",
+                        help="keep the figures already in --out and replace only those of the sections run now "
+                             "(to split the matrix over several shorter jobs)")
     args = parser.parse_args()
 
     profile = PROFILES["cpu" if args.cpu_dry_run else "gpu"]
@@ -209,12 +249,14 @@ def main() -> None:
     data_dir = args.workdir / "data"
     make_learnable_data(data_dir, profile["vocab_size"])
     runner = Runner(profile, data_dir)
-    results: dict = {**environment(), "profile": "cpu-dry-run" if args.cpu_dry_run else "gpu"}
+    previous = json.loads(args.out.read_text()) if args.update and args.out.exists() else {}
+    results: dict = {**previous, **environment(), "profile": "cpu-dry-run" if args.cpu_dry_run else "gpu"}
     if not args.cpu_dry_run:
         import torch
 
         results["gpus"] = f"{torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}"
-    sections = {"scaling": lambda: scaling(runner, args.workdir, profile["scaling_accum"]),
+    sections = {"collectives": lambda: collectives(runner, args.workdir),
+                "scaling": lambda: scaling(runner, args.workdir, profile["scaling_accum"]),
                 "smoke": lambda: smoke_matrix(runner, args.workdir),
                 "batch": lambda: same_global_batch(runner, args.workdir),
                 "hang": lambda: no_hang(runner, args.workdir, profile["timeout_s"])}
@@ -225,6 +267,7 @@ def main() -> None:
         except Exception as err:  # a failed section is a result too; the others still run
             results[f"{name}_error"] = f"{type(err).__name__}: {str(err)[-1500:]}"
         results[f"{name}_s"] = round(time.monotonic() - started, 1)
+        results[f"{name}_finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json(args.out, results)
         print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=1), flush=True)
 
