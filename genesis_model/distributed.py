@@ -61,7 +61,10 @@ def exit_if_longer_than(seconds: float, message: str, exit_code: int = 4) -> Ite
     """
 
     def expire() -> None:
-        print(message, file=sys.stderr, flush=True)
+        # One write of the whole line: every rank shares torchrun's stderr, and a print's separate newline
+        # would let two ranks' lines run together.
+        sys.stderr.flush()
+        os.write(2, (message + "\n").encode())
         os._exit(exit_code)
 
     timer = threading.Timer(seconds, expire)

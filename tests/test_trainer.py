@@ -171,7 +171,7 @@ def test_a_rank_stuck_past_the_collective_timeout_ends_the_job_with_one_line_ins
     errors = [line for line in result.stderr.splitlines()
               if line.startswith("error: rank 0: the checkpoint save at step 3 did not finish within")]
     assert errors and "parallel.nccl_timeout_s=3 s" in errors[0] and "--resume auto" in errors[0], result.stderr[-3000:]
-    assert result.returncode == 4
+    assert "exitcode  : 4" in result.stderr  # the rank's own code, in torchrun's report (torchrun itself exits 1)
     assert max(losses_by_step(run_dir)) == 3  # it trained to the save and failed there, not at start-up
     assert not list_checkpoints(run_dir)  # the interrupted save left nothing that resume would trust
 
