@@ -262,6 +262,7 @@ def main() -> None:
                 "hang": lambda: no_hang(runner, args.workdir, profile["timeout_s"])}
     for name in args.only:
         started = time.monotonic()
+        results.pop(f"{name}_error", None)  # an --update that now succeeds clears an earlier failure
         try:
             results |= sections[name]()
         except Exception as err:  # a failed section is a result too; the others still run

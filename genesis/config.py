@@ -140,8 +140,8 @@ class ParallelConfig(StrictModel):
         default=True,
         description="with several ranks and grad_accum_steps > 1: keep the bf16 weights and the fp32 gradients "
                     "unsharded from the first micro-step to the last, so each optimizer step does one all-gather "
-                    "and one reduce-scatter instead of two all-gathers per micro-step; costs 6 bytes per "
-                    "parameter (about 6 GiB for genesis-1b); false is the lean mode for the tightest GPUs")
+                    "and one reduce-scatter instead of two all-gathers per micro-step; measured for genesis-1b at "
+                    "micro-batch 1 on 2 GPUs: 1.5 GiB more per GPU; false is the lean mode for the tightest GPUs")
     nccl_timeout_s: int = Field(
         default=600, gt=0,
         description="how long a rank waits for the others: a checkpoint save that takes longer ends the job with "

@@ -221,12 +221,12 @@ class Trainer:
         return False, False
 
     def save(self, milestone: bool = False) -> float:
-        def blocking_save() -> float:
+        def save_checkpoint() -> float:
             return self.checkpointer.save(self.step, self.model, self.optimizer, self.rank_state(),
                                           self.checkpoint_meta(), milestone=milestone)
 
         if self.dist.world_size == 1:
-            return blocking_save()
+            return save_checkpoint()
         # A save is where every rank waits for every other (DCP plans and commits collectively): a rank stuck
         # or gone shows up here first, and the deadline turns it into one line instead of a hang or an abort.
         timeout = self.config.parallel.nccl_timeout_s
@@ -234,7 +234,7 @@ class Trainer:
                    f"parallel.nccl_timeout_s={timeout} s: another rank is stuck or gone; complete checkpoints "
                    f"are kept: fix the cause, then --resume auto")
         with exit_if_longer_than(timeout, message):
-            return blocking_save()
+            return save_checkpoint()
 
     def _handle_signal(self, signum, frame) -> None:
         self._stop_signal = signum

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -21,10 +22,12 @@ from genesis_model.parallelize import parallelize
 
 @pytest.fixture(scope="module")
 def one_rank_mesh():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
-    dist.destroy_process_group()
+    # NOTE: the rendezvous address is restored afterwards: trainers that later tests start inherit this
+    # environment, and a stale MASTER_PORT would make them all rendezvous on one port.
+    with mock.patch.dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())):
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        yield init_device_mesh("cpu", (1,))
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

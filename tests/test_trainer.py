@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -174,6 +175,23 @@ def test_a_rank_stuck_past_the_collective_timeout_ends_the_job_with_one_line_ins
     assert "exitcode  : 4" in result.stderr  # the rank's own code, in torchrun's report (torchrun itself exits 1)
     assert max(losses_by_step(run_dir)) == 3  # it trained to the save and failed there, not at start-up
     assert not list_checkpoints(run_dir)  # the interrupted save left nothing that resume would trust
+
+
+def test_a_rendezvous_port_in_use_is_one_line_naming_master_port_and_writes_nothing(token_data, tmp_path):
+    run_dir = tmp_path / "run"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "genesis_model.train", "--config", str(TINY_CPU), f"data_dir={token_data}",
+                   f"run_dir={run_dir}", *FAST_OVERRIDES, "max_steps=2"]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot open the rendezvous port MASTER_PORT={port}: it is in use; unset MASTER_PORT "
+                      f"(a free port is picked) or give torchrun --master_port a free one"], result.stderr[-2000:]
+    assert not run_dir.exists()
 
 
 def test_keep_last_prunes_rolling_checkpoints_but_never_milestones(token_data, tmp_path):
