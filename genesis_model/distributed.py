@@ -94,11 +94,21 @@ def init_distributed(device_type: str, timeout_s: int = 600) -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s + COLLECTIVE_TIMEOUT_GRACE_S),
-            device_id=device if backend == "nccl" else None,
-        )
+        try:
+            dist.init_process_group(
+                backend=backend,
+                timeout=datetime.timedelta(seconds=timeout_s + COLLECTIVE_TIMEOUT_GRACE_S),
+                device_id=device if backend == "nccl" else None,
+            )
+        except dist.DistNetworkError as err:
+            if "EADDRINUSE" not in str(err):
+                raise
+            # The rendezvous port is taken, often by a MASTER_PORT exported in the shell for another job.
+            from genesis.errors import ConfigError
+
+            raise ConfigError(f"cannot open the rendezvous port MASTER_PORT={os.environ.get('MASTER_PORT')}: it is "
+                              f"in use; unset MASTER_PORT (a free port is picked) or give torchrun --master_port a "
+                              f"free one") from err
     mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, mesh=mesh)
 

@@ -274,12 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         if not _is_collective_failure(err):
             raise
-        if "EADDRINUSE" in str(err):
-            # The rendezvous port is taken (often a MASTER_PORT exported in the shell for another job).
-            print(f"error: cannot open the rendezvous port MASTER_PORT={os.environ.get('MASTER_PORT')}: it is in "
-                  f"use; unset MASTER_PORT (a free port is picked) or give torchrun --master_port a free one",
-                  file=sys.stderr)
-            return 2
         # NOTE: a collective that times out (a rank stuck or gone) raises here after `parallel.nccl_timeout_s`
         # instead of hanging; say which rank saw it and what survives, not a 200-line traceback per rank.
         rank = os.environ.get("RANK", "0")
