@@ -5,7 +5,8 @@ with configs/train/genesis-1b-2x4090.yaml (the reference run's settings) and a f
 
 0. collectives: all-gather and reduce-scatter bandwidth at FSDP's sizes, P2P on and off (bench/collectives.py);
 1. scaling: tokens/s on 1 GPU and on 2 GPUs at the same micro-batch and accumulation, with NCCL peer-to-peer
-   on and with `NCCL_P2P_DISABLE=1` (the reference run's PCIe setting); MFU per GPU;
+   on and with `NCCL_P2P_DISABLE=1` (the reference run's PCIe setting); MFU per GPU; for several setups (the
+   reference run's micro-batch 1 × accumulation 64 first), the short ones profiled (where the step's time went);
 2. the smoke matrix on NCCL with DCP checkpoints: 100+ steps of training only; a 220-step run saving at 150;
    a new process resuming 150 → 300 with a second save at 300; async checkpoint blocking time;
 3. the same global batch on 1 GPU (accumulation 2) and on 2 GPUs (accumulation 1): the largest relative loss
@@ -18,6 +19,7 @@ with configs/train/genesis-1b-2x4090.yaml (the reference run's settings) and a f
     python bench/two_gpu.py --workdir /tmp/two_gpu --out bench/results/two_gpu.json
     python bench/two_gpu.py --cpu-dry-run --workdir /tmp/two_gpu_cpu --out /tmp/two_gpu_cpu.json
     python bench/two_gpu.py --only smoke --update   # one section at a time, keeping the others' figures
+    python bench/two_gpu.py --only scaling --scaling-setups 4x2:20 --update   # one more setup
 
 `--cpu-dry-run` runs the same matrix with the tiny model on 2 gloo ranks (the script's own check on a
 machine without GPUs; its figures say nothing about GPUs).
@@ -54,7 +56,10 @@ PROFILES = {
         # 40M tokens), and the reshard check's 1-GPU run doubles it to keep the global batch.
         "overrides": ["grad_accum_steps=1", "eval.every=0", "log_every=1", "verify_data_checksums=false",
                       "checkpoint.milestone_every=0", "checkpoint.keep_last=3"],
-        "scaling_accum": 8,
+        # The reference run's setting first (micro-batch 1, accumulation 64), then shorter accumulation and a
+        # larger micro-batch at the same tokens per step.
+        "scaling_setups": ["1x64:10", "1x8:20", "4x2:20"],
+        "profile_step": 10,
         "collective_megabytes": [100, 1000],
         "timeout_s": 60,
     },
@@ -64,11 +69,16 @@ PROFILES = {
         "micro_batch": 2,
         "overrides": ["seq_len=64", "eval.every=0", "log_every=1", "verify_data_checksums=false",
                       "checkpoint.milestone_every=0", "checkpoint.keep_last=3"],
-        "scaling_accum": 2,
+        "scaling_setups": ["2x4:6", "2x1:6"],
+        "profile_step": 3,
         "collective_megabytes": [4],
         "timeout_s": 20,
     },
 }
+
+
+RETIRED_KEYS = {"scaling": ("tok_s_1gpu_fsdp", "scaling_p2p_vs_1gpu_fsdp", "scaling_no_p2p_lean")}
+REFERENCE_SETUP = (1, 64)  # the reference run's micro-batch and accumulation
 
 
 def make_learnable_data(data_dir: Path, vocab_size: int, tokens: int = 3_000_000) -> None:
@@ -119,37 +129,67 @@ def max_rel_diff(a: dict[int, float], b: dict[int, float], steps: range) -> floa
     return max(abs(a[s] - b[s]) / abs(b[s]) for s in steps)
 
 
-def scaling(runner: Runner, work: Path, accum: int) -> dict:
-    common = [f"grad_accum_steps={accum}", "max_steps=20", "checkpoint.save_every=0", "checkpoint.save_at_end=false"]
-    runner.run(work / "scale_1", 1, common)
-    # The one-GPU baseline is the engine's default there (parallel.one_rank: plain); FSDP on one rank, the
-    # multi-GPU code path, is measured beside it.
-    runner.run(work / "scale_1_fsdp", 1, [*common, "parallel.one_rank=fsdp"])
-    runner.run(work / "scale_2_p2p", 2, [*common, 'env.NCCL_P2P_DISABLE="0"'])
-    runner.run(work / "scale_2_no_p2p", 2, [*common, 'env.NCCL_P2P_DISABLE="1"'])
-    # The lean mode (weights resharded after each forward and backward, gathered again every micro-step): the
-    # reference run's memory target is measured here, its cost in tokens/s beside the default.
-    runner.run(work / "scale_2_no_p2p_lean", 2, [*common, 'env.NCCL_P2P_DISABLE="1"', "parallel.accumulate_unsharded=false"])
-    names = ("scale_1", "scale_1_fsdp", "scale_2_p2p", "scale_2_no_p2p", "scale_2_no_p2p_lean")
-    one, one_fsdp, p2p, no_p2p, lean = (steady(work / name, "tokens_per_s") for name in names)
+def parse_setup(text: str) -> tuple[int, int, int]:
+    """'MBxACCUM:STEPS', e.g. '1x64:8' = micro-batch 1, accumulation 64, 8 optimizer steps."""
+    shape, _, steps = text.partition(":")
+    micro_batch, _, accum = shape.partition("x")
+    return int(micro_batch), int(accum), int(steps or 20)
 
-    def peak(name: str) -> float:
-        # The trainer logs rank 0's peak; FSDP shards evenly, so it stands for each GPU.
-        return round(max(row["memory_gib"] for row in read_jsonl(work / name / "metrics.jsonl")), 2)
 
+def scaling(runner: Runner, work: Path, setups: list[str], profile_step: int, previous_rows: list[dict]) -> dict:
+    """Tokens/s on 1 GPU and on 2 (P2P on and off) for each micro-batch × accumulation setup, merged with the
+    rows of earlier --update calls by setup. The top-level figures are the reference run's setting (micro-batch
+    1, accumulation 64) when measured, else the first setup. With `profile_step`, the 1- and 2-GPU P2P runs are
+    profiled there for 2 steps (genesis_model/profiling.py), so each slow case comes with where its time went."""
+    rows = {(row["micro_batch"], row["accum"]): row for row in previous_rows}
+    for text in setups:
+        micro_batch, accum, steps = parse_setup(text)
+        skip = max(2, steps // 4)  # compilation and warm-up
+        common = [f"micro_batch_size={micro_batch}", f"grad_accum_steps={accum}", f"max_steps={steps}",
+                  "checkpoint.save_every=0", "checkpoint.save_at_end=false"]
+        # NOTE: only short accumulations are profiled: two steps of 64 micro-steps make a trace of gigabytes.
+        profiled = ([f"profiling.start_step={min(profile_step, steps - 1)}", "profiling.trace=false"]
+                    if profile_step and accum <= 8 else [])
+        # The one-GPU baseline is the engine's default there (parallel.one_rank: plain).
+        names = {"1gpu": (1, [*common, *profiled]), "2gpu": (2, [*common, *profiled, 'env.NCCL_P2P_DISABLE="0"']),
+                 "2gpu_no_p2p": (2, [*common, 'env.NCCL_P2P_DISABLE="1"'])}
+        row = {"micro_batch": micro_batch, "accum": accum, "steps": steps, "median_after_step": skip}
+        for name, (nproc, overrides) in names.items():
+            run_dir = work / f"scale_mb{micro_batch}x{accum}_{name}"
+            runner.run(run_dir, nproc, overrides)
+            row[f"tok_s_{name}"] = round(steady(run_dir, "tokens_per_s", skip), 1)
+            row[f"mfu_per_gpu_{name}"] = steady(run_dir, "mfu", skip)
+            for summary in sorted((run_dir / "profile").glob("rank*.summary.json")):
+                row.setdefault(f"profile_{name}", []).append(json.loads(summary.read_text()))
+        row["scaling_p2p"] = round(row["tok_s_2gpu"] / row["tok_s_1gpu"], 3)
+        row["scaling_no_p2p"] = round(row["tok_s_2gpu_no_p2p"] / row["tok_s_1gpu"], 3)
+        rows[(micro_batch, accum)] = row
+    top = rows.get(REFERENCE_SETUP) or rows[parse_setup(setups[0])[:2]]
     return {
-        "tok_s_1gpu": round(one, 1), "tok_s_1gpu_fsdp": round(one_fsdp, 1),
-        "tok_s_2gpu": round(p2p, 1), "tok_s_2gpu_no_p2p": round(no_p2p, 1), "tok_s_2gpu_no_p2p_lean": round(lean, 1),
-        "scaling_p2p": round(p2p / one, 3), "scaling_no_p2p": round(no_p2p / one, 3),
-        "scaling_no_p2p_lean": round(lean / one, 3), "scaling_p2p_vs_1gpu_fsdp": round(p2p / one_fsdp, 3),
-        "mfu_per_gpu_1gpu": steady(work / "scale_1", "mfu"), "mfu_per_gpu_2gpu": steady(work / "scale_2_p2p", "mfu"),
-        "mfu_per_gpu_2gpu_no_p2p": steady(work / "scale_2_no_p2p", "mfu"),
-        "peak_gib_per_gpu_mb1": peak("scale_2_no_p2p_lean"),
-        "peak_gib_per_gpu_mb1_accumulate_unsharded": peak("scale_2_no_p2p"),
-        "scaling_setup": f"micro-batch {runner.profile['micro_batch']}, accumulation {accum}, 20 steps, "
-                         "median tokens/s after step 5; peak_gib_per_gpu_mb1 in the lean mode "
-                         "(parallel.accumulate_unsharded=false)",
+        **{key: top[key] for key in ("tok_s_1gpu", "tok_s_2gpu", "tok_s_2gpu_no_p2p", "scaling_p2p", "scaling_no_p2p",
+                                     "mfu_per_gpu_1gpu", "mfu_per_gpu_2gpu", "mfu_per_gpu_2gpu_no_p2p")},
+        "scaling_setups": sorted(rows.values(), key=lambda row: (row["micro_batch"], -row["accum"])),
+        "scaling_setup": f"top-level figures: micro-batch {top['micro_batch']}, accumulation {top['accum']}, "
+                         f"{top['steps']} steps, median tokens/s after step {top['median_after_step']}; "
+                         "scaling_setups has every setup measured",
     }
+
+
+def memory(runner: Runner, work: Path) -> dict:
+    """Peak memory per GPU at micro-batch 1 with 2-way FSDP, in the lean mode (weights resharded after each
+    forward and backward, gathered again every micro-step) and the default (kept gathered through accumulation).
+    The trainer logs rank 0's peak; FSDP shards evenly, so it stands for each GPU."""
+    results = {}
+    for name, extra in (("lean", ["parallel.accumulate_unsharded=false"]), ("default", [])):
+        run_dir = work / f"memory_{name}"
+        runner.run(run_dir, 2, ["micro_batch_size=1", "grad_accum_steps=8", "max_steps=8", "checkpoint.save_every=0",
+                                "checkpoint.save_at_end=false", 'env.NCCL_P2P_DISABLE="1"', *extra])
+        results[name] = round(max(row["memory_gib"] for row in read_jsonl(run_dir / "metrics.jsonl")), 2)
+        results[f"tok_s_{name}"] = round(steady(run_dir, "tokens_per_s", 3), 1)
+    return {"peak_gib_per_gpu_mb1": results["lean"], "peak_gib_per_gpu_mb1_accumulate_unsharded": results["default"],
+            "tok_s_2gpu_no_p2p_lean": results["tok_s_lean"],
+            "memory_setup": "micro-batch 1, accumulation 8, NCCL_P2P_DISABLE=1, 8 steps; peak_gib_per_gpu_mb1 is "
+                            "the lean mode (parallel.accumulate_unsharded=false)"}
 
 
 def collectives(runner: Runner, work: Path) -> dict:
@@ -237,8 +277,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/two_gpu"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "two_gpu.json")
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny model, 2 gloo ranks on CPU")
-    section_names = ["collectives", "scaling", "smoke", "batch", "hang"]
+    section_names = ["collectives", "scaling", "memory", "smoke", "batch", "hang"]
     parser.add_argument("--only", nargs="+", default=section_names, choices=section_names)
+    parser.add_argument("--scaling-setups", nargs="+", default=None, metavar="MBxACCUM:STEPS",
+                        help="override the profile's scaling setups, e.g. 1x64:8 1x8:20 (the first gives the "
+                             "top-level figures)")
     parser.add_argument("--update", action="store_true",
                         help="keep the figures already in --out and replace only those of the sections run now "
                              "(to split the matrix over several shorter jobs)")
@@ -256,13 +299,17 @@ def main() -> None:
 
         results["gpus"] = f"{torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}"
     sections = {"collectives": lambda: collectives(runner, args.workdir),
-                "scaling": lambda: scaling(runner, args.workdir, profile["scaling_accum"]),
+                "scaling": lambda: scaling(runner, args.workdir, args.scaling_setups or profile["scaling_setups"],
+                                           profile["profile_step"], previous.get("scaling_setups", [])),
+                "memory": lambda: memory(runner, args.workdir),
                 "smoke": lambda: smoke_matrix(runner, args.workdir),
                 "batch": lambda: same_global_batch(runner, args.workdir),
                 "hang": lambda: no_hang(runner, args.workdir, profile["timeout_s"])}
     for name in args.only:
         started = time.monotonic()
         results.pop(f"{name}_error", None)  # an --update that now succeeds clears an earlier failure
+        for key in RETIRED_KEYS.get(name, ()):  # figures an earlier version of the section wrote
+            results.pop(key, None)
         try:
             results |= sections[name]()
         except Exception as err:  # a failed section is a result too; the others still run

@@ -148,6 +148,13 @@ class ParallelConfig(StrictModel):
                     "one line (exit 4); every other collective gives up 30 s later (distributed.py)")
 
 
+class ProfilingConfig(StrictModel):
+    start_step: int = Field(default=0, ge=0, description="profile from this optimizer step (1-based); 0 = off")
+    steps: int = Field(default=2, ge=1, description="consecutive optimizer steps profiled")
+    trace: bool = Field(default=True, description="keep each rank's Chrome/Perfetto trace (tens of MB for "
+                                                  "genesis-1b), beside the summary that is always written")
+
+
 class TrainConfig(StrictModel):
     """One pretraining run. Token budget per optimizer step is
     micro_batch_size × model.max_seq_len × grad_accum_steps × world size."""
@@ -167,6 +174,7 @@ class TrainConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     stability: StabilityConfig = StabilityConfig()
     parallel: ParallelConfig = ParallelConfig()
+    profiling: ProfilingConfig = ProfilingConfig()
     env: dict[str, str] = Field(
         default_factory=dict, description="environment set before the process group starts (e.g. NCCL_P2P_DISABLE)"
     )

@@ -26,6 +26,7 @@ from genesis_model.distributed import DistInfo, exit_if_longer_than
 from genesis_model.loader import TokenLoader
 from genesis_model.metrics import MetricsSink, ProgressLine, SpikeDetector, peak_tflops, write_json_atomic
 from genesis_model.optim import lr_at
+from genesis_model.profiling import StepProfiler
 
 # Testing aid: comma-separated steps at which rank 0's loss is replaced by NaN (a real fault's stand-in).
 INJECT_NAN_ENV = "GENESIS_INJECT_NAN_STEPS"
@@ -57,6 +58,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._inject_nan = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
         self._val_batches = None
+        self.profiler = StepProfiler(config.profiling, self.run_dir / "profile", dist_info.rank, dist_info.device)
         self._fsdp = isinstance(model, FSDPModule)
         self._accumulate_unsharded = (self._fsdp and dist_info.world_size > 1 and config.grad_accum_steps > 1
                                       and config.parallel.accumulate_unsharded)
@@ -252,9 +254,15 @@ class Trainer:
         try:
             self._write_latest("training")
             while self.step < config.max_steps:
+                self.profiler.before_step(self.step)
                 started = time.perf_counter()
                 result = self.train_step()
                 elapsed = time.perf_counter() - started
+                profile = self.profiler.after_step(self.step)
+                if profile:
+                    gpu = profile["gpu"] or {}
+                    self.event("profiled", steps=profile["steps"], wall_s_per_step=round(profile["wall_s_per_step"], 4),
+                               **{key: round(value, 4) for key, value in gpu.items() if isinstance(value, float)})
                 just_saved = False
                 # The first steps include compilation; the EMA forgets them quickly.
                 self._step_time_ema = elapsed if self._step_time_ema is None else 0.9 * self._step_time_ema + 0.1 * elapsed
