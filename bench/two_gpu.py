@@ -11,7 +11,8 @@ with configs/train/genesis-1b-2x4090.yaml (the reference run's settings) and a f
    a new process resuming 150 → 300 with a second save at 300; async checkpoint blocking time;
 3. the same global batch on 1 GPU (accumulation 2) and on 2 GPUs (accumulation 1): the largest relative loss
    difference over 50 steps;
-4. reshard: the 2-GPU checkpoint at 150 resumed on 1 GPU, against the 2-GPU resume over steps 151–170;
+4. reshard: the 2-GPU checkpoint at 150 resumed on 1 GPU, against the 2-GPU run over steps 151–170 (in the
+   smoke section, and alone as the reshard section);
 5. memory: peak GiB per GPU at micro-batch 1 with 2-way FSDP;
 6. no hang: a rank that arrives late at a checkpoint (`GENESIS_DELAY_SAVE`) within the collective timeout
    completes; one later than the timeout ends the job with a one-line error within the timeout plus a margin.
@@ -227,12 +228,8 @@ def smoke_matrix(runner: Runner, work: Path) -> dict:
     blocked = [e["seconds"] for e in events if e["event"] == "checkpoint_blocked"]
     staging = [e["seconds"] for e in events if e["event"] == "checkpoint_staging_wait"]
     # Reshard: the 2-GPU checkpoint at 150 on 1 GPU with the same global batch, against the 2-GPU resume.
-    resharded = work / "resharded"
-    runner.run(resharded, 1, ["max_steps=300", "grad_accum_steps=2", "checkpoint.save_every=0"],
-               ["--resume", str(step_150), "--stop-at-step", "170"])
-    reshard_diff = max_rel_diff(losses(resharded), losses(interrupted), range(151, 171))
-    reshard_event = [e for e in read_jsonl(resharded / "events.jsonl") if e["event"] == "resumed"]
-    for run_dir in (interrupted, resharded):  # genesis-1b checkpoints are 11 GiB each
+    resharded = resume_on_one_gpu(runner, step_150, work / "resharded", interrupted, ["max_steps=300"])
+    for run_dir in (interrupted, work / "resharded"):  # genesis-1b checkpoints are 11 GiB each
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return {
         "train_only_loss_went_down": trained,
@@ -241,9 +238,32 @@ def smoke_matrix(runner: Runner, work: Path) -> dict:
         "blocked_s_async": round(statistics.median(b + w for b, w in zip(blocked, staging + [0.0] * len(blocked))), 3)
         if blocked else None,
         "blocked_s_async_each": blocked,
-        "reshard_2to1_max_rel_diff": reshard_diff,
-        "reshard_2to1_ok": bool(reshard_event and reshard_event[0].get("saved_world_size") == 2 and reshard_diff < 1e-2),
+        **resharded,
     }
+
+
+def resume_on_one_gpu(runner: Runner, checkpoint: Path, run_dir: Path, two_gpu_run: Path, overrides: list[str]) -> dict:
+    """Resume a 2-GPU checkpoint on 1 GPU (accumulation doubled: the same global batch) to step 170 and compare
+    its losses with the 2-GPU run's over the same steps."""
+    start = int(checkpoint.name.split("_")[-1])
+    runner.run(run_dir, 1, [*overrides, "grad_accum_steps=2", "checkpoint.save_every=0", "checkpoint.save_at_end=false"],
+               ["--resume", str(checkpoint), "--stop-at-step", "170"])
+    diff = max_rel_diff(losses(run_dir), losses(two_gpu_run), range(start + 1, 171))
+    event = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resumed"]
+    return {"reshard_2to1_max_rel_diff": diff,
+            "reshard_2to1_ok": bool(event and event[0].get("saved_world_size") == 2 and diff < 1e-2)}
+
+
+def reshard(runner: Runner, work: Path) -> dict:
+    """The smoke matrix's reshard check alone: 2 GPUs 0 → 170 saving at 150, then 150 → 170 on 1 GPU."""
+    two_gpu = work / "reshard_2gpu"
+    common = ["max_steps=170", "checkpoint.save_every=150", "checkpoint.save_at_end=false"]
+    runner.run(two_gpu, 2, common)
+    result = resume_on_one_gpu(runner, two_gpu / "checkpoints" / "step_00000150", work / "reshard_1gpu", two_gpu,
+                               ["max_steps=170"])
+    for run_dir in (two_gpu, work / "reshard_1gpu"):
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return result
 
 
 def same_global_batch(runner: Runner, work: Path) -> dict:
@@ -277,7 +297,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/two_gpu"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "two_gpu.json")
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny model, 2 gloo ranks on CPU")
-    section_names = ["collectives", "scaling", "memory", "smoke", "batch", "hang"]
+    section_names = ["collectives", "scaling", "memory", "smoke", "reshard", "batch", "hang"]
     parser.add_argument("--only", nargs="+", default=section_names, choices=section_names)
     parser.add_argument("--scaling-setups", nargs="+", default=None, metavar="MBxACCUM:STEPS",
                         help="override the profile's scaling setups, e.g. 1x64:8 1x8:20 (the first gives the "
@@ -303,6 +323,7 @@ def main() -> None:
                                            profile["profile_step"], previous.get("scaling_setups", [])),
                 "memory": lambda: memory(runner, args.workdir),
                 "smoke": lambda: smoke_matrix(runner, args.workdir),
+                "reshard": lambda: reshard(runner, args.workdir),
                 "batch": lambda: same_global_batch(runner, args.workdir),
                 "hang": lambda: no_hang(runner, args.workdir, profile["timeout_s"])}
     for name in args.only:

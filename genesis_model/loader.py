@@ -131,8 +131,15 @@ class TokenLoader:
         return int(self._choices[window_index % CHOICE_BLOCK])
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next micro-batch of this rank. Every call consumes exactly micro_batch × world_size global
-        windows on every rank, so all ranks hold the same position after each call."""
+        """The next micro-batch of this rank as (inputs, targets), each micro_batch × (window - 1)."""
+        batch = self.next_windows()
+        return batch[:, :-1], batch[:, 1:]
+
+    def next_windows(self) -> torch.Tensor:
+        """The next micro-batch of this rank as whole windows (micro_batch × window int64; inputs are
+        [:, :-1], targets [:, 1:]): one tensor, so it crosses to the GPU in one copy. Every call consumes
+        exactly micro_batch × world_size global windows on every rank, so all ranks hold the same position
+        after each call."""
         rows = []
         first = self.window_index
         for offset in range(self.micro_batch_size * self.world_size):
@@ -142,8 +149,7 @@ class TokenLoader:
             if offset % self.world_size == self.rank:
                 rows.append(self.train_streams[source].read(taken * self.window, self.window))
         self.window_index = first + self.micro_batch_size * self.world_size
-        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return batch[:, :-1], batch[:, 1:]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
 
     def validation_batches(self, batches_per_source: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Fixed held-out batches per source, this rank's share (same on every call)."""

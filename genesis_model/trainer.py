@@ -147,6 +147,18 @@ class Trainer:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.dist.world_size
 
+    def _next_micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = self.loader.next_windows()
+        if self.dist.device.type == "cuda":
+            # NOTE: a copy from pageable host memory makes CUDA drain the stream before it starts (CUDA's "API
+            # synchronization behavior"), so each micro-step waited for all queued GPU work and the CPU could never
+            # run ahead: the GPU then idled while the CPU launched the next forward, most of all with FSDP's hooks
+            # on several ranks (profiled on 2 H200s, BENCHMARKS.md). From pinned memory the copy is asynchronous;
+            # the caching host allocator keeps the buffer until the copy is done.
+            windows = windows.pin_memory()
+        windows = windows.to(self.dist.device, non_blocking=True)
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
     def train_step(self) -> dict:
         config = self.config
         lr = lr_at(self.step, config.optimizer, config.max_steps)
@@ -154,9 +166,7 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.dist.device)
         for micro_step in range(config.grad_accum_steps):
-            inputs, targets = self.loader.next_batch()
-            inputs = inputs.to(self.dist.device, non_blocking=True)
-            targets = targets.to(self.dist.device, non_blocking=True)
+            inputs, targets = self._next_micro_batch()
             # Reduce-scatter gradients only on the last micro-step; earlier ones accumulate locally. (A plain
             # one-rank model has nothing to reduce: its gradients simply accumulate.)
             if self._fsdp:
