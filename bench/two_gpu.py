@@ -82,6 +82,12 @@ RETIRED_KEYS = {"scaling": ("tok_s_1gpu_fsdp", "scaling_p2p_vs_1gpu_fsdp", "scal
 REFERENCE_SETUP = (1, 64)  # the reference run's micro-batch and accumulation
 
 
+def torchrun(nproc: int, *program: str) -> list[str]:
+    """`program` under torchrun on this host, on a free rendezvous port ("-m module ..." or "script.py ...")."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), *program]
+
+
 def make_learnable_data(data_dir: Path, vocab_size: int, tokens: int = 3_000_000) -> None:
     """Token shards whose documents count upwards from a random start (mod the vocabulary): learnable in a few
     dozen steps, so "the loss went down" means something; uniform random tokens would sit at ln V."""
@@ -97,10 +103,9 @@ class Runner:
         self.data_dir = data_dir
 
     def command(self, run_dir: Path, nproc: int, overrides: list[str], flags: list[str]) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(free_port()), "-m", "genesis_model.train", "--config", str(self.profile["config"]),
-                f"data_dir={self.data_dir}", f"run_dir={run_dir}", f"micro_batch_size={self.profile['micro_batch']}",
-                *self.profile["overrides"], *overrides, *flags]
+        return torchrun(nproc, "-m", "genesis_model.train", "--config", str(self.profile["config"]),
+                        f"data_dir={self.data_dir}", f"run_dir={run_dir}", f"micro_batch_size={self.profile['micro_batch']}",
+                        *self.profile["overrides"], *overrides, *flags)
 
     def run(self, run_dir: Path, nproc: int, overrides: list[str] = (), flags: list[str] = (), env: dict | None = None,
             check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
@@ -198,9 +203,8 @@ def collectives(runner: Runner, work: Path) -> dict:
     results = {}
     for name, p2p_disable in (("p2p", "0"), ("no_p2p", "1")):
         out = work / f"collectives_{name}.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(free_port()), str(REPO / "bench" / "collectives.py"), "--out", str(out),
-                   "--megabytes", *map(str, runner.profile["collective_megabytes"])]
+        command = torchrun(2, str(REPO / "bench" / "collectives.py"), "--out", str(out),
+                           "--megabytes", *map(str, runner.profile["collective_megabytes"]))
         completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                                    env={**os.environ, "NCCL_P2P_DISABLE": p2p_disable})
         if completed.returncode != 0:
