@@ -9,7 +9,9 @@
   * `rank{r}.trace.json.gz` (with `profiling.trace: true`): the whole timeline, for Perfetto or chrome://tracing.
 
 The question it answers first: on several GPUs, is the time lost to communication that nothing overlaps, or to
-the CPU not keeping the GPU fed? Both show up as idle GPU time, in different places of the summary.
+the CPU not keeping the GPU fed? Both leave the compute stream idle, in different places of the summary. Note
+that an NCCL kernel runs from its launch until every peer has joined, so a rank waiting for a slower one shows
+long "communication" while the slow rank shows idle time: read the ranks' summaries side by side.
 """
 
 from __future__ import annotations
