@@ -21,6 +21,7 @@ with configs/train/genesis-1b-2x4090.yaml (the reference run's settings) and a f
     python bench/two_gpu.py --cpu-dry-run --workdir /tmp/two_gpu_cpu --out /tmp/two_gpu_cpu.json
     python bench/two_gpu.py --only smoke --update   # one section at a time, keeping the others' figures
     python bench/two_gpu.py --only scaling --scaling-setups 4x2:20 --update   # one more setup
+    python bench/two_gpu.py --only scaling --scaling-setups 1x8:16 --variant-overrides parallel.fsdp_unit_blocks=5 --update
 
 `--cpu-dry-run` runs the same matrix with the tiny model on 2 gloo ranks (the script's own check on a
 machine without GPUs; its figures say nothing about GPUs).
@@ -142,24 +143,29 @@ def parse_setup(text: str) -> tuple[int, int, int]:
     return int(micro_batch), int(accum), int(steps or 20)
 
 
-def scaling(runner: Runner, work: Path, setups: list[str], profile_step: int, previous_rows: list[dict]) -> dict:
+def scaling(runner: Runner, work: Path, setups: list[str], profile_step: int, previous_rows: list[dict],
+            variant_overrides: list[str] = ()) -> dict:
     """Tokens/s on 1 GPU and on 2 (P2P on and off) for each micro-batch × accumulation setup, merged with the
-    rows of earlier --update calls by setup. The top-level figures are the reference run's setting (micro-batch
-    1, accumulation 64) when measured, else the first setup. With `profile_step`, the 1- and 2-GPU P2P runs are
-    profiled there for 2 steps (genesis_model/profiling.py), so each slow case comes with where its time went."""
-    rows = {(row["micro_batch"], row["accum"]): row for row in previous_rows}
+    rows of earlier --update calls by setup and variant (`variant_overrides`, extra trainer overrides such as
+    parallel.fsdp_unit_blocks=5; none = "default"). The top-level figures are the default variant at the
+    reference run's setting (micro-batch 1, accumulation 64) when measured, else the first setup. With
+    `profile_step`, the 1- and 2-GPU P2P runs are profiled there for 2 steps (genesis_model/profiling.py), so
+    each slow case comes with where its time went."""
+    variant = " ".join(variant_overrides) or "default"
+    rows = {(row["micro_batch"], row["accum"], row.get("variant", "default")): row for row in previous_rows}
     for text in setups:
         micro_batch, accum, steps = parse_setup(text)
         skip = max(2, steps // 4)  # compilation and warm-up
         common = [f"micro_batch_size={micro_batch}", f"grad_accum_steps={accum}", f"max_steps={steps}",
-                  "checkpoint.save_every=0", "checkpoint.save_at_end=false"]
+                  "checkpoint.save_every=0", "checkpoint.save_at_end=false", *variant_overrides]
         # NOTE: only short accumulations are profiled: two steps of 64 micro-steps make a trace of gigabytes.
         profiled = ([f"profiling.start_step={min(profile_step, steps - 1)}", "profiling.trace=false"]
                     if profile_step and accum <= 8 else [])
         # The one-GPU baseline is the engine's default there (parallel.one_rank: plain).
         names = {"1gpu": (1, [*common, *profiled]), "2gpu": (2, [*common, *profiled, 'env.NCCL_P2P_DISABLE="0"']),
                  "2gpu_no_p2p": (2, [*common, 'env.NCCL_P2P_DISABLE="1"'])}
-        row = {"micro_batch": micro_batch, "accum": accum, "steps": steps, "median_after_step": skip}
+        row = {"micro_batch": micro_batch, "accum": accum, "variant": variant, "steps": steps,
+               "median_after_step": skip}
         for name, (nproc, overrides) in names.items():
             run_dir = work / f"scale_mb{micro_batch}x{accum}_{name}"
             runner.run(run_dir, nproc, overrides)
@@ -169,13 +175,19 @@ def scaling(runner: Runner, work: Path, setups: list[str], profile_step: int, pr
                 row.setdefault(f"profile_{name}", []).append(json.loads(summary.read_text()))
         row["scaling_p2p"] = round(row["tok_s_2gpu"] / row["tok_s_1gpu"], 3)
         row["scaling_no_p2p"] = round(row["tok_s_2gpu_no_p2p"] / row["tok_s_1gpu"], 3)
-        rows[(micro_batch, accum)] = row
-    top = rows.get(REFERENCE_SETUP) or rows[parse_setup(setups[0])[:2]]
+        rows[(micro_batch, accum, variant)] = row
+    # A variant never replaces the top-level figures while a default row exists.
+    first_now = rows[(*parse_setup(setups[0])[:2], variant)]
+    defaults = [row for key, row in rows.items() if key[2] == "default"]
+    top = (rows.get((*REFERENCE_SETUP, "default")) or (first_now if variant == "default" else None)
+           or (defaults[0] if defaults else first_now))
     return {
         **{key: top[key] for key in ("tok_s_1gpu", "tok_s_2gpu", "tok_s_2gpu_no_p2p", "scaling_p2p", "scaling_no_p2p",
                                      "mfu_per_gpu_1gpu", "mfu_per_gpu_2gpu", "mfu_per_gpu_2gpu_no_p2p")},
-        "scaling_setups": sorted(rows.values(), key=lambda row: (row["micro_batch"], -row["accum"])),
-        "scaling_setup": f"top-level figures: micro-batch {top['micro_batch']}, accumulation {top['accum']}, "
+        "scaling_setups": sorted(rows.values(), key=lambda row: (row["micro_batch"], -row["accum"],
+                                                                 row.get("variant", "default"))),
+        "scaling_setup": f"top-level figures: {top.get('variant', 'default')} variant, micro-batch "
+                         f"{top['micro_batch']}, accumulation {top['accum']}, "
                          f"{top['steps']} steps, median tokens/s after step {top['median_after_step']}; "
                          "scaling_setups has every setup measured",
     }
@@ -184,7 +196,7 @@ def scaling(runner: Runner, work: Path, setups: list[str], profile_step: int, pr
 def memory(runner: Runner, work: Path) -> dict:
     """Peak memory per GPU at micro-batch 1 with 2-way FSDP, in the lean mode (weights resharded after each
     forward and backward, gathered again every micro-step) and the default (kept gathered through accumulation).
-    The trainer logs rank 0's peak; FSDP shards evenly, so it stands for each GPU."""
+    The trainer logs the largest peak over ranks."""
     results = {}
     for name, extra in (("lean", ["parallel.accumulate_unsharded=false"]), ("default", [])):
         run_dir = work / f"memory_{name}"
@@ -306,6 +318,9 @@ def main() -> None:
     parser.add_argument("--scaling-setups", nargs="+", default=None, metavar="MBxACCUM:STEPS",
                         help="override the profile's scaling setups, e.g. 1x64:8 1x8:20 (the first gives the "
                              "top-level figures)")
+    parser.add_argument("--variant-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra trainer overrides for the scaling runs (e.g. parallel.fsdp_unit_blocks=5); their "
+                             "rows are kept beside the default's")
     parser.add_argument("--update", action="store_true",
                         help="keep the figures already in --out and replace only those of the sections run now "
                              "(to split the matrix over several shorter jobs)")
@@ -324,7 +339,8 @@ def main() -> None:
         results["gpus"] = f"{torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}"
     sections = {"collectives": lambda: collectives(runner, args.workdir),
                 "scaling": lambda: scaling(runner, args.workdir, args.scaling_setups or profile["scaling_setups"],
-                                           profile["profile_step"], previous.get("scaling_setups", [])),
+                                           profile["profile_step"], previous.get("scaling_setups", []),
+                                           args.variant_overrides),
                 "memory": lambda: memory(runner, args.workdir),
                 "smoke": lambda: smoke_matrix(runner, args.workdir),
                 "reshard": lambda: reshard(runner, args.workdir),

@@ -142,6 +142,12 @@ class ParallelConfig(StrictModel):
                     "unsharded from the first micro-step to the last, so each optimizer step does one all-gather "
                     "and one reduce-scatter instead of two all-gathers per micro-step; measured for genesis-1b at "
                     "micro-batch 1 on 2 GPUs: 1.5 GiB more per GPU; false is the lean mode for the tightest GPUs")
+    fsdp_unit_blocks: int = Field(
+        default=1, ge=1,
+        description="with several ranks: consecutive blocks sharded as one FSDP unit. FSDP runs Python hooks per "
+                    "unit on every micro-step, which at micro-batch 1 can leave the GPU waiting for the CPU; larger "
+                    "units mean fewer hooks, larger all-gathers and less overlap of the first gather and last "
+                    "reduce-scatter (parallelize.py)")
     nccl_timeout_s: int = Field(
         default=600, gt=0,
         description="how long a rank waits for the others: a checkpoint save that takes longer ends the job with "

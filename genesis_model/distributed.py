@@ -51,6 +51,11 @@ def resolve_device_type(requested: str) -> str:
 COLLECTIVE_TIMEOUT_GRACE_S = 30
 
 
+def collective_timeout(timeout_s: int) -> datetime.timedelta:
+    """How long any process group of the run waits for a collective (see COLLECTIVE_TIMEOUT_GRACE_S)."""
+    return datetime.timedelta(seconds=timeout_s + COLLECTIVE_TIMEOUT_GRACE_S)
+
+
 @contextmanager
 def exit_if_longer_than(seconds: float, message: str, exit_code: int = 4) -> Iterator[None]:
     """Run the block; if it is still running after `seconds`, print `message` and end the process.
@@ -97,7 +102,7 @@ def init_distributed(device_type: str, timeout_s: int = 600) -> DistInfo:
         try:
             dist.init_process_group(
                 backend=backend,
-                timeout=datetime.timedelta(seconds=timeout_s + COLLECTIVE_TIMEOUT_GRACE_S),
+                timeout=collective_timeout(timeout_s),
                 device_id=device if backend == "nccl" else None,
             )
         except dist.DistNetworkError as err:

@@ -96,8 +96,10 @@ def apply_fsdp(
     param_dtype: torch.dtype = torch.bfloat16,
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
+    unit_blocks: int = 1,
 ) -> None:
-    """FSDP2: shard every block, then the root (embedding, final norm, output); one rank: the root only.
+    """FSDP2: shard every block (or every `unit_blocks` consecutive blocks as one unit), then the root
+    (embedding, final norm, output); one rank: the root only.
 
     Parameters stay fp32 in their shards (the optimizer's master weights); each forward all-gathers them
     as `param_dtype`, and gradients are reduced in `reduce_dtype`.
@@ -113,10 +115,12 @@ def apply_fsdp(
     # does the same maths with one all-gather and one reduce-scatter per step.
     if mesh.size() > 1:
         blocks = list(model.layers.values())
-        for index, block in enumerate(blocks):
-            # The last block's parameters are needed again at once by backward; keep them gathered.
-            reshard = reshard_after_forward and index < len(blocks) - 1
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        units = [blocks[start:start + unit_blocks] for start in range(0, len(blocks), unit_blocks)]
+        for index, unit in enumerate(units):
+            # The last unit's parameters are needed again at once by backward; keep them gathered.
+            reshard = reshard_after_forward and index < len(units) - 1
+            # NOTE: a list is one FSDP unit: one all-gather, one reduce-scatter and one set of hooks for all of it.
+            fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 
@@ -130,6 +134,7 @@ def parallelize(
     compile_memory_budget: float = 1.0,
     one_rank: Literal["plain", "fsdp"] = "plain",
     compile_scope: Literal["blocks", "model"] = "blocks",
+    fsdp_unit_blocks: int = 1,
 ) -> nn.Module:
     """`param_dtype` is the compute dtype of matmuls; weights, gradients and optimizer state stay fp32.
     `reduce_dtype` is FSDP's gradient reduction dtype (on one plain rank gradients are simply fp32)."""
@@ -143,5 +148,6 @@ def parallelize(
     if plain:
         model.compute_dtype = DTYPES[param_dtype]
     else:
-        apply_fsdp(model, mesh, DTYPES[param_dtype], DTYPES[reduce_dtype], reshard_after_forward=mesh.size() > 1)
+        apply_fsdp(model, mesh, DTYPES[param_dtype], DTYPES[reduce_dtype], reshard_after_forward=mesh.size() > 1,
+                   unit_blocks=fsdp_unit_blocks)
     return model

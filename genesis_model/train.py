@@ -26,7 +26,12 @@ from genesis.config import TrainConfig, dump_yaml, load_config
 from genesis.errors import CheckpointError, ConfigError, DataError, GenesisError, RunDirError
 from genesis.manifest import verify_data_dir
 from genesis_model.checkpoint import Checkpointer, latest_checkpoint, read_meta, remove_incomplete
-from genesis_model.distributed import init_distributed, resolve_device_type, shutdown_distributed
+from genesis_model.distributed import (
+    collective_timeout,
+    init_distributed,
+    resolve_device_type,
+    shutdown_distributed,
+)
 from genesis_model.loader import TokenLoader
 from genesis_model.metrics import MetricsSink, RunDirSink
 from genesis_model.model import Transformer
@@ -203,7 +208,7 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
         parallelize(model, info.mesh, param_dtype=param_dtype, reduce_dtype=parallel.reduce_dtype,
                     compile=use_compile, activation_checkpointing=parallel.activation_checkpointing,
                     compile_memory_budget=parallel.compile_memory_budget, one_rank=parallel.one_rank,
-                    compile_scope=parallel.compile_scope)
+                    compile_scope=parallel.compile_scope, fsdp_unit_blocks=parallel.fsdp_unit_blocks)
         optimizer = build_optimizer(model, config.optimizer, device_type)
         loader = TokenLoader(config.data_dir, config.window, config.micro_batch_size, info.rank, info.world_size,
                              config.seed, config.eval.holdout_docs_per_source)
@@ -214,6 +219,11 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
         checkpoint_group = dist.new_group(backend="gloo") if device_type == "cuda" else None
         checkpointer = Checkpointer(Path(config.run_dir), info.rank, info.world_size, config.checkpoint.keep_last,
                                     async_save, process_group=checkpoint_group)
+        # The trainer's own small reductions of host numbers (peak memory over ranks): gloo, so they never wait
+        # for the GPU, and a group of their own, so they never interleave with a background save's collectives.
+        # NOTE: the same timeout as the world group; new_group's own default would be gloo's 30 minutes.
+        host_group = (dist.new_group(backend="gloo", timeout=collective_timeout(config.parallel.nccl_timeout_s))
+                      if info.world_size > 1 else None)
         run_meta = {
             "model_config": config.model.model_dump(),
             "model_fingerprint": config.model.fingerprint(),
@@ -225,7 +235,8 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
         if info.is_main:
             sinks.append(RunDirSink(Path(config.run_dir)))
             sinks.extend(extra_sinks or [])
-        trainer = Trainer(config, info, model, optimizer, loader, checkpointer, sinks, run_meta, num_params)
+        trainer = Trainer(config, info, model, optimizer, loader, checkpointer, sinks, run_meta, num_params,
+                          host_group=host_group)
 
         if resume_path is not None:
             meta = read_meta(resume_path)

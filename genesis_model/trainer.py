@@ -38,8 +38,11 @@ class NonFiniteStop(RuntimeError):
 
 class Trainer:
     def __init__(self, config: TrainConfig, dist_info: DistInfo, model, optimizer, loader: TokenLoader,
-                 checkpointer: Checkpointer, sinks: list[MetricsSink], run_meta: dict, num_params: int):
+                 checkpointer: Checkpointer, sinks: list[MetricsSink], run_meta: dict, num_params: int,
+                 host_group: dist.ProcessGroup | None = None):
+        """`host_group`: a gloo group of all ranks for small host-side reductions (None with one rank)."""
         self.config, self.dist = config, dist_info
+        self.host_group = host_group
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.checkpointer, self.sinks, self.run_meta = checkpointer, sinks, run_meta
         self.run_dir = Path(config.run_dir)
@@ -131,12 +134,20 @@ class Trainer:
         }
         write_json_atomic(self.run_dir / "latest.json", latest)
 
-    def _memory_gib(self) -> float:
+    def _memory_gib(self, all_ranks: bool) -> float:
+        """This rank's peak (GPU: allocated by PyTorch; CPU: resident set), or with `all_ranks` the largest
+        over ranks: the figure that must fit each GPU. Every rank must make the same `all_ranks` call."""
         if self.dist.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.dist.device) / 2**30
-        import psutil
+            peak = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        else:
+            import psutil
 
-        return psutil.Process().memory_info().rss / 2**30
+            peak = psutil.Process().memory_info().rss / 2**30
+        if all_ranks and self.dist.world_size > 1:
+            value = torch.tensor([peak], dtype=torch.float64)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.host_group)
+            peak = float(value)
+        return peak
 
     # ---------------------------------------------------------------------------------------------------------
     # One optimizer step
@@ -277,13 +288,14 @@ class Trainer:
                 # The first steps include compilation; the EMA forgets them quickly.
                 self._step_time_ema = elapsed if self._step_time_ema is None else 0.9 * self._step_time_ema + 0.1 * elapsed
                 tokens_per_s = self.tokens_per_step / elapsed
+                log_now = self.step % config.log_every == 0 or self.step == config.max_steps
                 metrics = {
                     "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
                     "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen, "step_time_s": elapsed,
                     "mfu": (self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.dist.world_size)
                             if self.peak_tflops else None),
                     "eta_s": self._step_time_ema * (config.max_steps - self.step),
-                    "memory_gib": self._memory_gib(),
+                    "memory_gib": self._memory_gib(all_ranks=log_now),
                     "skipped": not result["finite"],
                 }
                 if not result["finite"]:
@@ -303,7 +315,7 @@ class Trainer:
                     self.last_val = self.evaluate()
                     metrics |= {f"val_loss/{name}": value for name, value in self.last_val.items()}
                 if self.dist.is_main:
-                    if self.step % config.log_every == 0 or self.step == config.max_steps:
+                    if log_now:
                         for sink in self.sinks:
                             sink.log_metrics(self.step, {k: v for k, v in metrics.items() if v is not None})
                         self.progress.update(self.step, metrics)

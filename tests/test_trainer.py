@@ -106,15 +106,19 @@ def test_resume_on_one_rank_from_two_continues_the_same_loss_trajectory(uninterr
     assert resumed[0]["saved_world_size"] == 2 and resumed[0]["world_size"] == 1
 
 
-def test_weights_kept_unsharded_through_accumulation_change_the_traffic_not_the_losses(token_data, tmp_path):
+def test_how_weights_are_grouped_and_kept_gathered_changes_the_traffic_not_the_losses(token_data, tmp_path):
     # Evaluation and a save fall between accumulated steps: both must see the sharded parameters again.
     common = ["max_steps=6", "grad_accum_steps=3", "eval.every=2", "checkpoint.save_every=3"]
-    for mode in ("true", "false"):
-        assert_ok(run_trainer(tmp_path / mode, token_data, [*common, f"parallel.accumulate_unsharded={mode}"]))
-    kept, resharded = losses_by_step(tmp_path / "true"), losses_by_step(tmp_path / "false")
-    assert kept == resharded and sorted(kept) == list(range(1, 7))
-    assert_same_tensors(full_state(tmp_path / "true" / "checkpoints" / "step_00000006", tmp_path),
-                        full_state(tmp_path / "false" / "checkpoints" / "step_00000006", tmp_path))
+    modes = {"kept": ["parallel.accumulate_unsharded=true"], "resharded": ["parallel.accumulate_unsharded=false"],
+             "units_of_3_blocks": ["parallel.accumulate_unsharded=true", "parallel.fsdp_unit_blocks=3"]}
+    for name, overrides in modes.items():
+        assert_ok(run_trainer(tmp_path / name, token_data, [*common, *overrides]))
+    reference = losses_by_step(tmp_path / "kept")
+    assert sorted(reference) == list(range(1, 7))
+    for name in ("resharded", "units_of_3_blocks"):
+        assert losses_by_step(tmp_path / name) == reference, name
+        assert_same_tensors(full_state(tmp_path / name / "checkpoints" / "step_00000006", tmp_path),
+                            full_state(tmp_path / "kept" / "checkpoints" / "step_00000006", tmp_path))
 
 
 def test_model_only_checkpoint_is_refused_unless_the_optimizer_is_reset_explicitly(uninterrupted, token_data, tmp_path):
