@@ -135,7 +135,7 @@ class Trainer:
         write_json_atomic(self.run_dir / "latest.json", latest)
 
     def _memory_gib(self, all_ranks: bool) -> float:
-        """This rank's peak (GPU: allocated by PyTorch; CPU: resident set), or with `all_ranks` the largest
+        """This rank's memory (GPU: peak allocated by PyTorch; CPU: resident set now), or with `all_ranks` the largest
         over ranks: the figure that must fit each GPU. Every rank must make the same `all_ranks` call."""
         if self.dist.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
