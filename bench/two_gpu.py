@@ -79,7 +79,8 @@ PROFILES = {
 }
 
 
-RETIRED_KEYS = {"scaling": ("tok_s_1gpu_fsdp", "scaling_p2p_vs_1gpu_fsdp", "scaling_no_p2p_lean")}
+# Overrides for runs that measure training only: no checkpoint written (genesis-1b's are 11 GiB each).
+NO_CHECKPOINTS = ["checkpoint.save_every=0", "checkpoint.save_at_end=false"]
 REFERENCE_SETUP = (1, 64)  # the reference run's micro-batch and accumulation
 
 
@@ -157,7 +158,7 @@ def scaling(runner: Runner, work: Path, setups: list[str], profile_step: int, pr
         micro_batch, accum, steps = parse_setup(text)
         skip = max(2, steps // 4)  # compilation and warm-up
         common = [f"micro_batch_size={micro_batch}", f"grad_accum_steps={accum}", f"max_steps={steps}",
-                  "checkpoint.save_every=0", "checkpoint.save_at_end=false", *variant_overrides]
+                  *NO_CHECKPOINTS, *variant_overrides]
         # NOTE: only short accumulations are profiled: two steps of 64 micro-steps make a trace of gigabytes.
         profiled = ([f"profiling.start_step={min(profile_step, steps - 1)}", "profiling.trace=false"]
                     if profile_step and accum <= 8 else [])
@@ -200,8 +201,8 @@ def memory(runner: Runner, work: Path) -> dict:
     results = {}
     for name, extra in (("lean", ["parallel.accumulate_unsharded=false"]), ("default", [])):
         run_dir = work / f"memory_{name}"
-        runner.run(run_dir, 2, ["micro_batch_size=1", "grad_accum_steps=8", "max_steps=8", "checkpoint.save_every=0",
-                                "checkpoint.save_at_end=false", 'env.NCCL_P2P_DISABLE="1"', *extra])
+        runner.run(run_dir, 2, ["micro_batch_size=1", "grad_accum_steps=8", "max_steps=8", *NO_CHECKPOINTS,
+                                'env.NCCL_P2P_DISABLE="1"', *extra])
         results[name] = round(max(row["memory_gib"] for row in read_jsonl(run_dir / "metrics.jsonl")), 2)
         results[f"tok_s_{name}"] = round(steady(run_dir, "tokens_per_s", 3), 1)
     return {"peak_gib_per_gpu_mb1": results["lean"], "peak_gib_per_gpu_mb1_accumulate_unsharded": results["default"],
@@ -228,7 +229,7 @@ def collectives(runner: Runner, work: Path) -> dict:
 def smoke_matrix(runner: Runner, work: Path) -> dict:
     """The reference run's smoke matrix, plus what the reshard and same-batch checks need."""
     # Training only, 100+ steps: the loss must go down.
-    runner.run(work / "train_only", 2, ["max_steps=120", "checkpoint.save_every=0", "checkpoint.save_at_end=false"])
+    runner.run(work / "train_only", 2, ["max_steps=120", *NO_CHECKPOINTS])
     train_only = losses(work / "train_only")
     trained = statistics.mean(train_only[s] for s in range(101, 121)) < statistics.mean(train_only[s] for s in range(1, 21))
     # A 220-step run saving at 150 (stopped at 220 as a crash would stop it), then a new process resuming
@@ -262,7 +263,7 @@ def resume_on_one_gpu(runner: Runner, checkpoint: Path, run_dir: Path, two_gpu_r
     """Resume a 2-GPU checkpoint on 1 GPU (accumulation doubled: the same global batch) to step 170 and compare
     its losses with the 2-GPU run's over the same steps."""
     start = int(checkpoint.name.split("_")[-1])
-    runner.run(run_dir, 1, [*overrides, "grad_accum_steps=2", "checkpoint.save_every=0", "checkpoint.save_at_end=false"],
+    runner.run(run_dir, 1, [*overrides, "grad_accum_steps=2", *NO_CHECKPOINTS],
                ["--resume", str(checkpoint), "--stop-at-step", "170"])
     diff = max_rel_diff(losses(run_dir), losses(two_gpu_run), range(start + 1, 171))
     event = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resumed"]
@@ -283,7 +284,7 @@ def reshard(runner: Runner, work: Path) -> dict:
 
 
 def same_global_batch(runner: Runner, work: Path) -> dict:
-    common = ["max_steps=50", "checkpoint.save_every=0", "checkpoint.save_at_end=false"]
+    common = ["max_steps=50", *NO_CHECKPOINTS]
     runner.run(work / "batch_1gpu", 1, [*common, "grad_accum_steps=2"])
     runner.run(work / "batch_2gpu", 2, [*common, "grad_accum_steps=1"])
     return {"loss_max_rel_diff_1v2": max_rel_diff(losses(work / "batch_2gpu"), losses(work / "batch_1gpu"), range(1, 51))}
@@ -349,8 +350,6 @@ def main() -> None:
     for name in args.only:
         started = time.monotonic()
         results.pop(f"{name}_error", None)  # an --update that now succeeds clears an earlier failure
-        for key in RETIRED_KEYS.get(name, ()):  # figures an earlier version of the section wrote
-            results.pop(key, None)
         try:
             results |= sections[name]()
         except Exception as err:  # a failed section is a result too; the others still run

@@ -96,7 +96,6 @@ class StepProfiler:
         self.config, self.out_dir, self.rank, self.device = config, Path(out_dir), rank, device
         self._profiler = None
         self._started = 0.0
-        self.summary: dict | None = None
 
     @property
     def last_step(self) -> int:
@@ -126,8 +125,8 @@ class StepProfiler:
         self._profiler.__exit__(None, None, None)
         profiler, self._profiler = self._profiler, None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = self.out_dir / f"rank{self.rank}"
-        trace_path = stem.with_name(f"{stem.name}.trace.json")
+        stem = f"rank{self.rank}"
+        trace_path = self.out_dir / f"{stem}.trace.json"
         profiler.export_chrome_trace(str(trace_path))
         trace = json.loads(trace_path.read_text())
         summary = {"rank": self.rank, "steps": [self.config.start_step, self.last_step],
@@ -137,7 +136,6 @@ class StepProfiler:
                 shutil.copyfileobj(src, dst)
         os.remove(trace_path)
         table = profiler.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=80)
-        stem.with_name(f"{stem.name}.cpu_ops.txt").write_text(table)
-        stem.with_name(f"{stem.name}.summary.json").write_text(json.dumps(summary, indent=1))
-        self.summary = summary
+        (self.out_dir / f"{stem}.cpu_ops.txt").write_text(table)
+        (self.out_dir / f"{stem}.summary.json").write_text(json.dumps(summary, indent=1))
         return summary
