@@ -98,6 +98,7 @@ def sweep(work: Path, variants: list[str], out: Path) -> None:
         result = branch.evaluate()
         results[name] = {"overrides": overrides, "dpo_seconds": round(dpo_seconds, 1),
                          **{stage: {k: result[stage][k] for k in ("preference_accuracy", "logprob_accuracy",
+                                                                  "preference_accuracy_length_normalized",
                                                                   "format_adherence", "hedging_score",
                                                                   "preference_accuracy_by_source")}
                             for stage in ("sft", "dpo")},

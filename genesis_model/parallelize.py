@@ -109,6 +109,12 @@ def apply_fsdp(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # NOTE: a block's inputs need no cast: its activations already arrive in param_dtype, and the rope tables
+    # (fp32 buffers) are cast to the activations' dtype inside the compiled block, as on one plain rank. FSDP's
+    # default casts them anyway, two copies per block per micro-step, plus a walk over the arguments on the CPU:
+    # 0.18 ms of CPU per block call on a slow host (profiled on 2 H200s, BENCHMARKS.md), where micro-batch 1
+    # is bound by the CPU.
+    block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     # NOTE: per-block units exist to free each block's gathered parameters after its forward. With one rank
     # nothing is sharded and nothing is freed, yet every unit costs four Python hooks per step, which made
     # micro-batch 1 CPU-bound on an H100 (profiled: 49 ms of GPU work in a 92 ms step). One root unit then
@@ -120,7 +126,8 @@ def apply_fsdp(
             # The last unit's parameters are needed again at once by backward; keep them gathered.
             reshard = reshard_after_forward and index < len(units) - 1
             # NOTE: a list is one FSDP unit: one all-gather, one reduce-scatter and one set of hooks for all of it.
-            fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=block_policy,
+                        reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 

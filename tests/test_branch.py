@@ -114,6 +114,24 @@ def test_pairs_choose_the_higher_scoring_reply_and_skip_near_ties():
 # Built-in dialogues
 
 
+def test_preference_accuracy_reads_implicit_rewards_summed_and_per_token():
+    from genesis.branch.evaluate import preference_metrics
+
+    # (log-probability, tokens) of (chosen, rejected) under the model and under the base it grew from. The
+    # long chosen reply gained 5 nats over 100 tokens (0.05 each); the short rejected one 1 nat over 10 (0.1).
+    model = [((-95.0, 100), (-19.0, 10))]
+    base = [((-100.0, 100), (-20.0, 10))]
+    metrics = preference_metrics(model, base)
+    assert metrics["preference_accuracy"] == 1.0  # summed: +5 > +1
+    assert metrics["preference_accuracy_length_normalized"] == 0.0  # per token: 0.05 < 0.1
+    assert metrics["logprob_accuracy"] == 0.0  # the model alone gives the short reply more probability
+    # A pair whose per-token gain favours the chosen reply counts under both.
+    model.append(((-40.0, 20), (-49.0, 10)))
+    base.append(((-44.0, 20), (-50.0, 10)))
+    metrics = preference_metrics(model, base)
+    assert metrics["preference_accuracy"] == 1.0 and metrics["preference_accuracy_length_normalized"] == 0.5
+
+
 def test_the_built_in_set_has_a_few_hundred_conversations_and_a_stable_held_out_split():
     topics = load_topics()
     train, heldout = split_topics(topics)
@@ -297,7 +315,8 @@ def test_a_branch_off_a_milestone_gives_sft_and_dpo_models_and_dpo_prefers_the_c
 
     result = json.loads((out / "eval.json").read_text())
     for stage in ("sft", "dpo"):
-        assert set(result[stage]) >= {"preference_accuracy", "format_adherence", "hedging_score"}
+        assert set(result[stage]) >= {"preference_accuracy", "preference_accuracy_length_normalized",
+                                      "format_adherence", "hedging_score"}
         model_dir = out / stage
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         assert "{% generation %}" in tokenizer.chat_template or "{%- generation %}" in tokenizer.chat_template

@@ -14,8 +14,8 @@ def cmd_branch(args: argparse.Namespace) -> int:
 
     config = load_config(BranchConfig, args.config, args.overrides)
     result = run_branch(args.milestone, config, args.out)
-    summary = {stage: {k: result[stage][k] for k in ("preference_accuracy", "format_adherence", "hedging_score")}
-               for stage in ("sft", "dpo")}
+    keys = ("preference_accuracy", "preference_accuracy_length_normalized", "format_adherence", "hedging_score")
+    summary = {stage: {k: result[stage][k] for k in keys} for stage in ("sft", "dpo")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {Path(args.out) / 'sft'}, {Path(args.out) / 'dpo'} and {Path(args.out) / 'eval.json'}")
     return 0

@@ -6,6 +6,11 @@ preference_accuracy   share of held-out pairs whose implicit reward prefers the 
                       and π_base is the milestone the branch grew from. One reference for both stages, so the
                       SFT parent and the DPO child are measured on the same scale (with the SFT model as its
                       own reference, the SFT reward would be identically zero).
+preference_accuracy_length_normalized
+                      the same with each reply's log-ratio divided by its token count: the implicit reward of
+                      length-normalised DPO (loss `sigmoid_norm`, the recipes' choice), which is what that loss
+                      raises. The summed reward mostly rewards length: SFT raises every assistant-style token's
+                      log-ratio, so the longer reply (usually the chosen one) gains the most.
 logprob_accuracy      share where the model itself gives the chosen reply the higher total log-probability
                       (no reference): stricter, since chosen replies are longer.
 format_adherence      share of held-out prompts whose sampled reply is one assistant turn: it stops at
@@ -52,7 +57,11 @@ def sequence_logprob(model, ids: list[int], start: int, device: str) -> float:
     return float(torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum())
 
 
-def pair_logprobs(model_dir: Path, tokenizer, pairs: list[dict], device: str) -> list[tuple[float, float]]:
+# A reply's score: (total log-probability, token count). A pair's: (chosen's, rejected's).
+ReplyScore = tuple[float, int]
+
+
+def pair_logprobs(model_dir: Path, tokenizer, pairs: list[dict], device: str) -> list[tuple[ReplyScore, ReplyScore]]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
@@ -62,17 +71,26 @@ def pair_logprobs(model_dir: Path, tokenizer, pairs: list[dict], device: str) ->
         row = []
         for key in ("chosen", "rejected"):
             ids, start = reply_token_ids(tokenizer, pair["prompt"], pair[key])
-            row.append(sequence_logprob(model, ids[:max_len], start, device) if start < max_len else 0.0)
+            ids = ids[:max_len]
+            row.append((sequence_logprob(model, ids, start, device), len(ids) - start) if start < max_len else (0.0, 0))
         scores.append((row[0], row[1]))
     del model
     return scores
 
 
 def preference_metrics(model_scores, base_scores) -> dict:
-    n = len(model_scores)
-    implicit = sum((mc - bc) - (mr - br) > 0 for (mc, mr), (bc, br) in zip(model_scores, base_scores))
-    raw = sum(mc > mr for mc, mr in model_scores)
-    return {"preference_accuracy": implicit / n if n else float("nan"), "logprob_accuracy": raw / n if n else float("nan")}
+    """Accuracies over pairs of ((chosen logp, tokens), (rejected logp, tokens)) for the model and the base."""
+
+    def share(wins: int) -> float:
+        return wins / len(model_scores) if model_scores else float("nan")
+
+    summed = normalized = raw = 0
+    for ((mc, nc), (mr, nr)), ((bc, _), (br, _)) in zip(model_scores, base_scores):
+        summed += (mc - bc) - (mr - br) > 0
+        normalized += (mc - bc) / max(nc, 1) - (mr - br) / max(nr, 1) > 0
+        raw += mc > mr
+    return {"preference_accuracy": share(summed), "preference_accuracy_length_normalized": share(normalized),
+            "logprob_accuracy": share(raw)}
 
 
 def sample_replies(model_dir: Path, tokenizer, prompts: list[list[dict]], recipe: EvalRecipe, device: str) -> list[dict]:
@@ -129,9 +147,10 @@ def evaluate_branch(base_dir: Path, sft_dir: Path, dpo_dir: Path, heldout_pairs:
         by_source: dict[str, list] = {}
         for pair, score, base in zip(pairs, stage_scores, base_scores):
             by_source.setdefault(pair.get("source", "unknown"), []).append((score, base))
-        result[stage]["preference_accuracy_by_source"] = {
-            name: preference_metrics([s for s, _ in rows], [b for _, b in rows])["preference_accuracy"]
-            for name, rows in sorted(by_source.items())}
+        by_source_metrics = {name: preference_metrics([s for s, _ in rows], [b for _, b in rows])
+                             for name, rows in sorted(by_source.items())}
+        for key in ("preference_accuracy", "preference_accuracy_length_normalized"):
+            result[stage][f"{key}_by_source"] = {name: m[key] for name, m in by_source_metrics.items()}
     result["samples"] = [
         {"prompt": prompt[-1]["content"], "sft": sft["text"], "dpo": dpo["text"]}
         for prompt, sft, dpo in list(zip(prompts, replies["sft"], replies["dpo"]))[: recipe.samples]
