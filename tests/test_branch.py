@@ -110,10 +110,6 @@ def test_pairs_choose_the_higher_scoring_reply_and_skip_near_ties():
     assert build_pairs(prompt, [good]) is None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Built-in dialogues
-
-
 def test_preference_accuracy_reads_implicit_rewards_summed_and_per_token():
     from genesis.branch.evaluate import preference_metrics
 
@@ -130,6 +126,10 @@ def test_preference_accuracy_reads_implicit_rewards_summed_and_per_token():
     base.append(((-44.0, 20), (-50.0, 10)))
     metrics = preference_metrics(model, base)
     assert metrics["preference_accuracy"] == 1.0 and metrics["preference_accuracy_length_normalized"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Built-in dialogues
 
 
 def test_the_built_in_set_has_a_few_hundred_conversations_and_a_stable_held_out_split():

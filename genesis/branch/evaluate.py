@@ -9,8 +9,8 @@ preference_accuracy   share of held-out pairs whose implicit reward prefers the 
 preference_accuracy_length_normalized
                       the same with each reply's log-ratio divided by its token count: the implicit reward of
                       length-normalised DPO (loss `sigmoid_norm`, the recipes' choice), which is what that loss
-                      raises. The summed reward mostly rewards length: SFT raises every assistant-style token's
-                      log-ratio, so the longer reply (usually the chosen one) gains the most.
+                      raises. The summed reward can favour length alone: where SFT raises every assistant-style
+                      token's log-ratio, the longer reply (usually the chosen one) gains the most.
 logprob_accuracy      share where the model itself gives the chosen reply the higher total log-probability
                       (no reference): stricter, since chosen replies are longer.
 format_adherence      share of held-out prompts whose sampled reply is one assistant turn: it stops at
