@@ -199,8 +199,8 @@ def scaling(runner: Runner, work: Path, setups: list[str], profile_step: int, pr
     # A variant never replaces the top-level figures while a default row exists.
     first_now = rows[(*parse_setup(setups[0])[:2], variant)]
     defaults = [row for key, row in rows.items() if key[2] == "default"]
-    top = (rows.get((*HEADLINE_SETUP, "default")) or (first_now if variant == "default" else None)
-           or (defaults[0] if defaults else first_now))
+    fallback = first_now if variant == "default" or not defaults else defaults[0]
+    top = rows.get((*HEADLINE_SETUP, "default"), fallback)
     return {
         **{key: top[key] for key in ("tok_s_1gpu", "tok_s_2gpu", "tok_s_2gpu_no_p2p", "scaling_p2p", "scaling_no_p2p",
                                      "mfu_per_gpu_1gpu", "mfu_per_gpu_2gpu", "mfu_per_gpu_2gpu_no_p2p")},
@@ -336,8 +336,8 @@ def main() -> None:
     section_names = ["collectives", "scaling", "memory", "smoke", "reshard", "batch", "hang"]
     parser.add_argument("--only", nargs="+", default=section_names, choices=section_names)
     parser.add_argument("--scaling-setups", nargs="+", default=None, metavar="MBxACCUM:STEPS",
-                        help="override the profile's scaling setups, e.g. 1x64:8 1x8:20 (the first gives the "
-                             "top-level figures)")
+                        help="override the profile's scaling setups, e.g. 1x64:8 1x8:20 (the top-level figures come "
+                             "from HEADLINE_SETUP's default row when there is one, else from the first)")
     parser.add_argument("--variant-overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra trainer overrides for the scaling runs (e.g. parallel.fsdp_unit_blocks=5); their "
                              "rows are kept beside the default's")
