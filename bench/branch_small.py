@@ -102,6 +102,8 @@ def sweep(work: Path, variants: list[str], out: Path) -> None:
                                                                   "format_adherence", "hedging_score",
                                                                   "preference_accuracy_by_source")}
                             for stage in ("sft", "dpo")},
+                         "dpo_reward_accuracy_vs_sft": {k: result["dpo"][k] for k in (
+                             "reward_accuracy_vs_sft", "reward_accuracy_vs_sft_length_normalized")},
                          "dpo_train_log": json.loads((variant_dir / "dpo" / "train_log.json").read_text())[-1]}
         print(name, json.dumps(results[name]), flush=True)
         write_json(out, {**environment(), "variants": results})

@@ -323,6 +323,7 @@ def test_a_branch_off_a_milestone_gives_sft_and_dpo_models_and_dpo_prefers_the_c
         model = AutoModelForCausalLM.from_pretrained(str(model_dir))
         assert tokenizer.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
     assert result["dpo"]["preference_accuracy"] > result["sft"]["preference_accuracy"]
+    assert result["dpo"]["reward_accuracy_vs_sft"] > 0.5  # DPO itself moved most held-out pairs toward chosen
     assert result["samples"] and {"prompt", "sft", "dpo"} <= set(result["samples"][0])
     report = json.loads((out / "data" / "report.json").read_text())
     assert report["totals"]["dpo_heldout"] == result["heldout_pairs"]

@@ -16,6 +16,7 @@ def cmd_branch(args: argparse.Namespace) -> int:
     result = run_branch(args.milestone, config, args.out)
     keys = ("preference_accuracy", "preference_accuracy_length_normalized", "format_adherence", "hedging_score")
     summary = {stage: {k: result[stage][k] for k in keys} for stage in ("sft", "dpo")}
+    summary["dpo"]["reward_accuracy_vs_sft"] = result["dpo"]["reward_accuracy_vs_sft"]
     print(json.dumps(summary, indent=2))
     print(f"wrote {Path(args.out) / 'sft'}, {Path(args.out) / 'dpo'} and {Path(args.out) / 'eval.json'}")
     return 0

@@ -11,6 +11,10 @@ preference_accuracy_length_normalized
                       length-normalised DPO (loss `sigmoid_norm`, the recipes' choice), which is what that loss
                       raises. The summed reward can favour length alone: where SFT raises every assistant-style
                       token's log-ratio, the longer reply (usually the chosen one) gains the most.
+reward_accuracy_vs_sft (DPO only; also _length_normalized)
+                      the same with the SFT parent as the reference, which is DPO's own implicit reward and
+                      what TRL reports as rewards/accuracies on training batches: the share of held-out pairs
+                      that DPO itself moved toward the chosen reply. Compared with 0.5, not with the SFT figure.
 logprob_accuracy      share where the model itself gives the chosen reply the higher total log-probability
                       (no reference): stricter, since chosen replies are longer.
 format_adherence      share of held-out prompts whose sampled reply is one assistant turn: it stops at
@@ -139,9 +143,9 @@ def evaluate_branch(base_dir: Path, sft_dir: Path, dpo_dir: Path, heldout_pairs:
     prompts = heldout_prompts[: recipe.max_prompts]
     base_scores = pair_logprobs(base_dir, tokenizer, pairs, device)
     result: dict = {"heldout_pairs": len(pairs), "heldout_prompts": len(prompts)}
-    replies = {}
+    replies, scores = {}, {}
     for stage, model_dir in (("sft", sft_dir), ("dpo", dpo_dir)):
-        stage_scores = pair_logprobs(model_dir, tokenizer, pairs, device)
+        stage_scores = scores[stage] = pair_logprobs(model_dir, tokenizer, pairs, device)
         replies[stage] = sample_replies(model_dir, tokenizer, prompts, recipe, device)
         result[stage] = {**preference_metrics(stage_scores, base_scores), **reply_metrics(replies[stage], prompts)}
         by_source: dict[str, list] = {}
@@ -151,6 +155,9 @@ def evaluate_branch(base_dir: Path, sft_dir: Path, dpo_dir: Path, heldout_pairs:
                              for name, rows in sorted(by_source.items())}
         for key in ("preference_accuracy", "preference_accuracy_length_normalized"):
             result[stage][f"{key}_by_source"] = {name: m[key] for name, m in by_source_metrics.items()}
+    dpo_vs_sft = preference_metrics(scores["dpo"], scores["sft"])
+    result["dpo"]["reward_accuracy_vs_sft"] = dpo_vs_sft["preference_accuracy"]
+    result["dpo"]["reward_accuracy_vs_sft_length_normalized"] = dpo_vs_sft["preference_accuracy_length_normalized"]
     result["samples"] = [
         {"prompt": prompt[-1]["content"], "sft": sft["text"], "dpo": dpo["text"]}
         for prompt, sft, dpo in list(zip(prompts, replies["sft"], replies["dpo"]))[: recipe.samples]
