@@ -6,6 +6,10 @@ plus the same again for its gradient. Here each chunk of rows computes its logit
 with respect to the hidden states and the weight at once, then drops the logits. Only the (B·T, D) hidden
 gradient and the (V, D) weight gradient survive to the backward pass, which just scales them by the
 incoming gradient. Peak extra memory is one chunk of logits and its gradient (4,096 × 49,152 values).
+
+The weight may be stored in a wider dtype than the hidden states (fp32 master weights computing in bf16 on one
+GPU): it is cast here, and its gradient is accumulated and returned in its own dtype, so the output layer's
+gradient is never rounded to bf16 and no cast sits between this function and the parameter.
 """
 
 from __future__ import annotations
@@ -35,6 +39,35 @@ def _chunk_loss_and_logit_grad(logits, targets, valid):
 
 
 _compiled_chunk = None
+# Whether this build's CUDA matmuls take `out_dtype` (bf16 operands, fp32 result); None until first tried.
+_mm_out_dtype_works: bool | None = None
+
+
+def _accumulate_weight_grad(grad_weight, grad_logits_t, chunk_hidden, accumulate_dtype):
+    """grad_weight (None before the first chunk) + grad_logits_t @ chunk_hidden, in `accumulate_dtype`.
+
+    NOTE: on CUDA, with bf16 operands, the GEMM writes its fp32 sum straight into the accumulator (cuBLAS sums
+    in fp32 anyway). The plain way, a bf16 product cast to fp32 and added, costs three more passes over the
+    (V, D) gradient per chunk and rounds each chunk's product to bf16 first.
+    """
+    global _mm_out_dtype_works
+    if chunk_hidden.is_cuda and chunk_hidden.dtype != accumulate_dtype and _mm_out_dtype_works is not False:
+        try:
+            if grad_weight is None:
+                result = torch.mm(grad_logits_t, chunk_hidden, out_dtype=accumulate_dtype)
+            else:
+                result = torch.addmm(grad_weight, grad_logits_t, chunk_hidden, out_dtype=accumulate_dtype)
+            _mm_out_dtype_works = True
+            return result
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError):
+            # NOTE: `out_dtype` matmuls came with torch 2.8; without them (decided once) the plain way.
+            if _mm_out_dtype_works:
+                raise
+            _mm_out_dtype_works = False
+    product = (grad_logits_t @ chunk_hidden).to(accumulate_dtype)
+    return product if grad_weight is None else grad_weight.add_(product)
 
 
 def _chunk_fn(device: torch.device):
@@ -50,6 +83,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows):
         rows = hidden.shape[0]
+        ctx.weight_dtype = weight.dtype
+        weight = weight.to(hidden.dtype)
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
         valid_count = valid.sum().clamp(min=1)
@@ -59,7 +94,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         accumulate_dtype = torch.promote_types(hidden.dtype, torch.float32)
         loss_sum = torch.zeros((), dtype=accumulate_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=accumulate_dtype) if need_weight_grad else None
+        grad_weight = None
 
         for start in range(0, rows, chunk_rows):
             end = min(start + chunk_rows, rows)
@@ -73,10 +108,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if need_hidden_grad:
                     grad_hidden[start:end] = grad_logits @ weight
                 if need_weight_grad:
-                    grad_weight += (grad_logits.T @ chunk_hidden).to(accumulate_dtype)
+                    grad_weight = _accumulate_weight_grad(grad_weight, grad_logits.T, chunk_hidden, accumulate_dtype)
 
         ctx.save_for_backward(grad_hidden, grad_weight, valid_count)
-        ctx.weight_dtype = weight.dtype
         return loss_sum / valid_count
 
     @staticmethod
@@ -98,6 +132,7 @@ def fused_linear_cross_entropy(
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, skipping `ignore_index`.
 
     hidden (N, D), weight (V, D), targets (N,) int64. Same value and gradients as
-    `F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index)`.
+    `F.cross_entropy(F.linear(hidden, weight.to(hidden.dtype)).float(), targets, ignore_index=ignore_index)`,
+    with the weight's gradient in the weight's own dtype.
     """
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)

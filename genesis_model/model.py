@@ -239,10 +239,10 @@ class Transformer(nn.Module):
         (T,) is for decoding with a KV cache (`setup_kv_cache`); training leaves it None.
         """
         x = self.hidden_states(tokens, positions)
-        output_weight = self.output_weight.to(x.dtype)
         if targets is not None:
-            return fused_linear_cross_entropy(x.flatten(0, 1), output_weight, targets.flatten(), ignore_index)
-        return F.linear(x, output_weight).float()
+            # The loss casts the weight itself, so its gradient comes back in the weight's dtype (fp32 masters).
+            return fused_linear_cross_entropy(x.flatten(0, 1), self.output_weight, targets.flatten(), ignore_index)
+        return F.linear(x, self.output_weight.to(x.dtype)).float()
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) → the final norm's output (B, T, D): everything but the output projection.

@@ -91,6 +91,25 @@ def test_fused_loss_matches_plain_cross_entropy_in_value_and_gradients(chunk_row
     assert torch.allclose(grad_weight, ref_weight, atol=1e-12)
 
 
+def test_fused_loss_with_fp32_master_weight_returns_its_gradient_in_fp32():
+    # One GPU without FSDP: bf16 hidden states, the fp32 weight cast inside the loss. The gradient must come
+    # back in fp32 (no cast left between the loss and the parameter) and equal the plain path's.
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(37, 16, dtype=torch.float32, requires_grad=True)
+    targets = torch.randint(0, 37, (40,))
+
+    fused = fused_linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    grad_hidden, grad_weight = torch.autograd.grad(fused, (hidden, weight))
+    plain = F.cross_entropy(F.linear(hidden, weight.to(torch.bfloat16)).float(), targets)
+    ref_hidden, ref_weight = torch.autograd.grad(plain, (hidden, weight))
+
+    assert grad_weight.dtype == torch.float32 and grad_hidden.dtype == torch.bfloat16
+    assert torch.allclose(fused, plain, rtol=1e-3)
+    assert torch.allclose(grad_weight, ref_weight, rtol=2e-2, atol=1e-3)
+    assert torch.allclose(grad_hidden.float(), ref_hidden.float(), rtol=2e-2, atol=1e-3)
+
+
 def test_prompt_longer_than_the_context_is_refused():
     model = Transformer(small_config(max_seq_len=16))
     with pytest.raises(ValueError, match="exceeds the context length 16"):
