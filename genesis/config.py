@@ -142,6 +142,12 @@ class ParallelConfig(StrictModel):
                     "unsharded from the first micro-step to the last, so each optimizer step does one all-gather "
                     "and one reduce-scatter instead of two all-gathers per micro-step; measured for genesis-1b at "
                     "micro-batch 1 on 2 GPUs: 1.5 GiB more per GPU; false is the lean mode for the tightest GPUs")
+    master_weights: bool = Field(
+        default=False,
+        description="one rank without FSDP (one_rank 'plain'), bf16: the forward runs on bf16 copies of the fp32 "
+                    "weights that the optimizer rewrites as it updates them, so no step casts weights or "
+                    "gradients; gradients are bf16 (summed in fp32 over micro-steps), as under FSDP "
+                    "(parallelize.py, optim.MasterWeightAdamW). Checkpoints are the same either way")
     fsdp_unit_blocks: int = Field(
         default=1, ge=1,
         description="with several ranks: consecutive blocks sharded as one FSDP unit. FSDP runs Python hooks per "
@@ -152,6 +158,13 @@ class ParallelConfig(StrictModel):
         default=600, gt=0,
         description="how long a rank waits for the others: a checkpoint save that takes longer ends the job with "
                     "one line (exit 4); every other collective gives up 30 s later (distributed.py)")
+
+    @model_validator(mode="after")
+    def _master_weights_on_the_plain_bf16_path(self) -> "ParallelConfig":
+        if self.master_weights and (self.one_rank != "plain" or self.param_dtype != "bfloat16"):
+            raise ValueError("master_weights needs one_rank 'plain' and param_dtype 'bfloat16' (FSDP keeps its own "
+                             "fp32 masters; fp32 compute has nothing to copy)")
+        return self
 
 
 class ProfilingConfig(StrictModel):

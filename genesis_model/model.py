@@ -23,19 +23,42 @@ from genesis.config import ModelConfig
 from genesis_model.loss import fused_linear_cross_entropy
 
 
+def weight_for_compute(layer: nn.Module) -> torch.Tensor:
+    """The weight a layer computes with: its bf16 compute copy when one is attached, else the weight itself.
+
+    A compute copy (`parallelize.attach_compute_copies`, one GPU without FSDP) is a bf16 twin of an fp32
+    weight that the optimizer rewrites after each update; gradients land on the copy. The fp32 weight stays
+    the model's parameter, so checkpoints and exports never see the copy.
+    """
+    copy = layer.compute_weight
+    return layer.weight if copy is None else copy
+
+
 class Linear(nn.Linear):
     """A bias-free linear layer that computes in its input's dtype.
 
-    With bf16 weights (FSDP's mixed precision) or fp32 everywhere (CPU) the cast is a no-op. With fp32 master
-    weights and bf16 activations (one GPU without FSDP, see `Transformer.compute_dtype`) the weight is cast
-    inside the compiled block, and its gradient comes back in fp32.
+    With bf16 weights (FSDP's mixed precision), a bf16 compute copy, or fp32 everywhere (CPU) the cast is a
+    no-op. With fp32 weights and bf16 activations (one GPU without FSDP, see `Transformer.compute_dtype`) the
+    weight is cast inside the compiled block, and its gradient comes back in fp32.
     """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.register_buffer("compute_weight", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        return F.linear(x, weight_for_compute(self).to(x.dtype))
+
+
+class Embedding(nn.Embedding):
+    """Token embedding that looks up its compute copy when one is attached."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__(num_embeddings, dim)
+        self.register_buffer("compute_weight", None, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, weight_for_compute(self))
 
 
 class RMSNorm(nn.Module):
@@ -46,12 +69,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.register_buffer("compute_weight", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.to(input_dtype) * x.to(input_dtype)
+        return weight_for_compute(self).to(input_dtype) * x.to(input_dtype)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -173,7 +197,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_embeddings = Embedding(config.vocab_size, config.dim)
         # NOTE: a ModuleDict keyed "0".."L-1" rather than a ModuleList keeps layer names stable when
         # parallelize.py wraps blocks (compile, checkpointing), so checkpoints stay loadable either way.
         self.layers = nn.ModuleDict({str(i): Block(config) for i in range(config.n_layers)})
@@ -189,6 +213,10 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         """(V, D): the projection to logits, shared with the embedding when tied."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    @property
+    def output_weight_for_compute(self) -> torch.Tensor:
+        return weight_for_compute(self.tok_embeddings if self.output is None else self.output)
 
     def init_weights(self, seed: int | None = None) -> None:
         """Deterministic scaled init (GPT-2 / OLMo style).
@@ -241,8 +269,9 @@ class Transformer(nn.Module):
         x = self.hidden_states(tokens, positions)
         if targets is not None:
             # The loss casts the weight itself, so its gradient comes back in the weight's dtype (fp32 masters).
-            return fused_linear_cross_entropy(x.flatten(0, 1), self.output_weight, targets.flatten(), ignore_index)
-        return F.linear(x, self.output_weight.to(x.dtype)).float()
+            return fused_linear_cross_entropy(x.flatten(0, 1), self.output_weight_for_compute, targets.flatten(),
+                                              ignore_index)
+        return F.linear(x, self.output_weight_for_compute.to(x.dtype)).float()
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) → the final norm's output (B, T, D): everything but the output projection.

@@ -6,6 +6,9 @@ Order matters and follows torchtitan: checkpointing wraps a block's computation,
 On one rank there is nothing to shard. By default (`one_rank="plain"`) the model then stays a plain module
 with fp32 weights that compute in bf16 (`Transformer.compute_dtype`): the same maths as FSDP's bf16
 parameter policy, without its per-step copies and Python hooks, and it may be compiled as one graph.
+With `master_weights`, each fp32 weight also gets a bf16 compute copy that the forward uses and the
+optimizer (`optim.MasterWeightAdamW`) rewrites in the same pass as its update: no weight cast in the forward,
+no gradient cast in the backward. Gradients are then bf16, as under FSDP's bf16 policy.
 """
 
 from __future__ import annotations
@@ -90,6 +93,32 @@ def apply_compile(model: Transformer, memory_budget: float = 1.0, scope: Literal
         block.compile(fullgraph=True)
 
 
+def attach_compute_copies(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give every layer with a `compute_weight` slot a copy of its weight in `dtype` that receives gradients."""
+    for module in model.modules():
+        if hasattr(module, "compute_weight") and isinstance(getattr(module, "weight", None), nn.Parameter):
+            module.compute_weight = module.weight.detach().to(dtype).requires_grad_(True)
+
+
+def compute_copies(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """fp32 weight → its compute copy, for the layers that have one."""
+    return {module.weight: module.compute_weight for module in model.modules()
+            if getattr(module, "compute_weight", None) is not None}
+
+
+@torch.no_grad()
+def refresh_compute_copies(model: nn.Module) -> None:
+    """Rewrite the copies from the weights: after anything but the optimizer changed the weights (a checkpoint
+    load, an initialisation)."""
+    for weight, copy in compute_copies(model).items():
+        copy.copy_(weight)
+
+
+def gradient_holders(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors whose `.grad` makes up the model's gradient: the parameters, and their compute copies."""
+    return [*model.parameters(), *compute_copies(model).values()]
+
+
 def apply_fsdp(
     model: Transformer,
     mesh: DeviceMesh,
@@ -142,13 +171,21 @@ def parallelize(
     one_rank: Literal["plain", "fsdp"] = "plain",
     compile_scope: Literal["blocks", "model"] = "blocks",
     fsdp_unit_blocks: int = 1,
+    master_weights: bool = False,
 ) -> nn.Module:
     """`param_dtype` is the compute dtype of matmuls; weights, gradients and optimizer state stay fp32.
-    `reduce_dtype` is FSDP's gradient reduction dtype (on one plain rank gradients are simply fp32)."""
+    `reduce_dtype` is FSDP's gradient reduction dtype (on one plain rank gradients are simply fp32).
+    `master_weights` (one plain rank, bf16): bf16 compute copies of the fp32 weights, see the module docstring."""
     plain = mesh.size() == 1 and one_rank == "plain"
     if compile and compile_scope == "model" and not plain:
         raise ValueError("parallel.compile_scope 'model' needs one rank without FSDP (parallel.one_rank: plain); "
                          "use compile_scope 'blocks' with several ranks")
+    if master_weights and not (plain and param_dtype != "float32"):
+        raise ValueError("parallel.master_weights needs one rank without FSDP (parallel.one_rank: plain) and "
+                         "param_dtype bfloat16; FSDP already keeps fp32 masters apart from its bf16 weights")
+    if master_weights:
+        # NOTE: before compile, so the compiled graphs take the copies as their inputs from the first call.
+        attach_compute_copies(model, DTYPES[param_dtype])
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model, compile_memory_budget, compile_scope)

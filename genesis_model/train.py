@@ -36,7 +36,7 @@ from genesis_model.loader import TokenLoader
 from genesis_model.metrics import MetricsSink, RunDirSink
 from genesis_model.model import Transformer
 from genesis_model.optim import build_optimizer
-from genesis_model.parallelize import parallelize
+from genesis_model.parallelize import parallelize, refresh_compute_copies
 from genesis_model.trainer import NonFiniteStop, Trainer
 
 LOCK_NAME = "train.lock"
@@ -185,6 +185,9 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
     info = init_distributed(device_type, timeout_s=config.parallel.nccl_timeout_s)
     lock = None
     try:
+        if config.parallel.master_weights and info.world_size > 1:
+            raise ConfigError(f"parallel.master_weights is for one rank; with {info.world_size} ranks FSDP keeps the "
+                              "fp32 master weights itself: set parallel.master_weights=false")
         lock = collective_check(lambda: prepare_run_dir(config, args.config), info.rank, share_result=False)
         data_meta = collective_check(lambda: check_data(config), info.rank)
         resume_path = collective_check(lambda: resolve_resume(args.resume, Path(config.run_dir)), info.rank)
@@ -204,11 +207,13 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
         num_params = model.num_params()
         parallel = config.parallel
         use_compile = parallel.compile and device_type == "cuda"
-        param_dtype = parallel.param_dtype if device_type == "cuda" else "float32"
+        # NOTE: CPU runs compute in fp32, except with master_weights, which only exist in bf16 (and are tested so).
+        param_dtype = parallel.param_dtype if device_type == "cuda" or parallel.master_weights else "float32"
         parallelize(model, info.mesh, param_dtype=param_dtype, reduce_dtype=parallel.reduce_dtype,
                     compile=use_compile, activation_checkpointing=parallel.activation_checkpointing,
                     compile_memory_budget=parallel.compile_memory_budget, one_rank=parallel.one_rank,
-                    compile_scope=parallel.compile_scope, fsdp_unit_blocks=parallel.fsdp_unit_blocks)
+                    compile_scope=parallel.compile_scope, fsdp_unit_blocks=parallel.fsdp_unit_blocks,
+                    master_weights=parallel.master_weights)
         optimizer = build_optimizer(model, config.optimizer, device_type)
         loader = TokenLoader(config.data_dir, config.window, config.micro_batch_size, info.rank, info.world_size,
                              config.seed, config.eval.holdout_docs_per_source)
@@ -243,6 +248,7 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
             collective_check(lambda: check_resume_compatible(meta, run_meta, resume_path, args.reset_data), info.rank,
                              share_result=False)
             meta, rank_state = checkpointer.load(resume_path, model, optimizer, reset_optimizer=args.reset_optimizer)
+            refresh_compute_copies(model)  # the loaded fp32 weights, in the bf16 copies (master_weights)
             if args.reset_data:
                 rank_state.pop("loader", None)
             trainer.restore(meta, rank_state)

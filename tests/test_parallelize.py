@@ -17,7 +17,8 @@ from torch.distributed.fsdp import FSDPModule
 from genesis.config import load_model_config
 from genesis.launch import free_port
 from genesis_model.model import Transformer
-from genesis_model.parallelize import parallelize
+from genesis_model.optim import MasterWeightAdamW
+from genesis_model.parallelize import compute_copies, parallelize, refresh_compute_copies
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,82 @@ def test_whole_model_compile_is_refused_where_fsdp_shards(one_rank_mesh, trained
     with pytest.raises(ValueError, match="compile_scope 'model' needs one rank without FSDP"):
         parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, compile=True, compile_scope="model",
                     one_rank="fsdp")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Master weights: bf16 compute copies of the fp32 weights, updated by MasterWeightAdamW.
+
+
+def test_master_weight_adamw_is_adamw_and_keeps_each_compute_copy_equal_to_its_rounded_weight():
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(shape)) for shape in ((7, 5), (5,), (3, 4, 2))]
+    reference = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    copies = {w: w.detach().to(torch.bfloat16) for w in weights}
+    groups = lambda params: [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+    ours = MasterWeightAdamW(groups(weights), copies, lr=1e-2, betas=(0.9, 0.95))
+    torch_adamw = torch.optim.AdamW(groups(reference), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    for step in range(5):
+        for group in (*ours.param_groups, *torch_adamw.param_groups):
+            group["lr"] = 1e-2 * (step + 1) / 5  # a schedule: the update reads the learning rate each step
+        grads = [torch.randn(w.shape) for w in weights]
+        for w, r, g in zip(weights, reference, grads):
+            w.grad, r.grad = g.clone(), g.clone()  # fp32 gradients on the weights: AdamW's own case
+        ours.step()
+        torch_adamw.step()
+        ours.zero_grad()
+        torch_adamw.zero_grad()
+    for w, r in zip(weights, reference):
+        assert torch.allclose(w, r, rtol=1e-6, atol=1e-7)
+        assert torch.equal(copies[w], w.detach().to(torch.bfloat16))
+    # The state is AdamW's, so checkpoints move between the two optimizers.
+    assert ours.state_dict()["state"].keys() == torch_adamw.state_dict()["state"].keys()
+    assert set(ours.state_dict()["state"][0]) == set(torch_adamw.state_dict()["state"][0])
+
+
+def test_master_weights_compute_the_plain_forward_and_train_like_fsdp(one_rank_mesh, trained_looking_model):
+    inputs, targets = batch(trained_looking_model.config.vocab_size)
+    before, after = {}, {}
+    for mode in ("plain", "fsdp", "master"):
+        model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, param_dtype="bfloat16",
+                            compile=False, one_rank="fsdp" if mode == "fsdp" else "plain",
+                            master_weights=mode == "master")
+        if mode == "master":
+            optimizer = MasterWeightAdamW(model.parameters(), compute_copies(model), lr=1e-3)
+            # Checkpoints see the fp32 weights only: the same keys and dtypes as the plain model's.
+            state = model.state_dict()
+            assert state.keys() == trained_looking_model.state_dict().keys()
+            assert all(tensor.dtype == torch.float32 for tensor in state.values())
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        first = model(inputs, targets)
+        first.backward()
+        if mode == "master":
+            assert all(weight.grad is None for weight in model.parameters())
+            assert all(c.grad is not None and c.grad.dtype == torch.bfloat16 for c in compute_copies(model).values())
+        optimizer.step()
+        with torch.no_grad():
+            before[mode], after[mode] = first.item(), model(inputs, targets).item()
+    assert before["master"] == before["plain"] == before["fsdp"]  # the same forward, bit for bit
+    # Gradients are bf16 as under FSDP's policy, so one update lands where FSDP's does, up to rounding.
+    assert after["master"] == pytest.approx(after["fsdp"], rel=1e-4)
+    assert after["master"] < before["master"]
+
+
+def test_a_stale_compute_copy_is_refused_at_the_first_update(one_rank_mesh, trained_looking_model):
+    model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, param_dtype="bfloat16", compile=False,
+                        master_weights=True)
+    optimizer = MasterWeightAdamW(model.parameters(), compute_copies(model), lr=1e-3)
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)  # e.g. a checkpoint load that forgot refresh_compute_copies
+    inputs, targets = batch(model.config.vocab_size)
+    model(inputs, targets).backward()
+    with pytest.raises(RuntimeError, match="refresh_compute_copies"):
+        optimizer.step()
+    refresh_compute_copies(model)
+    optimizer.step()
+
+
+def test_master_weights_are_refused_where_fsdp_keeps_its_own(one_rank_mesh, trained_looking_model):
+    with pytest.raises(ValueError, match="master_weights needs one rank without FSDP"):
+        parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, compile=False, one_rank="fsdp",
+                    master_weights=True)

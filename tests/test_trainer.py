@@ -106,6 +106,34 @@ def test_resume_on_one_rank_from_two_continues_the_same_loss_trajectory(uninterr
     assert resumed[0]["saved_world_size"] == 2 and resumed[0]["world_size"] == 1
 
 
+def test_master_weights_resume_an_adamw_checkpoint_and_write_one_the_plain_path_resumes(uninterrupted, token_data,
+                                                                                      tmp_path):
+    # parallel.master_weights on one rank (bf16 compute copies, gradients summed over 2 micro-steps in fp32)
+    # picks up the fp32 reference run's checkpoint...
+    master = tmp_path / "master"
+    step_150 = uninterrupted / "checkpoints" / "step_00000150"
+    assert_ok(run_trainer(master, token_data, ["max_steps=300", "grad_accum_steps=2", "checkpoint.save_every=0",
+                                               "parallel.master_weights=true", "parallel.param_dtype=bfloat16"],
+                          ["--resume", str(step_150), "--stop-at-step", "170"], nproc=1))
+    reference, trained = losses_by_step(uninterrupted), losses_by_step(master)
+    for step in range(151, 171):
+        # The reference computes in fp32 on CPU; this run in bf16.
+        assert trained[step] == pytest.approx(reference[step], rel=0.03), step
+    # ... and its checkpoint holds fp32 weights and AdamW's state only, which the plain fp32 path resumes.
+    state = full_state(master / "checkpoints" / "step_00000170", tmp_path)
+    reference_state = full_state(step_150, tmp_path)
+    assert state["model"].keys() == reference_state["model"].keys()
+    assert all(tensor.dtype == torch.float32 for tensor in state["model"].values())
+    assert state["optimizer"]["state"].keys() == reference_state["optimizer"]["state"].keys()
+    back = tmp_path / "back"
+    assert_ok(run_trainer(back, token_data, ["max_steps=300", "grad_accum_steps=2", "checkpoint.save_every=0"],
+                          ["--resume", str(master / "checkpoints" / "step_00000170"), "--stop-at-step", "175"],
+                          nproc=1))
+    resumed = losses_by_step(back)
+    for step in range(171, 176):
+        assert resumed[step] == pytest.approx(reference[step], rel=0.03), step
+
+
 def test_how_weights_are_grouped_and_kept_gathered_changes_the_traffic_not_the_losses(token_data, tmp_path):
     # Evaluation and a save fall between accumulated steps: both must see the sharded parameters again.
     common = ["max_steps=6", "grad_accum_steps=3", "eval.every=2", "checkpoint.save_every=3"]
