@@ -83,10 +83,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def gradient(self, weight: torch.nn.Parameter) -> torch.Tensor | None:
         """The weight's gradient this step: its own fp32 `.grad` (folded or from outside), else its copy's."""
-        if weight.grad is not None:
-            return weight.grad
-        copy = self.copies.get(weight)
-        return None if copy is None else copy.grad
+        return weight.grad if weight.grad is not None else self.copies[weight].grad
 
     @torch.no_grad()
     def fold_gradients(self) -> None:

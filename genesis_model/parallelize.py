@@ -114,11 +114,6 @@ def refresh_compute_copies(model: nn.Module) -> None:
         copy.copy_(weight)
 
 
-def gradient_holders(model: nn.Module) -> list[torch.Tensor]:
-    """The tensors whose `.grad` makes up the model's gradient: the parameters, and their compute copies."""
-    return [*model.parameters(), *compute_copies(model).values()]
-
-
 def apply_fsdp(
     model: Transformer,
     mesh: DeviceMesh,

@@ -26,7 +26,7 @@ from genesis_model.distributed import DistInfo, exit_if_longer_than
 from genesis_model.loader import TokenLoader
 from genesis_model.metrics import MetricsSink, ProgressLine, SpikeDetector, peak_tflops, write_json_atomic
 from genesis_model.optim import lr_at
-from genesis_model.parallelize import gradient_holders
+from genesis_model.parallelize import compute_copies
 from genesis_model.profiling import StepProfiler
 
 # Testing aid: comma-separated steps at which rank 0's loss is replaced by NaN (a real fault's stand-in).
@@ -54,6 +54,8 @@ class Trainer:
         self.spikes = SpikeDetector(config.stability.spike_window, config.stability.spike_sigma)
         self.tokens_per_step = config.micro_batch_size * config.window * config.grad_accum_steps * dist_info.world_size
         self._fold_gradients = config.grad_accum_steps > 1 and hasattr(optimizer, "fold_gradients")
+        # Gradients land on these too (parallel.master_weights); fixed once attached, so looked up once.
+        self._compute_copies = list(compute_copies(model).values())
         self.flops_per_token = 6 * num_params + 12 * config.model.n_layers * config.model.dim * config.window
         device_name = torch.cuda.get_device_name(dist_info.device) if dist_info.device.type == "cuda" else None
         self.peak_tflops = peak_tflops(device_name)
@@ -195,8 +197,8 @@ class Trainer:
                 self.optimizer.fold_gradients()  # bf16 compute copies' gradients, summed over micro-steps in fp32
             loss_sum += loss.detach()
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(gradient_holders(self.model), config.optimizer.grad_clip,
-                                                   foreach=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *self._compute_copies],
+                                                   config.optimizer.grad_clip, foreach=True)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         loss_value = float(self._all_reduce_mean(loss_sum / config.grad_accum_steps))
