@@ -52,6 +52,14 @@ def test_an_invalid_field_names_the_file_the_field_and_the_fix(tmp_path):
     assert "learning_rate" in line and "remove it" in line
 
 
+def test_master_weights_without_bf16_compute_is_one_line_naming_the_field(tmp_path):
+    run_dir = tmp_path / "run"
+    line = one_error_line(genesis("train", "--config", str(TINY_CPU), f"run_dir={run_dir}",
+                                  "parallel.master_weights=true"))  # tiny-cpu computes in float32
+    assert "parallel" in line and "master_weights needs one_rank 'plain' and param_dtype 'bfloat16'" in line
+    assert not run_dir.exists()
+
+
 def test_an_unknown_model_preset_is_one_line(tmp_path):
     line = one_error_line(genesis("train", "--config", str(TINY_CPU), "model=genesis-7b"))
     assert "unknown model preset 'genesis-7b'" in line
