@@ -39,11 +39,12 @@ from genesis.config import load_model_config  # noqa: E402
 
 
 def build_genesis(config, activation_checkpointing: str, compile: bool, memory_budget: float = 1.0,
-                  one_rank: str = "plain", compile_scope: str = "blocks", master_weights: bool = False):
+                  one_rank: str = "plain", compile_scope: str = "blocks", master_weights: bool = False,
+                  overlap_optimizer: bool = True):
     from genesis_model.distributed import init_distributed
     from genesis_model.model import Transformer
     from genesis_model.optim import MasterWeightAdamW
-    from genesis_model.parallelize import compute_copies, parallelize
+    from genesis_model.parallelize import compute_copies, forward_stages, parallelize
 
     info = init_distributed("cuda")
     model = Transformer(config)
@@ -55,14 +56,23 @@ def build_genesis(config, activation_checkpointing: str, compile: bool, memory_b
     if master_weights:
         optimizer = MasterWeightAdamW(model.parameters(), compute_copies(model), lr=3e-4, betas=(0.9, 0.95),
                                       weight_decay=0.1, compiled=compile)
+        if overlap_optimizer:
+            optimizer.overlap_with_forward(forward_stages(model, compile_scope if compile else "blocks"))
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
-    def step(tokens, targets):
+    def step(tokens, targets, mark=None):
+        # `mark(phase)` after each phase lets bench/profile_step.py time the phases with CUDA events.
         loss = model(tokens, targets)
+        if mark:
+            mark("forward")
         loss.backward()
+        if mark:
+            mark("backward")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if mark:
+            mark("optimizer")
         return loss
 
     return model, step
@@ -95,14 +105,14 @@ def build_hf(config, activation_checkpointing: str, compile: bool, memory_budget
 
 
 def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkpointing, compile, matmul_tflops,
-            memory_budget, one_rank, compile_scope, master_weights=False):
+            memory_budget, one_rank, compile_scope, master_weights=False, overlap_optimizer=True):
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.manual_seed(0)
     with Stopwatch() as build_time:
         if impl == "genesis":
             model, step = build_genesis(config, activation_checkpointing, compile, memory_budget, one_rank,
-                                        compile_scope, master_weights)
+                                        compile_scope, master_weights, overlap_optimizer)
         else:
             model, step = build_hf(config, activation_checkpointing, compile, memory_budget)
     num_params = sum(p.numel() for p in model.parameters())
@@ -131,7 +141,7 @@ def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkp
         "activation_checkpointing": activation_checkpointing,
         "compile_memory_budget": memory_budget,
         **({"one_rank": one_rank, "compile_scope": compile_scope} if impl == "genesis" else {}),
-        **({"master_weights": True} if master_weights else {}),
+        **({"master_weights": True, "overlap_optimizer": overlap_optimizer} if master_weights else {}),
         "tok_s": round(tok_s, 1),
         "mfu": round(flops / (H100_BF16_PEAK_TFLOPS * 1e12), 4),
         "mfu_vs_measured_matmul": round(flops / (matmul_tflops * 1e12), 4) if matmul_tflops else None,
@@ -151,7 +161,8 @@ def run_key(run: dict) -> tuple:
     variant = ((run.get("one_rank", "fsdp"), run.get("compile_scope", "blocks")) if run["impl"] == "genesis"
                else (None, None))
     return (run["impl"], run["micro_batch"], run.get("activation_checkpointing", "none"),
-            run.get("compile_memory_budget", 1.0), *variant, run.get("master_weights", False))
+            run.get("compile_memory_budget", 1.0), *variant, run.get("master_weights", False),
+            run.get("overlap_optimizer", False))
 
 
 def run_key_sortable(run: dict) -> tuple:
@@ -174,6 +185,8 @@ def main() -> None:
                         help="parallel.compile_scope")
     parser.add_argument("--master-weights", action="store_true",
                         help="parallel.master_weights: bf16 compute copies, fp32 masters in MasterWeightAdamW")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="with --master-weights: parallel.overlap_optimizer=false (update before the next forward)")
     parser.add_argument("--label", default=None, help="stored as the runs' `revision`, to tell code versions apart")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "train_step.json")
     args = parser.parse_args()
@@ -189,7 +202,8 @@ def main() -> None:
 
     for impl in args.impl:
         for micro_batch in args.micro_batches:
-            variant = (args.one_rank, args.compile_scope, args.master_weights) if impl == "genesis" else (None, None)
+            variant = ((args.one_rank, args.compile_scope, args.master_weights, not args.no_overlap) if impl == "genesis"
+                       else (None, None))
             try:
                 run = run_one(impl, config, micro_batch, config.max_seq_len, args.steps, args.warmup, args.ac,
                               not args.no_compile, results["matmul_tflops"], args.memory_budget, *variant)
@@ -199,7 +213,8 @@ def main() -> None:
                        "compile_memory_budget": args.memory_budget, "error": f"{type(err).__name__}: {str(err)[:300]}"}
                 if impl == "genesis":
                     run.update(one_rank=args.one_rank, compile_scope=args.compile_scope,
-                               **({"master_weights": True} if args.master_weights else {}))
+                               **({"master_weights": True, "overlap_optimizer": not args.no_overlap}
+                                  if args.master_weights else {}))
                 gc.collect()
                 torch.cuda.empty_cache()
             if args.label:
@@ -212,7 +227,8 @@ def main() -> None:
     print(f"\n{'impl':8} {'variant':13} {'mb':>3} {'ac':>9} {'budget':>6} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} "
           f"{'act/seq':>8}")
     for r in sorted(results["runs"], key=run_key_sortable):
-        variant = (f"{r.get('one_rank', 'fsdp')}/{r.get('compile_scope', 'blocks')}{'+mw' if r.get('master_weights') else ''}"
+        variant = (f"{r.get('one_rank', 'fsdp')}/{r.get('compile_scope', 'blocks')}"
+                   f"{'+mw' if r.get('master_weights') else ''}{'+ov' if r.get('overlap_optimizer') else ''}"
                    if r["impl"] == "genesis" else "")
         head = (f"{r['impl']:8} {variant:13} {r['micro_batch']:>3} {r.get('activation_checkpointing', 'none'):>9} "
                 f"{r.get('compile_memory_budget') or 1.0:>6}")
