@@ -39,12 +39,11 @@ from genesis.config import load_model_config  # noqa: E402
 
 
 def build_genesis(config, activation_checkpointing: str, compile: bool, memory_budget: float = 1.0,
-                  one_rank: str = "plain", compile_scope: str = "blocks", master_weights: bool = False,
-                  overlap_optimizer: bool = True):
+                  one_rank: str = "plain", compile_scope: str = "blocks", master_weights: bool = False):
     from genesis_model.distributed import init_distributed
     from genesis_model.model import Transformer
     from genesis_model.optim import MasterWeightAdamW
-    from genesis_model.parallelize import compute_copies, forward_stages, parallelize
+    from genesis_model.parallelize import compute_copies, parallelize
 
     info = init_distributed("cuda")
     model = Transformer(config)
@@ -56,8 +55,6 @@ def build_genesis(config, activation_checkpointing: str, compile: bool, memory_b
     if master_weights:
         optimizer = MasterWeightAdamW(model.parameters(), compute_copies(model), lr=3e-4, betas=(0.9, 0.95),
                                       weight_decay=0.1, compiled=compile)
-        if overlap_optimizer:
-            optimizer.overlap_with_forward(forward_stages(model, compile_scope if compile else "blocks"))
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
@@ -105,14 +102,14 @@ def build_hf(config, activation_checkpointing: str, compile: bool, memory_budget
 
 
 def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkpointing, compile, matmul_tflops,
-            memory_budget, one_rank, compile_scope, master_weights=False, overlap_optimizer=True):
+            memory_budget, one_rank, compile_scope, master_weights=False):
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.manual_seed(0)
     with Stopwatch() as build_time:
         if impl == "genesis":
             model, step = build_genesis(config, activation_checkpointing, compile, memory_budget, one_rank,
-                                        compile_scope, master_weights, overlap_optimizer)
+                                        compile_scope, master_weights)
         else:
             model, step = build_hf(config, activation_checkpointing, compile, memory_budget)
     num_params = sum(p.numel() for p in model.parameters())
@@ -141,7 +138,7 @@ def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkp
         "activation_checkpointing": activation_checkpointing,
         "compile_memory_budget": memory_budget,
         **({"one_rank": one_rank, "compile_scope": compile_scope} if impl == "genesis" else {}),
-        **({"master_weights": True, "overlap_optimizer": overlap_optimizer} if master_weights else {}),
+        **({"master_weights": True} if master_weights else {}),
         "tok_s": round(tok_s, 1),
         "mfu": round(flops / (H100_BF16_PEAK_TFLOPS * 1e12), 4),
         "mfu_vs_measured_matmul": round(flops / (matmul_tflops * 1e12), 4) if matmul_tflops else None,
@@ -162,7 +159,7 @@ def run_key(run: dict) -> tuple:
                else (None, None))
     return (run["impl"], run["micro_batch"], run.get("activation_checkpointing", "none"),
             run.get("compile_memory_budget", 1.0), *variant, run.get("master_weights", False),
-            run.get("overlap_optimizer", False))
+            run.get("overlap_optimizer", False))  # overlap_optimizer: a variant measured on 2026-12-01, then removed
 
 
 def run_key_sortable(run: dict) -> tuple:
@@ -185,8 +182,6 @@ def main() -> None:
                         help="parallel.compile_scope")
     parser.add_argument("--master-weights", action="store_true",
                         help="parallel.master_weights: bf16 compute copies, fp32 masters in MasterWeightAdamW")
-    parser.add_argument("--no-overlap", action="store_true",
-                        help="with --master-weights: parallel.overlap_optimizer=false (update before the next forward)")
     parser.add_argument("--label", default=None, help="stored as the runs' `revision`, to tell code versions apart")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "train_step.json")
     args = parser.parse_args()
@@ -202,8 +197,7 @@ def main() -> None:
 
     for impl in args.impl:
         for micro_batch in args.micro_batches:
-            variant = ((args.one_rank, args.compile_scope, args.master_weights, not args.no_overlap) if impl == "genesis"
-                       else (None, None))
+            variant = (args.one_rank, args.compile_scope, args.master_weights) if impl == "genesis" else (None, None)
             try:
                 run = run_one(impl, config, micro_batch, config.max_seq_len, args.steps, args.warmup, args.ac,
                               not args.no_compile, results["matmul_tflops"], args.memory_budget, *variant)
@@ -213,8 +207,7 @@ def main() -> None:
                        "compile_memory_budget": args.memory_budget, "error": f"{type(err).__name__}: {str(err)[:300]}"}
                 if impl == "genesis":
                     run.update(one_rank=args.one_rank, compile_scope=args.compile_scope,
-                               **({"master_weights": True, "overlap_optimizer": not args.no_overlap}
-                                  if args.master_weights else {}))
+                               **({"master_weights": True} if args.master_weights else {}))
                 gc.collect()
                 torch.cuda.empty_cache()
             if args.label:

@@ -148,11 +148,6 @@ class ParallelConfig(StrictModel):
                     "weights that the optimizer rewrites as it updates them, so no step casts weights or "
                     "gradients; gradients are bf16 (summed in fp32 over micro-steps), as under FSDP "
                     "(parallelize.py, optim.MasterWeightAdamW). Checkpoints are the same either way")
-    overlap_optimizer: bool = Field(
-        default=True,
-        description="with master_weights on a GPU: run each optimizer update on a side CUDA stream, block by block, "
-                    "while the next forward runs; each block waits only for its own weights "
-                    "(optim.MasterWeightAdamW.overlap_with_forward). Same maths; false runs the update before it")
     fsdp_unit_blocks: int = Field(
         default=1, ge=1,
         description="with several ranks: consecutive blocks sharded as one FSDP unit. FSDP runs Python hooks per "

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 
 import torch
-from torch import nn
 
 from genesis.config import OptimizerConfig
 from genesis_model.parallelize import compute_copies
@@ -83,9 +80,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self.copies = copies
         self.compiled = compiled
         self._copies_checked = False
-        self._stream: torch.cuda.Stream | None = None  # set by overlap_with_forward
-        self._stages: list[list[nn.Parameter]] = []
-        self._stage_events: list = []
 
     def gradient(self, weight: torch.nn.Parameter) -> torch.Tensor | None:
         """The weight's gradient this step: its own fp32 `.grad` (folded or from outside), else its copy's."""
@@ -104,8 +98,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             copy.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if not set_to_none:
-            self.wait_for_update()  # zeroing in place writes what the side stream may still be reading
         super().zero_grad(set_to_none)
         for copy in self.copies.values():
             if set_to_none:
@@ -125,56 +117,21 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                                    "parallelize.refresh_compute_copies(model) after changing the weights")
         self._copies_checked = True
 
-    # ---------------------------------------------------------------------------------------------------------
-    # Overlap with the next forward (CUDA)
-
-    def overlap_with_forward(self, stages: list[tuple[nn.Module, list[nn.Parameter]]]) -> None:
-        """Run each step's updates on a side CUDA stream, stage by stage in forward order, while the next forward
-        runs on the main stream; each stage's module waits (a forward pre-hook) only for its own stage's update.
-
-        NOTE: the update is memory-bound (28 bytes per weight: about 7 ms for genesis-1b on an H200) and the
-        forward is mostly matmuls, so the two share the GPU instead of taking turns. `stages` come from
-        `parallelize.forward_stages` and must hold every weight once. Whoever reads the fp32 weights or the
-        moments outside the forward (a checkpoint save) calls `wait_for_update()` first. Off CUDA there is one
-        stream: the stages then simply run in order."""
-        listed = [weight for _, weights in stages for weight in weights]
-        expected = {weight for group in self.param_groups for weight in group["params"]}
-        if len(listed) != len(set(listed)) or set(listed) != expected:
-            raise ValueError("the overlap stages must list every optimized weight exactly once")
-        self._stream = torch.cuda.Stream(device=listed[0].device) if listed[0].is_cuda else None
-        self._stages = [weights for _, weights in stages]
-        self._stage_events = [None] * len(stages)
-        for index, (module, _) in enumerate(stages):
-            module.register_forward_pre_hook(functools.partial(self._wait_for_stage, index))
-
-    def _wait_for_stage(self, index: int, *_) -> None:
-        event = self._stage_events[index]
-        if event is not None and self._stream is not None:
-            torch.cuda.current_stream(self._stream.device).wait_event(event)
-
-    def wait_for_update(self) -> None:
-        """Make the current stream wait for every update queued on the side stream (no host sync)."""
-        if self._stream is not None:
-            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
-
     @torch.no_grad()
     def step(self, closure=None):
         global _compiled_update
         loss = closure() if closure is not None else None
         if not self._copies_checked:
-            self.wait_for_update()
             self._check_copies()
         update = _adamw_update
         if self.compiled:
             if _compiled_update is None:
                 _compiled_update = torch.compile(_adamw_update, fullgraph=True)
             update = _compiled_update
-
-        # Each weight's row, and per (group, step count) the hyperparameters and the scalars tensor: weights that
-        # share them are updated in one call (normally all weights of a group, or of a group within a stage).
-        rows, call_of = {}, {}
-        for group_index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            # Weights that share a step count are updated together (normally all of a group).
+            by_step: dict[float, list] = {}
             for weight in group["params"]:
                 grad = self.gradient(weight)
                 if grad is None:
@@ -185,49 +142,21 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
                 state["step"] += 1
-                key = (group_index, float(state["step"]))
-                if key not in call_of:
-                    step = key[1]
-                    scalars = torch.tensor([float(group["lr"]), 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)])
-                    if weight.is_cuda:
-                        # NOTE: from pinned memory the copy is asynchronous; from pageable memory it would wait
-                        # for the queued backward and stop the CPU from running ahead (Trainer._next_micro_batch).
-                        scalars = scalars.pin_memory()
-                    call_of[key] = (scalars.to(weight.device, non_blocking=True), beta1, beta2, group["eps"],
-                                    group["weight_decay"])
-                rows[weight] = (key, (weight, grad, self.copies[weight], state["exp_avg"], state["exp_avg_sq"]))
-
-        stages = self._stages or [list(rows)]
-        if self._stream is not None:
-            # The side stream starts once the gradients (and the scalars' copies) are ready on the main stream.
-            self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
-        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-            for index, stage in enumerate(stages):
-                calls: dict[tuple, list] = {}
-                for weight in stage:
-                    if weight in rows:
-                        key, row = rows[weight]
-                        calls.setdefault(key, []).append(row)
-                for key, stage_rows in calls.items():
-                    weights, grads, copies, exp_avgs, exp_avg_sqs = (list(column) for column in zip(*stage_rows))
-                    update(weights, grads, copies, exp_avgs, exp_avg_sqs, *call_of[key])
-                if self._stream is not None:
-                    self._stage_events[index] = self._stream.record_event()
-        if self._stream is not None:
-            # NOTE: the gradients and scalars were allocated on the main stream, which frees them (zero_grad)
-            # before the side stream is done reading: tell the allocator not to reuse them until it is.
-            for _key, (_weight, grad, *_state) in rows.values():
-                grad.record_stream(self._stream)
-            for scalars, *_ in call_of.values():
-                scalars.record_stream(self._stream)
+                by_step.setdefault(float(state["step"]), []).append(
+                    (weight, grad, self.copies[weight], state["exp_avg"], state["exp_avg_sq"]))
+            for step, rows in by_step.items():
+                weights, grads, copies, exp_avgs, exp_avg_sqs = (list(column) for column in zip(*rows))
+                scalars = torch.tensor([float(group["lr"]), 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)])
+                if weights[0].is_cuda:
+                    # NOTE: from pinned memory the copy is asynchronous; from pageable memory it would wait for
+                    # the queued backward and stop the CPU from running ahead (see Trainer._next_micro_batch).
+                    scalars = scalars.pin_memory()
+                scalars = scalars.to(weights[0].device, non_blocking=True)
+                update(weights, grads, copies, exp_avgs, exp_avg_sqs, scalars, beta1, beta2, group["eps"],
+                       group["weight_decay"])
         return loss
 
-    def state_dict(self):
-        self.wait_for_update()
-        return super().state_dict()
-
     def load_state_dict(self, state_dict) -> None:
-        self.wait_for_update()
         super().load_state_dict(state_dict)
         self._copies_checked = False  # the weights were probably loaded too: check the copies again
 

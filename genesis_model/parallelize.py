@@ -59,16 +59,13 @@ def apply_activation_checkpointing(model: Transformer, mode: Literal["none", "se
         model.layers[name] = wrapped
 
 
-def apply_compile(model: Transformer, memory_budget: float = 1.0, scope: Literal["blocks", "model"] = "blocks",
-                  eager_hooks: bool = False) -> None:
+def apply_compile(model: Transformer, memory_budget: float = 1.0, scope: Literal["blocks", "model"] = "blocks") -> None:
     """`blocks`: compile each block separately. The blocks share code, so Dynamo compiles one graph and
     reuses it for all of them: minutes for a whole-model compile of genesis-1b become well under a minute.
     `Module.compile()` compiles in place, so parameter names (and checkpoints) are unchanged.
     `model`: one graph from the embedding to the final norm (`Transformer.hidden_states`); a longer first
     compile, but one compiled call per step instead of one per block, which is what a launch-bound step at
     micro-batch 1 needs. FSDP's hooks cannot live inside that graph, so it is for one rank only.
-    `eager_hooks`: compile each block's `forward` rather than its whole module call, so that forward pre-hooks
-    (the wait for the optimizer's overlapped update, `forward_stages`) run eagerly instead of being traced.
 
     `memory_budget` < 1 switches AOTAutograd's partitioner to its memory-budget mode: it picks what to
     recompute in backward by estimated runtime per byte saved, so elementwise outputs (RMSNorm outputs, the
@@ -93,10 +90,7 @@ def apply_compile(model: Transformer, memory_budget: float = 1.0, scope: Literal
         model.hidden_states = torch.compile(model.hidden_states, fullgraph=True)
         return
     for block in model.layers.values():
-        if eager_hooks:
-            block.forward = torch.compile(block.forward, fullgraph=True)
-        else:
-            block.compile(fullgraph=True)
+        block.compile(fullgraph=True)
 
 
 def attach_compute_copies(model: nn.Module, dtype: torch.dtype) -> None:
@@ -110,20 +104,6 @@ def compute_copies(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
     """fp32 weight → its compute copy, for the layers that have one."""
     return {module.weight: module.compute_weight for module in model.modules()
             if getattr(module, "compute_weight", None) is not None}
-
-
-def forward_stages(model: Transformer, compile_scope: Literal["blocks", "model"] = "blocks"
-                   ) -> list[tuple[nn.Module, list[nn.Parameter]]]:
-    """The weights in the order the forward first uses them, each stage with the module whose forward pre-hook
-    waits for its update (`MasterWeightAdamW.overlap_with_forward`): the embedding (also the tied output layer),
-    each block, then the final norm with an untied output layer (whose module the loss bypasses). A model
-    compiled as one graph would trace hooks inside it: it is one stage, the model itself."""
-    if compile_scope == "model":
-        return [(model, list(model.parameters()))]
-    stages = [(model.tok_embeddings, [model.tok_embeddings.weight])]
-    stages += [(block, list(block.parameters())) for block in model.layers.values()]
-    last = [model.norm.weight] + ([model.output.weight] if model.output is not None else [])
-    return stages + [(model.norm, last)]
 
 
 @torch.no_grad()
@@ -203,7 +183,7 @@ def parallelize(
         attach_compute_copies(model, DTYPES[param_dtype])
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
-        apply_compile(model, compile_memory_budget, compile_scope, eager_hooks=master_weights)
+        apply_compile(model, compile_memory_budget, compile_scope)
     if plain:
         model.compute_dtype = DTYPES[param_dtype]
     else:

@@ -36,7 +36,7 @@ from genesis_model.loader import TokenLoader
 from genesis_model.metrics import MetricsSink, RunDirSink
 from genesis_model.model import Transformer
 from genesis_model.optim import build_optimizer
-from genesis_model.parallelize import forward_stages, parallelize, refresh_compute_copies
+from genesis_model.parallelize import parallelize, refresh_compute_copies
 from genesis_model.trainer import NonFiniteStop, Trainer
 
 LOCK_NAME = "train.lock"
@@ -215,8 +215,6 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
                     compile_scope=parallel.compile_scope, fsdp_unit_blocks=parallel.fsdp_unit_blocks,
                     master_weights=parallel.master_weights)
         optimizer = build_optimizer(model, config.optimizer, device_type)
-        if parallel.master_weights and parallel.overlap_optimizer and device_type == "cuda":
-            optimizer.overlap_with_forward(forward_stages(model, parallel.compile_scope if use_compile else "blocks"))
         loader = TokenLoader(config.data_dir, config.window, config.micro_batch_size, info.rank, info.world_size,
                              config.seed, config.eval.holdout_docs_per_source)
 

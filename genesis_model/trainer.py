@@ -251,11 +251,6 @@ class Trainer:
         return False, False
 
     def save(self, milestone: bool = False) -> float:
-        if hasattr(self.optimizer, "wait_for_update"):
-            # NOTE: an update overlapped with the next forward may still be writing weights and moments on its
-            # side stream; the save's copies must come after it (MasterWeightAdamW.overlap_with_forward).
-            self.optimizer.wait_for_update()
-
         def save_checkpoint() -> float:
             return self.checkpointer.save(self.step, self.model, self.optimizer, self.rank_state(),
                                           self.checkpoint_meta(), milestone=milestone)

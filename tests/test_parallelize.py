@@ -18,7 +18,7 @@ from genesis.config import load_model_config
 from genesis.launch import free_port
 from genesis_model.model import Transformer
 from genesis_model.optim import MasterWeightAdamW
-from genesis_model.parallelize import compute_copies, forward_stages, parallelize, refresh_compute_copies
+from genesis_model.parallelize import compute_copies, parallelize, refresh_compute_copies
 
 
 @pytest.fixture(scope="module")
@@ -172,55 +172,3 @@ def test_master_weights_are_refused_where_fsdp_keeps_its_own(one_rank_mesh, trai
     with pytest.raises(ValueError, match="master_weights needs one rank without FSDP"):
         parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, compile=False, one_rank="fsdp",
                     master_weights=True)
-
-
-@pytest.mark.parametrize("compile_scope", ["blocks", "model"])
-def test_forward_stages_list_every_weight_once_in_forward_order(trained_looking_model, compile_scope):
-    model = copy.deepcopy(trained_looking_model)
-    stages = forward_stages(model, compile_scope)
-    listed = [weight for _, weights in stages for weight in weights]
-    assert len(listed) == len(set(listed)) == len(list(model.parameters()))
-    if compile_scope == "model":  # hooks inside one compiled graph would be traced: one stage, the model
-        assert [module for module, _ in stages] == [model]
-    else:
-        modules = [module for module, _ in stages]
-        assert modules == [model.tok_embeddings, *model.layers.values(), model.norm]
-
-
-def test_staged_updates_train_exactly_like_one_update_and_each_block_waits_through_a_hook(
-        one_rank_mesh, trained_looking_model):
-    """The overlapped update (parallel.overlap_optimizer) runs block by block in forward order; on the CPU,
-    with one stream, that must give the same weights, bit for bit, as the update in one call. The blocks are
-    compiled with their hooks left outside the graph (one graph for all blocks, the hooks still called)."""
-    inputs, targets = batch(trained_looking_model.config.vocab_size)
-    losses, weights = {}, {}
-    for staged in (False, True):
-        torch._dynamo.reset()
-        model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, param_dtype="bfloat16",
-                            compile=True, master_weights=True)
-        optimizer = MasterWeightAdamW(model.parameters(), compute_copies(model), lr=1e-3)
-        waited = []
-        if staged:
-            optimizer.overlap_with_forward(forward_stages(model))
-            for index, (module, _) in enumerate(forward_stages(model)):
-                module.register_forward_pre_hook(lambda *_, index=index: waited.append(index))
-        losses[staged] = []
-        for _ in range(3):
-            loss = model(inputs, targets)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses[staged].append(loss.item())
-        weights[staged] = [weight.detach().clone() for weight in model.parameters()]
-        if staged:
-            assert waited == list(range(model.config.n_layers + 2)) * 3
-    assert losses[True] == losses[False]
-    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
-
-
-def test_overlap_stages_that_miss_a_weight_are_refused(one_rank_mesh, trained_looking_model):
-    model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, param_dtype="bfloat16", compile=False,
-                        master_weights=True)
-    optimizer = MasterWeightAdamW(model.parameters(), compute_copies(model), lr=1e-3)
-    with pytest.raises(ValueError, match="every optimized weight exactly once"):
-        optimizer.overlap_with_forward(forward_stages(model)[:-1])
