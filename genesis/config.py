@@ -132,22 +132,25 @@ class ParallelConfig(StrictModel):
         default="plain",
         description="on one rank: 'plain' keeps an unsharded module with fp32 weights computing in param_dtype; "
                     "'fsdp' wraps it in FSDP2 anyway, the multi-GPU code path (parallelize.py)")
-    compile_scope: Literal["blocks", "model"] = Field(
-        default="blocks",
+    compile_scope: Literal["auto", "blocks", "model"] = Field(
+        default="auto",
         description="compile each block ('blocks', fast to compile, any world size) or embedding-to-final-norm as "
-                    "one graph ('model', one plain rank only)")
+                    "one graph ('model', one plain rank only; the faster step, BENCHMARKS.md); 'auto': 'model' on "
+                    "one plain rank without activation checkpointing, 'blocks' otherwise")
     accumulate_unsharded: bool = Field(
         default=True,
         description="with several ranks and grad_accum_steps > 1: keep the bf16 weights and the fp32 gradients "
                     "unsharded from the first micro-step to the last, so each optimizer step does one all-gather "
                     "and one reduce-scatter instead of two all-gathers per micro-step; measured for genesis-1b at "
                     "micro-batch 1 on 2 GPUs: 1.5 GiB more per GPU; false is the lean mode for the tightest GPUs")
-    master_weights: bool = Field(
-        default=False,
+    master_weights: bool | None = Field(
+        default=None,
         description="one rank without FSDP (one_rank 'plain'), bf16: the forward runs on bf16 copies of the fp32 "
                     "weights that the optimizer rewrites as it updates them, so no step casts weights or "
                     "gradients; gradients are bf16 (summed in fp32 over micro-steps), as under FSDP "
-                    "(parallelize.py, optim.MasterWeightAdamW). Checkpoints are the same either way")
+                    "(parallelize.py, optim.MasterWeightAdamW). Checkpoints are the same either way. Unset (auto): "
+                    "on for one plain GPU rank computing in bf16 without activation checkpointing, the fastest "
+                    "measured step (BENCHMARKS.md)")
     fsdp_unit_blocks: int = Field(
         default=1, ge=1,
         description="with several ranks: consecutive blocks sharded as one FSDP unit. FSDP runs Python hooks per "
@@ -158,6 +161,16 @@ class ParallelConfig(StrictModel):
         default=600, gt=0,
         description="how long a rank waits for the others: a checkpoint save that takes longer ends the job with "
                     "one line (exit 4); every other collective gives up 30 s later (distributed.py)")
+
+    def resolved(self, world_size: int, device_type: str) -> tuple[str, bool]:
+        """(compile_scope, master_weights) with 'auto' and unset decided for this world size and device.
+        NOTE: auto turns them on only for the configuration measured on a GPU (one plain rank, bf16, no
+        activation checkpointing); set them explicitly to combine them with checkpointing."""
+        one_plain_rank = world_size == 1 and self.one_rank == "plain" and self.activation_checkpointing == "none"
+        scope = self.compile_scope if self.compile_scope != "auto" else ("model" if one_plain_rank else "blocks")
+        master_weights = (self.master_weights if self.master_weights is not None
+                          else one_plain_rank and device_type == "cuda" and self.param_dtype == "bfloat16")
+        return scope, master_weights
 
     @model_validator(mode="after")
     def _master_weights_on_the_plain_bf16_path(self) -> "ParallelConfig":

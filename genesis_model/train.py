@@ -207,13 +207,14 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
         num_params = model.num_params()
         parallel = config.parallel
         use_compile = parallel.compile and device_type == "cuda"
+        compile_scope, master_weights = parallel.resolved(info.world_size, device_type)
         # NOTE: CPU runs compute in fp32, except with master_weights, which only exist in bf16 (and are tested so).
-        param_dtype = parallel.param_dtype if device_type == "cuda" or parallel.master_weights else "float32"
+        param_dtype = parallel.param_dtype if device_type == "cuda" or master_weights else "float32"
         parallelize(model, info.mesh, param_dtype=param_dtype, reduce_dtype=parallel.reduce_dtype,
                     compile=use_compile, activation_checkpointing=parallel.activation_checkpointing,
                     compile_memory_budget=parallel.compile_memory_budget, one_rank=parallel.one_rank,
-                    compile_scope=parallel.compile_scope, fsdp_unit_blocks=parallel.fsdp_unit_blocks,
-                    master_weights=parallel.master_weights)
+                    compile_scope=compile_scope, fsdp_unit_blocks=parallel.fsdp_unit_blocks,
+                    master_weights=master_weights)
         optimizer = build_optimizer(model, config.optimizer, device_type)
         loader = TokenLoader(config.data_dir, config.window, config.micro_batch_size, info.rank, info.world_size,
                              config.seed, config.eval.holdout_docs_per_source)
@@ -234,6 +235,9 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
             "model_fingerprint": config.model.fingerprint(),
             "meaning": config.meaning(),
             "config": json.loads(config.model_dump_json()),
+            # What 'auto' and unset settings became for this world size and device.
+            "parallel_resolved": {"compile_scope": compile_scope, "master_weights": master_weights,
+                                  "compile": use_compile, "param_dtype": param_dtype},
             **data_meta,
         }
         sinks: list[MetricsSink] = []

@@ -172,3 +172,18 @@ def test_master_weights_are_refused_where_fsdp_keeps_its_own(one_rank_mesh, trai
     with pytest.raises(ValueError, match="master_weights needs one rank without FSDP"):
         parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, compile=False, one_rank="fsdp",
                     master_weights=True)
+
+
+def test_unset_parallel_settings_pick_the_fastest_measured_step_on_one_gpu_and_the_general_one_elsewhere():
+    from genesis.config import ParallelConfig
+
+    # One plain GPU rank in bf16: bf16 compute copies and one compiled graph (the step BENCHMARKS.md measured).
+    assert ParallelConfig().resolved(world_size=1, device_type="cuda") == ("model", True)
+    # Several ranks (FSDP keeps its own masters; its hooks cannot live in one graph), or the CPU.
+    assert ParallelConfig().resolved(world_size=2, device_type="cuda") == ("blocks", False)
+    assert ParallelConfig().resolved(world_size=1, device_type="cpu")[1] is False
+    # Combinations not measured on a GPU stay on the general path unless asked for explicitly.
+    assert ParallelConfig(activation_checkpointing="selective").resolved(1, "cuda") == ("blocks", False)
+    assert ParallelConfig(one_rank="fsdp").resolved(1, "cuda") == ("blocks", False)
+    assert ParallelConfig(param_dtype="float32").resolved(1, "cuda")[1] is False
+    assert ParallelConfig(master_weights=False, compile_scope="blocks").resolved(1, "cuda") == ("blocks", False)
