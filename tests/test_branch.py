@@ -15,7 +15,7 @@ from genesis.branch.conversations import BranchSource, SourceReport, conversatio
 from genesis.branch.dialogues import (HEDGE_CLOSERS, HEDGE_OPENERS, dpo_pairs, full_answer, hedged_rewrite, load_topics,
                                       sft_conversations, split_topics)
 from genesis.branch.principles import load_principles
-from genesis.branch.rubric import build_pairs, score_reply
+from genesis.branch.rubric import NOT_BENIGN, build_pairs, score_reply
 from genesis.config import REPO_ROOT, load_config
 from genesis.errors import ConfigError, DataError
 
@@ -246,7 +246,9 @@ def test_branch_data_is_checked_split_and_reported(tiny_corpus, tmp_path):
     config = load_config(BranchConfig, TINY_BRANCH, [
         "sft_sources=[{name: gsm8k, kind: local, paths: ['" + str(DATA / "sft" / "gsm8k.test.jsonl.gz") + "'], max_records: 200}]",
         "dpo_sources=[{name: hh, kind: local, format: preference, paths: ['" + str(DATA / "dpo" / "hh_rlhf_harmless_base.test.jsonl.gz")
-        + "'], max_records: 300}, {name: rubric, kind: local, format: rubric, paths: ['" + str(rubric_file) + "']}]"])
+        + "'], max_records: 300}, {name: rubric, kind: local, format: rubric, paths: ['" + str(rubric_file) + "']}, "
+        "{name: hedged, kind: local, format: hedged_rewrite, paths: ['" + str(DATA / "sft" / "alpaca_seed_tasks.jsonl.gz")
+        + "']}]"])
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tiny_corpus / "tokenizer"))
     data = assemble_data(config, tokenizer)
     report = data.report
@@ -255,9 +257,44 @@ def test_branch_data_is_checked_split_and_reported(tiny_corpus, tmp_path):
     assert all(row["messages"][0]["content"] == report["system_prompt"] for row in data.sft if row["source"] == "gsm8k")
     assert report["dpo"]["rubric"]["kept"] == 1 and report["dpo"]["rubric"]["dropped"] == {"rubric_margin_too_small": 1}
     assert report["dpo"]["hh"]["heldout"] > 0 and report["dpo"]["builtin"]["heldout"] > 0
+    # Good answers against hedged rewrites of them; short or hedging answers make no pair.
+    hedged = report["dpo"]["hedged"]
+    assert hedged["read"] == 175 and hedged["kept"] > 50 and hedged["heldout"] > 0
+    assert hedged["dropped"]["answer_shorter_than_min_answer_chars"] > 0
+    assert hedged["read"] == hedged["kept"] + sum(hedged["dropped"].values())
+    for row in data.dpo_train + data.dpo_heldout:
+        if row["source"] == "hedged":
+            question, chosen, rejected = (row["prompt"][-1]["content"], row["chosen"][0]["content"],
+                                          row["rejected"][0]["content"])
+            assert score_reply(rejected, question).score < score_reply(chosen, question).score
+            assert score_reply(rejected, question).hedging > 0 == score_reply(chosen, question).hedging
     train_prompts = {row["prompt"][-1]["content"] for row in data.dpo_train}
     assert not train_prompts & {row["prompt"][-1]["content"] for row in data.dpo_heldout}
     assert report["totals"]["dpo_train"] == len(data.dpo_train)
+
+
+def test_a_good_answer_from_the_data_kit_gets_a_hedged_rewrite_that_keeps_its_first_sentence_and_hedges():
+    from genesis.branch.dialogues import first_sentence, hedged_rewrite_of_answer
+
+    with gzip.open(DATA / "sft" / "alpaca_eval_gpt4.jsonl.gz", "rt") as f:
+        conversations = [json.loads(line)["messages"] for line in f][:200]
+    rewrites = set()
+    for user, assistant in conversations:
+        question, answer = user["content"], assistant["content"]
+        if score_reply(answer, question).hedging > 0 or NOT_BENIGN.search(question):
+            continue  # (where a referral is the right answer, the pipeline makes no pair: tested below)
+        rewrite = hedged_rewrite_of_answer(answer, question)
+        assert rewrite == hedged_rewrite_of_answer(answer, question)  # the same prompt, the same rewrite
+        assert score_reply(rewrite, question).hedging >= 1.5, rewrite
+        assert score_reply(rewrite, question).score < score_reply(answer, question).score
+        gist = first_sentence(answer)
+        assert gist[1:].rstrip(".") in rewrite if gist else "this" in rewrite
+        assert len(rewrite) < len(answer) + 300
+        rewrites.add(rewrite.split(". ")[0])
+    assert len(rewrites) >= len(HEDGE_OPENERS)  # the hedges vary from prompt to prompt
+    assert first_sentence("```python\nprint(1)\n```") == ""
+    assert first_sentence("1. **Sort** the list first. Then scan it.") == "Sort the list first."
+    assert first_sentence("Here are some tips:\n- sleep") == first_sentence("def f(x):\n    return x") == ""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class BranchConfig(StrictModel):
     @classmethod
     def _sft_formats(cls, value: list[BranchSource]) -> list[BranchSource]:
         for source in value:
-            if source.format in ("preference", "rubric"):
+            if source.format in ("preference", "rubric", "hedged_rewrite"):
                 raise ValueError(f"sft source '{source.name}' has format {source.format}; SFT reads conversations")
         return value
 
@@ -87,6 +87,7 @@ class BranchConfig(StrictModel):
     @classmethod
     def _dpo_formats(cls, value: list[BranchSource]) -> list[BranchSource]:
         for source in value:
-            if source.format not in ("preference", "rubric"):
-                raise ValueError(f"dpo source '{source.name}' has format {source.format}; use preference or rubric")
+            if source.format not in ("preference", "rubric", "hedged_rewrite"):
+                raise ValueError(f"dpo source '{source.name}' has format {source.format}; use preference, rubric or "
+                                 f"hedged_rewrite")
         return value

@@ -37,10 +37,15 @@ class BranchSource(StrictModel):
     subset: str | None = None
     split: str = "train"
     paths: list[str] = Field(default_factory=list, description="local files or globs, relative to the repo root")
-    format: Literal["chat", "sharegpt", "function_calling", "xlam", "preference", "rubric"] = "chat"
+    format: Literal["chat", "sharegpt", "function_calling", "xlam", "preference", "rubric", "hedged_rewrite"] = Field(
+        default="chat", description="DPO sources: preference (TRL's pairs), rubric (candidate replies ranked by the "
+                                    "rubric) or hedged_rewrite (chat records: the final answer against a hedged "
+                                    "rewrite of it)")
     messages_field: str = "messages"
     max_records: int | None = Field(default=None, gt=0)
     min_margin: float = Field(default=1.0, ge=0, description="rubric sources: score gap needed to make a pair")
+    min_answer_chars: int = Field(default=80, ge=1, description="hedged_rewrite sources: shorter answers are too "
+                                                                "thin to stand for substance and make no pair")
 
     def as_source_config(self) -> SourceConfig:
         return SourceConfig(name=self.name, kind=self.kind, hub_id=self.hub_id,

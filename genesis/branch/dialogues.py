@@ -11,6 +11,10 @@ example or mechanism, then a relevant follow-up question) and optionally a secon
     on what, stacked disclaimers, deflection to a professional) around a vague paraphrase, so a model learns
     to prefer substance over hedging, not one fixed phrase.
 
+`hedged_rewrite_of_answer` does the same for any good answer (a DPO source of format `hedged_rewrite` over
+a conversational file): the hedges wrap the answer's first sentence, so the rejected reply keeps a little of
+the substance and differs from the chosen one by its hedging and by all that it leaves out.
+
 Topics are split into train and held-out by a stable hash of their id, so held-out prompts are never seen
 in SFT or DPO training (and the pretraining corpus includes only the training topics).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from pathlib import Path
 
 from pydantic import Field
@@ -91,15 +96,48 @@ def _subject(topic: Topic) -> str:
     return "the question of " + topic.id.replace("-", " ")
 
 
-def hedged_rewrite(topic: Topic, variant: int) -> str:
-    """A hedging answer to the topic's question: 2–4 penalised behaviours around a vague paraphrase."""
-    rng = random.Random(f"{topic.id}:{variant}")
+def _hedged_around(core: str, rng: random.Random) -> str:
+    """2–4 penalised behaviours around `core`: an opener, often an empty "it depends", then a closer."""
     parts = [rng.choice(HEDGE_OPENERS)]
     if rng.random() < 0.75:
         parts.append(rng.choice(HEDGE_MIDDLES))
-    parts.append(rng.choice(HEDGE_VAGUE).format(topic=_subject(topic)))
-    parts.append(rng.choice(HEDGE_CLOSERS))
-    return " ".join(parts)
+    return " ".join(parts + [core, rng.choice(HEDGE_CLOSERS)])
+
+
+def hedged_rewrite(topic: Topic, variant: int) -> str:
+    """A hedging answer to the topic's question: 2–4 penalised behaviours around a vague paraphrase."""
+    rng = random.Random(f"{topic.id}:{variant}")
+    return _hedged_around(rng.choice(HEDGE_VAGUE).format(topic=_subject(topic)), rng)
+
+
+_NOT_PROSE = re.compile(r"^\s*(```|\||    |(def|class|import|from|function|const|let|var|SELECT|#include)\b|<)")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+_MARKUP = re.compile(r"^[\s#>*_`\-\d.)]+")
+
+
+def first_sentence(answer: str, limit: int = 200) -> str:
+    """The answer's first sentence without leading list or heading marks, cut at a word within `limit`
+    characters; empty when the answer does not open with a sentence of prose (code, a table, a greeting, an
+    opener ending in a colon)."""
+    first_line = answer.strip().split("\n", 1)[0]
+    if _NOT_PROSE.match(first_line) or first_line.rstrip().endswith((":", ",", "{")):
+        return ""  # code, a table, or an opener such as "Here are some tips:" that says nothing by itself
+    text = _MARKUP.sub("", first_line).replace("**", "").replace("__", "").strip()
+    if not text[:1].isalpha() or len(text.split()) < 4:
+        return ""
+    sentence = _SENTENCE_END.split(text, 1)[0].strip()
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0].rstrip(",;:") + "..."
+    return sentence
+
+
+def hedged_rewrite_of_answer(answer: str, key: str) -> str:
+    """A hedging reply in place of a good `answer`: the answer's first sentence (or, when it opens with no prose,
+    a vague remark), wrapped in 2–4 penalised behaviours. `key` (the prompt) seeds the choices, so the same
+    prompt always gets the same rewrite."""
+    rng = random.Random(f"answer:{key}")
+    gist = first_sentence(answer)
+    return _hedged_around(gist or rng.choice(HEDGE_VAGUE).format(topic="this"), rng)
 
 
 def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:

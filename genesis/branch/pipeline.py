@@ -24,9 +24,9 @@ from pathlib import Path
 from genesis.branch.config import BranchConfig
 from genesis.branch.conversations import (SourceReport, conversation_problem, preference_problem, prompt_key,
                                           read_conversations, iter_located_records, stable_fraction, with_system_prompt)
-from genesis.branch.dialogues import dpo_pairs, load_topics, sft_conversations, split_topics
+from genesis.branch.dialogues import dpo_pairs, hedged_rewrite_of_answer, load_topics, sft_conversations, split_topics
 from genesis.branch.principles import load_principles
-from genesis.branch.rubric import build_pairs
+from genesis.branch.rubric import build_pairs, score_reply
 from genesis.errors import DataError
 
 BRANCH_LOCK = "branch.lock"
@@ -158,21 +158,49 @@ def _pair_from_record(record: dict, source, location: str, on_malformed: str, re
     try:
         if source.format == "preference":
             return {"prompt": record["prompt"], "chosen": record["chosen"], "rejected": record["rejected"]}
-        # rubric: {"prompt": str | messages, "responses": [str, ...]} → best vs worst by the rubric
-        prompt = record["prompt"]
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        responses = [r if isinstance(r, str) else r["content"] for r in record["responses"]]
-    except (KeyError, TypeError) as err:
+        if source.format == "hedged_rewrite":
+            # a conversation: {"messages": [..., user, assistant]} → its final answer against a hedged rewrite
+            messages = record[source.messages_field]
+            prompt, answer = messages[:-1], messages[-1]
+            if answer["role"] != "assistant" or not isinstance(answer["content"], str):
+                raise TypeError("the last message must be an assistant's text")
+            if not prompt or prompt[-1]["role"] != "user":
+                raise TypeError("the message before the answer must be the user's")
+        else:
+            # rubric: {"prompt": str | messages, "responses": [str, ...]} → best vs worst by the rubric
+            prompt = record["prompt"]
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            responses = [r if isinstance(r, str) else r["content"] for r in record["responses"]]
+    except (KeyError, TypeError, IndexError) as err:
         if on_malformed == "fail":
             raise DataError(f"{location}: not a {source.format} record (missing or wrong {err}); fix the record or "
                             f"set on_malformed: skip") from None
         report.drop("malformed_record", location)
         return None
-    built = build_pairs(prompt[-1]["content"], responses, source.min_margin)
-    if built is None:
-        report.drop("rubric_margin_too_small", location)
-        return None
-    chosen, rejected = built
+    if source.format == "hedged_rewrite":
+        answer = answer["content"].strip()
+        # Only a good answer may stand for substance: long enough, and not hedging itself.
+        if len(answer) < source.min_answer_chars:
+            report.drop("answer_shorter_than_min_answer_chars", location)
+            return None
+        question = prompt[-1]["content"]
+        answer_score = score_reply(answer, question)
+        if answer_score.hedging > 0:
+            report.drop("answer_hedges", location)
+            return None
+        chosen, rejected = answer, hedged_rewrite_of_answer(answer, prompt_key(prompt))
+        rejected_score = score_reply(rejected, question)
+        # NOTE: where the prompt is not benign (a legal or medical emergency) the rubric does not count a
+        # referral to a professional as hedging, and the pair would teach the model to avoid the right answer.
+        if rejected_score.hedging == 0 or rejected_score.score >= answer_score.score:
+            report.drop("rubric_does_not_prefer_the_answer", location)
+            return None
+    else:
+        built = build_pairs(prompt[-1]["content"], responses, source.min_margin)
+        if built is None:
+            report.drop("rubric_margin_too_small", location)
+            return None
+        chosen, rejected = built
     return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}]}
 
