@@ -166,6 +166,9 @@ class ParallelConfig(StrictModel):
         """(compile_scope, master_weights) with 'auto' and unset decided for this world size and device.
         NOTE: auto turns them on only for the configuration measured on a GPU (one plain rank, bf16, no
         activation checkpointing); set them explicitly to combine them with checkpointing."""
+        if self.master_weights and world_size > 1:
+            raise ConfigError(f"parallel.master_weights is for one rank; with {world_size} ranks FSDP keeps the "
+                              "fp32 master weights itself: set parallel.master_weights=false")
         one_plain_rank = world_size == 1 and self.one_rank == "plain" and self.activation_checkpointing == "none"
         scope = self.compile_scope if self.compile_scope != "auto" else ("model" if one_plain_rank else "blocks")
         master_weights = (self.master_weights if self.master_weights is not None

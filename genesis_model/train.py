@@ -185,9 +185,8 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
     info = init_distributed(device_type, timeout_s=config.parallel.nccl_timeout_s)
     lock = None
     try:
-        if config.parallel.master_weights and info.world_size > 1:
-            raise ConfigError(f"parallel.master_weights is for one rank; with {info.world_size} ranks FSDP keeps the "
-                              "fp32 master weights itself: set parallel.master_weights=false")
+        # Decided first: an explicit setting this world size cannot run stops here, before anything is written.
+        compile_scope, master_weights = config.parallel.resolved(info.world_size, device_type)
         lock = collective_check(lambda: prepare_run_dir(config, args.config), info.rank, share_result=False)
         data_meta = collective_check(lambda: check_data(config), info.rank)
         resume_path = collective_check(lambda: resolve_resume(args.resume, Path(config.run_dir)), info.rank)
@@ -207,7 +206,6 @@ def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) 
         num_params = model.num_params()
         parallel = config.parallel
         use_compile = parallel.compile and device_type == "cuda"
-        compile_scope, master_weights = parallel.resolved(info.world_size, device_type)
         # NOTE: CPU runs compute in fp32, except with master_weights, which only exist in bf16 (and are tested so).
         param_dtype = parallel.param_dtype if device_type == "cuda" or master_weights else "float32"
         parallelize(model, info.mesh, param_dtype=param_dtype, reduce_dtype=parallel.reduce_dtype,

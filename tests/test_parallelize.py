@@ -176,6 +176,7 @@ def test_master_weights_are_refused_where_fsdp_keeps_its_own(one_rank_mesh, trai
 
 def test_unset_parallel_settings_pick_the_fastest_measured_step_on_one_gpu_and_the_general_one_elsewhere():
     from genesis.config import ParallelConfig
+    from genesis.errors import ConfigError
 
     # One plain GPU rank in bf16: bf16 compute copies and one compiled graph (the step BENCHMARKS.md measured).
     assert ParallelConfig().resolved(world_size=1, device_type="cuda") == ("model", True)
@@ -187,3 +188,7 @@ def test_unset_parallel_settings_pick_the_fastest_measured_step_on_one_gpu_and_t
     assert ParallelConfig(one_rank="fsdp").resolved(1, "cuda") == ("blocks", False)
     assert ParallelConfig(param_dtype="float32").resolved(1, "cuda")[1] is False
     assert ParallelConfig(master_weights=False, compile_scope="blocks").resolved(1, "cuda") == ("blocks", False)
+    # Asked for on several ranks, where FSDP keeps its own masters: one line naming the field and the fix.
+    with pytest.raises(ConfigError, match=r"parallel.master_weights is for one rank; with 2 ranks .* set "
+                                          r"parallel.master_weights=false"):
+        ParallelConfig(master_weights=True).resolved(world_size=2, device_type="cuda")
