@@ -233,6 +233,23 @@ def test_a_malformed_record_fails_with_its_file_and_line_or_is_counted(tmp_path)
     assert report.dropped == {"malformed_record": 1} and report.examples[0].startswith(f"{path}:2")
 
 
+def test_a_hedged_rewrite_record_without_a_final_answer_fails_with_its_file_and_line_or_is_counted(tmp_path):
+    from genesis.branch.pipeline import _pair_from_record
+
+    source = BranchSource(name="hedged", kind="local", format="hedged_rewrite", paths=[str(tmp_path / "x.jsonl")])
+    answer = "Cats purr at 25 to 150 Hz, mostly while relaxed, and the vibration may even help their bones heal."
+    good = {"messages": [{"role": "user", "content": "Why do cats purr?"}, {"role": "assistant", "content": answer}]}
+    pair = _pair_from_record(good, source, "x.jsonl:1", "fail", SourceReport("hedged"))
+    assert pair["chosen"][0]["content"] == answer and pair["rejected"][0]["content"] != answer
+    assert score_reply(pair["rejected"][0]["content"]).hedging > 0
+    ends_with_user = {"messages": good["messages"][:1]}
+    with pytest.raises(DataError, match=r"x.jsonl:2: not a hedged_rewrite record \(missing or wrong last message \(an assistant.s text\)\)"):
+        _pair_from_record(ends_with_user, source, "x.jsonl:2", "fail", SourceReport("hedged"))
+    report = SourceReport("hedged")
+    assert _pair_from_record(ends_with_user, source, "x.jsonl:2", "skip", report) is None
+    assert report.dropped == {"malformed_record": 1} and report.examples == ["x.jsonl:2: malformed_record"]
+
+
 def test_branch_data_is_checked_split_and_reported(tiny_corpus, tmp_path):
     from transformers import PreTrainedTokenizerFast
 

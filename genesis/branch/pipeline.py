@@ -163,9 +163,9 @@ def _pair_from_record(record: dict, source, location: str, on_malformed: str, re
             messages = record[source.messages_field]
             prompt, answer = messages[:-1], messages[-1]
             if answer["role"] != "assistant" or not isinstance(answer["content"], str):
-                raise TypeError("the last message must be an assistant's text")
+                raise TypeError("last message (an assistant's text)")
             if not prompt or prompt[-1]["role"] != "user":
-                raise TypeError("the message before the answer must be the user's")
+                raise TypeError("message before the answer (the user's)")
         else:
             # rubric: {"prompt": str | messages, "responses": [str, ...]} → best vs worst by the rubric
             prompt = record["prompt"]
