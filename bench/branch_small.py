@@ -8,6 +8,9 @@ A DPO sweep reuses one SFT model for several DPO recipes (each variant: `name:ke
 
     python bench/branch_small.py sft --work /tmp/gb
     python bench/branch_small.py sweep --work /tmp/gb --variants "s01:dpo.loss_type=[sigmoid];dpo.beta=0.1" ...
+
+A longer trunk or a changed recipe: `--steps 2400` (give every phase the same value) and `--set sft.epochs=4`
+(recipe overrides, given to the sft and branch phases alike).
 """
 
 import argparse
@@ -23,10 +26,10 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import environment, write_json  # noqa: E402
 
-STEPS = 1200
+DEFAULT_STEPS = 1200
 
 
-def pretrain(work: Path) -> None:
+def pretrain(work: Path, steps: int) -> None:
     from data_prep.pipeline import prepare
     from data_prep.sources import CorpusConfig
     from genesis.config import load_config
@@ -37,22 +40,25 @@ def pretrain(work: Path) -> None:
     print(f"data: {manifest.num_tokens:,} tokens in {time.time() - started:.0f} s", flush=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "genesis_model.train",
                "--config", str(REPO / "configs" / "train" / "small-h100.yaml"), f"data_dir={work / 'data'}",
-               f"run_dir={work / 'trunk'}", f"max_steps={STEPS}", f"checkpoint.milestone_every={STEPS}",
+               f"run_dir={work / 'trunk'}", f"max_steps={steps}", f"checkpoint.milestone_every={steps}",
                "checkpoint.save_every=600", "eval.every=400", "log_every=100", "--resume", "auto"]
     subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "4"})
     print(f"pretrain done in {time.time() - started:.0f} s", flush=True)
 
 
-def branch(work: Path, out: Path) -> None:
+def milestone_of(work: Path, steps: int) -> Path:
+    return work / "trunk" / "milestones" / f"step_{steps:08d}"
+
+
+def branch(work: Path, out: Path, steps: int, overrides: list[str]) -> None:
     started = time.time()
-    milestone = work / "trunk" / "milestones" / f"step_{STEPS:08d}"
-    subprocess.run([sys.executable, "-m", "genesis.cli", "branch", "--milestone", str(milestone), "--config",
-                    str(REPO / "configs" / "branch" / "small.yaml"), "--out", str(work / "branch")],
-                   check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "genesis.cli", "branch", "--milestone", str(milestone_of(work, steps)),
+                    "--config", str(REPO / "configs" / "branch" / "small.yaml"), "--out", str(work / "branch"),
+                    *overrides], check=True, cwd=REPO)
     result = json.loads((work / "branch" / "eval.json").read_text())
     latest = json.loads((work / "trunk" / "latest.json").read_text())
     report = json.loads((work / "branch" / "data" / "report.json").read_text())
-    write_json(out, {**environment(), **result, "branch_seconds": round(time.time() - started, 1),
+    write_json(out, {**environment(), **result, "recipe_overrides": overrides, "branch_seconds": round(time.time() - started, 1),
                      "trunk": {"steps": latest["step"], "tokens_seen": latest["tokens_seen"], "val_loss": latest["val_loss"]},
                      "data_totals": report["totals"],
                      "train_logs": {stage: json.loads((work / "branch" / stage / "train_log.json").read_text())[-1]
@@ -66,19 +72,19 @@ def small_config(overrides: list[str]):
     return load_config(BranchConfig, REPO / "configs" / "branch" / "small.yaml", overrides)
 
 
-def sft(work: Path) -> None:
+def sft(work: Path, steps: int, overrides: list[str]) -> None:
     """Export, data and SFT of the recipe, stopping before DPO."""
     from genesis.branch.pipeline import Branch
 
     started = time.time()
-    branch = Branch(work / "trunk" / "milestones" / f"step_{STEPS:08d}", small_config([]), work / "branch")
+    branch = Branch(milestone_of(work, steps), small_config(overrides), work / "branch")
     branch.export()
     branch.data()
     branch.sft()
     print(f"sft phase done in {time.time() - started:.0f} s", flush=True)
 
 
-def sweep(work: Path, variants: list[str], out: Path) -> None:
+def sweep(work: Path, variants: list[str], out: Path, steps: int) -> None:
     """DPO variants off the same SFT model; held-out preference accuracy (all pairs) and a short sample eval."""
     from genesis.branch.pipeline import Branch
 
@@ -91,7 +97,7 @@ def sweep(work: Path, variants: list[str], out: Path) -> None:
             if not (variant_dir / shared).exists():
                 (variant_dir / shared).symlink_to(work / "branch" / shared)
         config = small_config([o for o in overrides.split(";") if o] + ["eval.max_prompts=24", "eval.max_new_tokens=256"])
-        branch = Branch(work / "trunk" / "milestones" / f"step_{STEPS:08d}", config, variant_dir)
+        branch = Branch(milestone_of(work, steps), config, variant_dir)
         started = time.time()
         branch.dpo()
         dpo_seconds = time.time() - started
@@ -115,15 +121,18 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=[])
     parser.add_argument("--work", type=Path, default=Path("/tmp/gb"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "branch_small.json")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="trunk length; the milestone branched from")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override of configs/branch/small.yaml (sft and branch phases)")
     args = parser.parse_args()
     if args.phase == "pretrain":
-        pretrain(args.work)
+        pretrain(args.work, args.steps)
     elif args.phase == "sft":
-        sft(args.work)
+        sft(args.work, args.steps, args.overrides)
     elif args.phase == "sweep":
-        sweep(args.work, args.variants, args.out)
+        sweep(args.work, args.variants, args.out, args.steps)
     else:
-        branch(args.work, args.out)
+        branch(args.work, args.out, args.steps, args.overrides)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,23 @@ def test_preference_accuracy_reads_implicit_rewards_summed_and_per_token():
     assert metrics["preference_accuracy"] == 1.0 and metrics["preference_accuracy_length_normalized"] == 0.5
 
 
+def test_only_one_non_empty_turn_closed_by_im_end_adheres_to_the_chat_format_and_each_failure_is_shown():
+    from genesis.branch.evaluate import reply_metrics
+
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
+    replies = [{"text": "Water boils at 100 C at sea level.", "ended": "im_end"},
+               {"text": ("the song is the song " * 40).strip(), "ended": "length"},
+               {"text": "A reply closed by the document end token.", "ended": "eos"},
+               {"text": "", "ended": "im_end"}]
+    metrics = reply_metrics(replies, prompts)
+    assert metrics["format_adherence"] == 0.25
+    assert metrics["ended"] == {"eos": 1, "im_end": 2, "length": 1}
+    failures = metrics["format_failures"]
+    assert [(f["prompt"], f["ended"]) for f in failures] == [
+        ("question 1", "length"), ("question 2", "eos"), ("question 3", "im_end, empty")]
+    assert failures[0]["reply_end"].endswith("the song is the song") and len(failures[0]["reply_end"]) <= 240
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Built-in dialogues
 

@@ -18,7 +18,8 @@ reward_accuracy_vs_sft (DPO only; also _length_normalized)
 logprob_accuracy      share where the model itself gives the chosen reply the higher total log-probability
                       (no reference): stricter, since chosen replies are longer.
 format_adherence      share of held-out prompts whose sampled reply is one assistant turn: it stops at
-                      <|im_end|> within the token limit and never opens another turn.
+                      <|im_end|> within the token limit and never opens another turn; `ended` counts how the
+                      replies ended and `format_failures` shows the ones that did not adhere.
 hedging_score         mean rubric hedging of those sampled replies (lower is better); curiosity_score the
                       mean rubric curiosity (higher is better).
 """
@@ -121,9 +122,20 @@ def sample_replies(model_dir: Path, tokenizer, prompts: list[list[dict]], recipe
     return replies
 
 
+FORMAT_FAILURES_KEPT = 20
+REPLY_END_CHARS = 240
+
+
+def _adheres(reply: dict) -> bool:
+    return reply["ended"] == "im_end" and bool(reply["text"])
+
+
 def reply_metrics(replies: list[dict], prompts: list[list[dict]]) -> dict:
+    """Format, hedging and curiosity of sampled replies. `format_failures` keeps each non-adherent reply's
+    prompt, how it ended and its last characters (up to 20 of them), so a reading below target shows whether the
+    model looped, wrote a legitimately long answer into the token limit, or closed with the wrong token."""
     n = len(replies)
-    adherent = sum(r["ended"] == "im_end" and bool(r["text"]) for r in replies)
+    adherent = sum(_adheres(r) for r in replies)
     scores = [score_reply(r["text"], p[-1]["content"]) for r, p in zip(replies, prompts)]
     return {
         "format_adherence": adherent / n if n else float("nan"),
@@ -131,6 +143,10 @@ def reply_metrics(replies: list[dict], prompts: list[list[dict]]) -> dict:
         "curiosity_score": sum(s.curiosity for s in scores) / n if n else float("nan"),
         "mean_reply_chars": sum(len(r["text"]) for r in replies) / n if n else float("nan"),
         "ended": {reason: sum(r["ended"] == reason for r in replies) for reason in sorted({r["ended"] for r in replies})},
+        "format_failures": [
+            {"prompt": p[-1]["content"][:REPLY_END_CHARS], "ended": r["ended"] if r["text"] else f"{r['ended']}, empty",
+             "reply_end": r["text"][-REPLY_END_CHARS:]}
+            for r, p in zip(replies, prompts) if not _adheres(r)][:FORMAT_FAILURES_KEPT],
     }
 
 
