@@ -123,7 +123,7 @@ def sample_replies(model_dir: Path, tokenizer, prompts: list[list[dict]], recipe
 
 
 FORMAT_FAILURES_KEPT = 20
-REPLY_END_CHARS = 240
+SHOWN_CHARS = 240
 
 
 def _adheres(reply: dict) -> bool:
@@ -144,8 +144,8 @@ def reply_metrics(replies: list[dict], prompts: list[list[dict]]) -> dict:
         "mean_reply_chars": sum(len(r["text"]) for r in replies) / n if n else float("nan"),
         "ended": {reason: sum(r["ended"] == reason for r in replies) for reason in sorted({r["ended"] for r in replies})},
         "format_failures": [
-            {"prompt": p[-1]["content"][:REPLY_END_CHARS], "ended": r["ended"] if r["text"] else f"{r['ended']}, empty",
-             "reply_end": r["text"][-REPLY_END_CHARS:]}
+            {"prompt": p[-1]["content"][:SHOWN_CHARS], "ended": r["ended"] if r["text"] else f"{r['ended']}, empty",
+             "reply_end": r["text"][-SHOWN_CHARS:]}
             for r, p in zip(replies, prompts) if not _adheres(r)][:FORMAT_FAILURES_KEPT],
     }
 
