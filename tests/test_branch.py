@@ -267,6 +267,76 @@ def test_a_hedged_rewrite_record_without_a_final_answer_fails_with_its_file_and_
     assert report.dropped == {"malformed_record": 1} and report.examples == ["x.jsonl:2: malformed_record"]
 
 
+@pytest.mark.parametrize("record", [
+    {"prompt": [{"role": "user", "content": "Why do cats purr?"}],
+     "chosen": [{"role": "assistant", "content": "To calm themselves."}],
+     "rejected": [{"role": "assistant", "content": "No idea."}]},  # TRL's explicit prompt: as it is
+    {"prompt": "Why do cats purr?", "chosen": "To calm themselves.", "rejected": "No idea."},  # TRL's standard
+    {"prompt": "Why do cats purr?",  # HuggingFaceH4/ultrafeedback_binarized: whole conversations beside a string
+     "chosen": [{"role": "user", "content": "Why do cats purr?"}, {"role": "assistant", "content": "To calm themselves."}],
+     "rejected": [{"role": "user", "content": "Why do cats purr?"}, {"role": "assistant", "content": "No idea."}]},
+])
+def test_every_trl_preference_shape_becomes_an_explicit_prompt_and_one_reply_each(record):
+    from genesis.branch.conversations import explicit_prompt_pair
+
+    pair = explicit_prompt_pair(record["prompt"], record["chosen"], record["rejected"])
+    assert pair == {"prompt": [{"role": "user", "content": "Why do cats purr?"}],
+                    "chosen": [{"role": "assistant", "content": "To calm themselves."}],
+                    "rejected": [{"role": "assistant", "content": "No idea."}]}
+
+
+def test_an_implicit_prompt_keeps_every_shared_turn_of_a_multi_turn_conversation():
+    from genesis.branch.conversations import explicit_prompt_pair, preference_problem
+
+    turns = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7."},
+             {"role": "user", "content": "A larger one?"}]
+    pair = explicit_prompt_pair(None, turns + [{"role": "assistant", "content": "101, the 26th prime."}],
+                                turns + [{"role": "assistant", "content": "Maybe 9."}])
+    assert pair["prompt"] == turns and pair["chosen"] == [{"role": "assistant", "content": "101, the 26th prime."}]
+    assert preference_problem(pair) is None
+    with pytest.raises(KeyError):  # an explicit pair without its prompt is a malformed record
+        explicit_prompt_pair(None, [{"role": "assistant", "content": "7."}], [{"role": "assistant", "content": "9."}])
+
+
+def test_the_genesis_1b_recipe_reads_ultrafeedback_from_a_dataset_laid_out_like_the_hub(tiny_corpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import PreTrainedTokenizerFast
+
+    from genesis.branch.pipeline import assemble_data
+
+    # The data kit's AlpacaEval pairs in HuggingFaceH4/ultrafeedback_binarized's columns and file layout.
+    with gzip.open(DATA / "dpo" / "alpaca_eval_gpt4_judged.jsonl.gz", "rt") as f:
+        kit = [json.loads(line) for _, line in zip(range(300), f)]
+    rows = [{"prompt": r["prompt"][0]["content"], "prompt_id": str(i), "chosen": r["prompt"] + r["chosen"],
+             "rejected": r["prompt"] + r["rejected"], "messages": r["prompt"] + r["chosen"], "score_chosen": 8.0,
+             "score_rejected": 4.0} for i, r in enumerate(kit)]
+    hub = tmp_path / "ultrafeedback_binarized"
+    (hub / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), hub / "data" / "train_prefs-00000-of-00001.parquet")
+
+    config = load_config(BranchConfig, REPO_ROOT / "configs" / "branch" / "genesis-1b.yaml", ["sft_sources=[]"])
+    config.dpo_sources = [source.model_copy(update={"hub_id": str(hub)}) for source in config.dpo_sources]
+    data = assemble_data(config, PreTrainedTokenizerFast.from_pretrained(str(tiny_corpus / "tokenizer")))
+    judged, hedged = (data.report["dpo"][name] for name in ("ultrafeedback", "ultrafeedback-hedged"))
+    assert judged["read"] == hedged["read"] == 300
+    assert judged["kept"] > 250 and 50 < hedged["kept"] < judged["kept"]  # hedging or short answers make no rewrite
+    rows_by_source = {}
+    for row in data.dpo_train + data.dpo_heldout:
+        rows_by_source.setdefault(row["source"], []).append(row)
+    answers = {r["prompt"][0]["content"]: (r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in kit}
+    for row in rows_by_source["ultrafeedback"]:
+        assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+        assert (row["chosen"][0]["content"], row["rejected"][0]["content"]) == answers[row["prompt"][-1]["content"]]
+    for row in rows_by_source["ultrafeedback-hedged"]:
+        question = row["prompt"][-1]["content"]
+        assert row["chosen"][0]["content"] == answers[question][0].strip()
+        assert score_reply(row["rejected"][0]["content"], question).hedging > 0
+    # One question, one side of the split, whichever source it came from.
+    train_prompts = {row["prompt"][-1]["content"] for row in data.dpo_train}
+    assert not train_prompts & {row["prompt"][-1]["content"] for row in data.dpo_heldout}
+
+
 def test_branch_data_is_checked_split_and_reported(tiny_corpus, tmp_path):
     from transformers import PreTrainedTokenizerFast
 

@@ -133,6 +133,31 @@ def conversation_problem(messages: list[dict]) -> str | None:
     return None
 
 
+def explicit_prompt_pair(prompt, chosen, rejected) -> dict:
+    """Any of TRL's preference shapes → {prompt: messages, chosen: [assistant], rejected: [assistant]}.
+
+    Explicit prompts come as messages or as a string (`{"prompt": str, "chosen": str, "rejected": str}`).
+    Implicit ones (TRL's `extract_prompt` case, and HuggingFaceH4/ultrafeedback_binarized, whose `chosen` and
+    `rejected` are whole conversations beside a string `prompt`) share their prompt turns; those turns become
+    the prompt. Shapes that fit none of these pass through for `preference_problem` to name."""
+    if isinstance(chosen, str):
+        chosen = [{"role": "assistant", "content": chosen}]
+    if isinstance(rejected, str):
+        rejected = [{"role": "assistant", "content": rejected}]
+    whole_conversations = (isinstance(chosen, list) and isinstance(rejected, list) and len(chosen) > 1
+                           and isinstance(chosen[0], dict) and chosen[0].get("role") != "assistant")
+    if whole_conversations:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    elif prompt is None:
+        raise KeyError("prompt")  # an explicit pair without its prompt: the caller reports the record
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
 def preference_problem(record: dict) -> str | None:
     prompt, chosen, rejected = record.get("prompt"), record.get("chosen"), record.get("rejected")
     if not isinstance(prompt, list) or not prompt:
@@ -176,7 +201,9 @@ def fold_tools(messages: list[dict], tools: list | None) -> list[dict]:
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
     """Give a conversation the principles' system prompt unless it brings its own."""
-    if not system_prompt or (messages and messages[0]["role"] == "system"):
+    if not system_prompt or not isinstance(messages, list):
+        return messages  # (not messages: `preference_problem` or `conversation_problem` names it)
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
         return messages
     return [{"role": "system", "content": system_prompt}] + messages
 

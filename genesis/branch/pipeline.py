@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from genesis.branch.config import BranchConfig
-from genesis.branch.conversations import (SourceReport, conversation_problem, preference_problem, prompt_key,
-                                          read_conversations, iter_located_records, stable_fraction, with_system_prompt)
+from genesis.branch.conversations import (SourceReport, conversation_problem, explicit_prompt_pair, iter_located_records,
+                                          preference_problem, prompt_key, read_conversations, stable_fraction,
+                                          with_system_prompt)
 from genesis.branch.dialogues import dpo_pairs, hedged_rewrite_of_answer, load_topics, sft_conversations, split_topics
 from genesis.branch.principles import load_principles
 from genesis.branch.rubric import build_pairs, score_reply
@@ -157,7 +158,7 @@ def assemble_data(config: BranchConfig, tokenizer) -> BranchData:
 def _pair_from_record(record: dict, source, location: str, on_malformed: str, report: SourceReport) -> dict | None:
     try:
         if source.format == "preference":
-            return {"prompt": record["prompt"], "chosen": record["chosen"], "rejected": record["rejected"]}
+            return explicit_prompt_pair(record.get("prompt"), record["chosen"], record["rejected"])
         if source.format == "hedged_rewrite":
             # a conversation: {"messages": [..., user, assistant]} → its final answer against a hedged rewrite
             messages = record[source.messages_field]
