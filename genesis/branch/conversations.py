@@ -202,7 +202,7 @@ def fold_tools(messages: list[dict], tools: list | None) -> list[dict]:
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
     """Give a conversation the principles' system prompt unless it brings its own."""
     if not system_prompt or not isinstance(messages, list):
-        return messages  # (not messages: `preference_problem` or `conversation_problem` names it)
+        return messages  # not a list of messages: `preference_problem` names it
     if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
         return messages
     return [{"role": "system", "content": system_prompt}] + messages
