@@ -151,11 +151,14 @@ def explicit_prompt_pair(prompt, chosen, rejected) -> dict:
         while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-    elif isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
     elif prompt is None:
         raise KeyError("prompt")  # an explicit pair without its prompt: the caller reports the record
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": as_messages(prompt), "chosen": chosen, "rejected": rejected}
+
+
+def as_messages(prompt):
+    """A prompt given as text becomes one user message; messages pass through."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
 def preference_problem(record: dict) -> str | None:

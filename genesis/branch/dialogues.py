@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from genesis.branch.conversations import with_system_prompt
 from genesis.config import StrictModel, config_root, load_config
 
 # NOTE: fixed for the project, not per branch: the pretraining corpus includes the training topics'
@@ -140,24 +141,20 @@ def hedged_rewrite_of_answer(answer: str, key: str) -> str:
     return _hedged_around(gist or rng.choice(HEDGE_VAGUE).format(topic="this"), rng)
 
 
-def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + messages
-
-
 def sft_conversations(topics: list[Topic], system_prompt: str | None) -> list[dict]:
     """Conversations in the data kit's shape: {"messages": [...], "source": "builtin", "topic": id}."""
     conversations = []
     for topic in topics:
         for index, question in enumerate(topic.questions):
             turns = [{"role": "user", "content": question}, {"role": "assistant", "content": full_answer(topic)}]
-            conversations.append({"messages": _with_system(turns, system_prompt), "topic": topic.id})
+            conversations.append({"messages": with_system_prompt(turns, system_prompt), "topic": topic.id})
             if index == 0 and system_prompt:
                 # The same reply without a system prompt, so the behaviour does not hinge on the prompt.
                 conversations.append({"messages": turns, "topic": topic.id})
             if topic.more and topic.follow_up and index == 0:
                 second = turns + [{"role": "user", "content": ACCEPT_FOLLOW_UPS[len(conversations) % len(ACCEPT_FOLLOW_UPS)]},
                                   {"role": "assistant", "content": topic.more}]
-                conversations.append({"messages": _with_system(second, system_prompt), "topic": topic.id})
+                conversations.append({"messages": with_system_prompt(second, system_prompt), "topic": topic.id})
     return conversations
 
 
@@ -167,7 +164,7 @@ def dpo_pairs(topics: list[Topic], system_prompt: str | None) -> list[dict]:
     for topic in topics:
         for index, question in enumerate(topic.questions):
             pairs.append({
-                "prompt": _with_system([{"role": "user", "content": question}], system_prompt),
+                "prompt": with_system_prompt([{"role": "user", "content": question}], system_prompt),
                 "chosen": [{"role": "assistant", "content": full_answer(topic)}],
                 "rejected": [{"role": "assistant", "content": hedged_rewrite(topic, index)}],
                 "topic": topic.id,

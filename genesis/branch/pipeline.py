@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from genesis.branch.config import BranchConfig
-from genesis.branch.conversations import (SourceReport, conversation_problem, explicit_prompt_pair, iter_located_records,
-                                          preference_problem, prompt_key, read_conversations, stable_fraction,
-                                          with_system_prompt)
+from genesis.branch.conversations import (SourceReport, as_messages, conversation_problem, explicit_prompt_pair,
+                                          iter_located_records, preference_problem, prompt_key, read_conversations,
+                                          stable_fraction, with_system_prompt)
 from genesis.branch.dialogues import dpo_pairs, hedged_rewrite_of_answer, load_topics, sft_conversations, split_topics
 from genesis.branch.principles import load_principles
 from genesis.branch.rubric import build_pairs, score_reply
@@ -169,8 +169,7 @@ def _pair_from_record(record: dict, source, location: str, on_malformed: str, re
                 raise TypeError("message before the answer (the user's)")
         else:
             # rubric: {"prompt": str | messages, "responses": [str, ...]} → best vs worst by the rubric
-            prompt = record["prompt"]
-            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            prompt = as_messages(record["prompt"])
             responses = [r if isinstance(r, str) else r["content"] for r in record["responses"]]
     except (KeyError, TypeError, IndexError) as err:
         if on_malformed == "fail":
