@@ -9,6 +9,10 @@ A DPO sweep reuses one SFT model for several DPO recipes (each variant: `name:ke
     python bench/branch_small.py sft --work /tmp/gb
     python bench/branch_small.py sweep --work /tmp/gb --variants "s01:dpo.loss_type=[sigmoid];dpo.beta=0.1" ...
 
+The finished branch's replies under other sampling settings (format, hedging; `name:key=value;...` over `eval`):
+
+    python bench/branch_small.py sampling --work /tmp/gb --out /tmp/sampling.json --variants "t02:temperature=0.2;top_p=0.9"
+
 A longer trunk or a changed recipe: `--steps 2400` (give every phase the same value) and `--set sft.epochs=4`
 (recipe overrides, given to the sft and branch phases alike).
 """
@@ -115,9 +119,33 @@ def sweep(work: Path, variants: list[str], out: Path, steps: int) -> None:
         write_json(out, {**environment(), "variants": results})
 
 
+def sampling(work: Path, variants: list[str], out: Path, steps: int, overrides: list[str]) -> None:
+    """Format adherence, hedging and curiosity of the finished branch's SFT and DPO models under other eval
+    sampling settings (each variant `name:key=value;key=value` over the recipe's `eval`), same held-out prompts."""
+    from genesis.branch.evaluate import reply_metrics, sample_replies
+    from genesis.branch.pipeline import Branch
+    from transformers import AutoTokenizer
+
+    results = {}
+    for variant in variants:
+        name, _, variant_overrides = variant.partition(":")
+        config = small_config(overrides + [f"eval.{o}" for o in variant_overrides.split(";") if o])
+        branch = Branch(milestone_of(work, steps), config, work / "branch")
+        tokenizer = AutoTokenizer.from_pretrained(str(branch.sft_dir))
+        prompts = branch._rows("heldout_prompts")[: config.eval.max_prompts]
+        started = time.time()
+        results[name] = {"eval": config.eval.model_dump()}
+        for stage, model_dir in (("sft", branch.sft_dir), ("dpo", branch.dpo_dir)):
+            metrics = reply_metrics(sample_replies(model_dir, tokenizer, prompts, config.eval, branch.device), prompts)
+            results[name][stage] = {k: v for k, v in metrics.items() if k != "format_failures"}
+        results[name]["seconds"] = round(time.time() - started, 1)
+        print(name, json.dumps(results[name]), flush=True)
+        write_json(out, {**environment(), "variants": results})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("phase", choices=["pretrain", "branch", "sft", "sweep"])
+    parser.add_argument("phase", choices=["pretrain", "branch", "sft", "sweep", "sampling"])
     parser.add_argument("--variants", nargs="*", default=[])
     parser.add_argument("--work", type=Path, default=Path("/tmp/gb"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "branch_small.json")
@@ -131,6 +159,8 @@ def main() -> None:
         sft(args.work, args.steps, args.overrides)
     elif args.phase == "sweep":
         sweep(args.work, args.variants, args.out, args.steps)
+    elif args.phase == "sampling":
+        sampling(args.work, args.variants, args.out, args.steps, args.overrides)
     else:
         branch(args.work, args.out, args.steps, args.overrides)
 

@@ -47,21 +47,24 @@ def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
 
 class Generator:
     """Owns a model set up for decoding. Reuse one instance for many prompts: the cache and any compiled
-    decode step are built once."""
+    decode step are built once. `batch_size` > 1 sizes the cache for `generate_batch`."""
 
-    def __init__(self, model: Transformer, max_seq_len: int | None = None, compile_decode: bool = False):
+    def __init__(self, model: Transformer, max_seq_len: int | None = None, compile_decode: bool = False,
+                 batch_size: int = 1):
         self.model = model.eval()
         self.max_seq_len = max_seq_len or model.config.max_seq_len
+        self.batch_size = batch_size
         self.device = next(model.parameters()).device
-        model.setup_kv_cache(batch_size=1, max_seq_len=self.max_seq_len)
+        model.setup_kv_cache(batch_size=batch_size, max_seq_len=self.max_seq_len)
         self._decode = self._decode_step
         if compile_decode:
             # NOTE: "reduce-overhead" captures the step as a CUDA graph. The cache is updated in place with
             # index_copy_ at a tensor position, so every replay has the same addresses and shapes.
             self._decode = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
 
-    def _decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        return self.model(token, positions=position)[:, -1]
+    def _decode_step(self, token: torch.Tensor, position: torch.Tensor,
+                     slot_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(token, positions=position, slot_mask=slot_mask)[:, -1]
 
     @torch.inference_mode()
     def stream(
@@ -94,6 +97,61 @@ class Generator:
 
     def generate(self, prompt_ids: list[int], sampling: SamplingConfig, stop_ids: set[int] | None = None) -> list[int]:
         return list(self.stream(prompt_ids, sampling, stop_ids))
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: list[list[int]], sampling: SamplingConfig,
+                       stop_ids: set[int] | None = None) -> list[list[int]]:
+        """New token ids for up to `batch_size` prompts decoded together; each row ends at its first stop id
+        (included) or after `max_new_tokens`.
+
+        Prompts are left-padded to the longest one, so every row writes the same cache slot at each step and
+        one forward pass serves the whole batch; `slot_mask` hides each row's padding. RoPE scores depend
+        only on the distance between positions, so a row's shifted absolute positions do not change what it
+        computes. All rows share the context left after the longest prompt: batch prompts of similar length.
+        """
+        if not prompts or len(prompts) > self.batch_size:
+            raise GenesisError(f"generate_batch: {len(prompts)} prompts for a batch of {self.batch_size}; "
+                               f"give 1 to {self.batch_size}")
+        if any(not ids for ids in prompts):
+            raise GenesisError("prompt: empty after tokenization; give at least one token of text")
+        longest = max(len(ids) for ids in prompts)
+        if longest >= self.max_seq_len:
+            raise GenesisError(
+                f"prompt: {longest} tokens does not fit the context of {self.max_seq_len}; shorten it"
+            )
+        max_new = min(sampling.max_new_tokens, self.max_seq_len - longest)
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        stop = torch.tensor(sorted(stop_ids or set()), dtype=torch.long, device=self.device)
+
+        # Rows beyond the prompts given repeat the first one; their tokens are dropped.
+        rows = prompts + [prompts[0]] * (self.batch_size - len(prompts))
+        tokens = torch.zeros(self.batch_size, longest, dtype=torch.long)
+        slot_mask = torch.ones(self.batch_size, self.max_seq_len, dtype=torch.bool)
+        for row, ids in enumerate(rows):
+            tokens[row, longest - len(ids):] = torch.tensor(ids)
+            slot_mask[row, : longest - len(ids)] = False
+        tokens, slot_mask = tokens.to(self.device), slot_mask.to(self.device)
+
+        logits = self.model(tokens, positions=torch.arange(longest, device=self.device), slot_mask=slot_mask)[:, -1]
+        new_tokens = []
+        finished = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        for step in range(max_new):
+            token = sample_next(logits.float(), sampling, generator)
+            new_tokens.append(token)
+            finished |= torch.isin(token, stop)
+            if step == max_new - 1 or bool(finished[: len(prompts)].all()):
+                break
+            position = torch.tensor([longest + step], device=self.device)
+            logits = self._decode(token.view(-1, 1), position, slot_mask).clone()
+
+        sampled = torch.stack(new_tokens, dim=1).tolist()
+        replies = []
+        for row in sampled[: len(prompts)]:
+            end = next((i + 1 for i, token_id in enumerate(row) if token_id in (stop_ids or ())), len(row))
+            replies.append(row[:end])
+        return replies
 
 
 @torch.inference_mode()

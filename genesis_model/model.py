@@ -260,20 +260,24 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         ignore_index: int = -100,
+        slot_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) → logits (B, T, V) in fp32, or the mean cross-entropy if `targets` is given.
 
         With `targets`, the logits are never materialised for the whole batch (see loss.py). `positions`
-        (T,) is for decoding with a KV cache (`setup_kv_cache`); training leaves it None.
+        (T,) is for decoding with a KV cache (`setup_kv_cache`); training leaves it None. `slot_mask`
+        (B, cache length), bool, marks the cache slots each row may attend to when prompts of different
+        lengths are decoded together left-padded (False on the padding).
         """
-        x = self.hidden_states(tokens, positions)
+        x = self.hidden_states(tokens, positions, slot_mask)
         if targets is not None:
             # The loss casts the weight itself, so its gradient comes back in the weight's dtype (fp32 masters).
             return fused_linear_cross_entropy(x.flatten(0, 1), self.output_weight_for_compute, targets.flatten(),
                                               ignore_index)
         return F.linear(x, self.output_weight_for_compute.to(x.dtype)).float()
 
-    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                      slot_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) → the final norm's output (B, T, D): everything but the output projection.
         (`parallelize.py` may compile this whole method as one graph.)"""
         T = tokens.shape[1]
@@ -284,7 +288,13 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             # (1, 1, T, max_len): query at position p sees cache slots 0..p.
-            mask = (torch.arange(self.kv_cache_len, device=tokens.device) <= positions[:, None])[None, None]
+            slots = torch.arange(self.kv_cache_len, device=tokens.device)
+            mask = (slots <= positions[:, None])[None, None]
+            if slot_mask is not None:
+                # (B, 1, T, max_len): and only its own row's real slots. A padding query still sees itself,
+                # so that no row of the softmax is empty (an all-masked row is NaN, and NaN values written to
+                # the cache would poison every later query through 0 · NaN).
+                mask = mask & (slot_mask[:, None, None, :] | (slots == positions[:, None])[None, None])
 
         x = self.tok_embeddings(tokens)  # (B, T, D)
         if self.compute_dtype is not None:

@@ -149,3 +149,26 @@ def test_decoding_stops_at_a_stop_token_and_at_the_context_end():
     stop = free[2]
     stopped = generator.generate([1, 2, 3], SamplingConfig(max_new_tokens=50, temperature=0), stop_ids={stop})
     assert stopped == free[: free.index(stop) + 1]
+
+
+def test_prompts_of_different_lengths_decoded_together_give_each_prompts_own_greedy_reply():
+    model = Transformer(small_config(init_std=0.3))
+    model.init_weights(seed=3)
+    prompts = [[5, 17, 42, 9, 100], [7], [200, 3, 3, 81, 12, 6, 44, 19, 2]]
+    sampling = SamplingConfig(max_new_tokens=20, temperature=0)
+    alone = [Generator(model).generate(prompt, sampling) for prompt in prompts]
+    together = Generator(model, batch_size=4).generate_batch(prompts, sampling)
+    assert together == alone
+    assert len({tuple(reply) for reply in together}) == 3
+
+
+def test_each_row_of_a_batch_ends_at_its_own_stop_token():
+    model = Transformer(small_config(init_std=0.3))
+    model.init_weights(seed=3)
+    prompts = [[5, 17, 42, 9, 100], [7, 8]]
+    free = Generator(model, batch_size=2).generate_batch(prompts, SamplingConfig(max_new_tokens=20, temperature=0))
+    stop = free[0][3]
+    stopped = Generator(model, batch_size=2).generate_batch(
+        prompts, SamplingConfig(max_new_tokens=20, temperature=0), stop_ids={stop})
+    assert stopped[0] == free[0][: free[0].index(stop) + 1]
+    assert stopped[1] == (free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1])

@@ -52,8 +52,11 @@ class EvalRecipe(StrictModel):
     max_pairs: int = Field(default=256, ge=1, description="held-out pairs scored for preference accuracy")
     max_new_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.7, ge=0)
-    top_k: int = Field(default=40, ge=0)
+    top_k: int = Field(default=40, ge=0, description="0 = no top-k cut")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus cut; None = none")
     seed: int = 0
+    batch_size: int = Field(default=16, ge=1, description="prompts sampled together (memory: a KV cache per "
+                            "prompt for its prompt and max_new_tokens)")
     samples: int = Field(default=4, ge=0, description="replies shown side by side in eval.json")
 
 

@@ -99,26 +99,33 @@ def preference_metrics(model_scores, base_scores) -> dict:
 
 
 def sample_replies(model_dir: Path, tokenizer, prompts: list[list[dict]], recipe: EvalRecipe, device: str) -> list[dict]:
-    """Sample one reply per prompt with the native KV-cache generator; record how each one ended."""
+    """Sample one reply per prompt with the native KV-cache generator, `recipe.batch_size` prompts at a time
+    (one decode step serves the whole batch: on a GPU, decoding one reply at a time took 283 of a 404 s
+    branch); record how each one ended."""
     from genesis_model.generate import Generator, SamplingConfig
     from genesis_model.inference import load_hf
 
     model = load_hf(model_dir, dtype=torch.float32, device=device).model
-    generator = Generator(model)
+    context = model.config.max_seq_len
     im_start, im_end = tokenizer.convert_tokens_to_ids(IM_START), tokenizer.convert_tokens_to_ids(IM_END)
     eos = tokenizer.convert_tokens_to_ids(EOS)
-    replies = []
-    for index, prompt in enumerate(prompts):
-        ids = _ids(tokenizer, prompt, add_generation_prompt=True)
-        if len(ids) >= generator.max_seq_len - 1:
-            replies.append({"text": "", "ended": "prompt_too_long"})
-            continue
+    prompt_ids = [_ids(tokenizer, prompt, add_generation_prompt=True) for prompt in prompts]
+    replies: list[dict] = [{"text": "", "ended": "prompt_too_long"}] * len(prompts)
+    # Similar lengths together: a batch's rows share the context left after its longest prompt.
+    fitting = sorted((i for i, ids in enumerate(prompt_ids) if len(ids) < context - 1), key=lambda i: len(prompt_ids[i]))
+    if not fitting:
+        return replies
+    cache_len = min(context, len(prompt_ids[fitting[-1]]) + recipe.max_new_tokens)
+    generator = Generator(model, max_seq_len=cache_len, batch_size=min(recipe.batch_size, len(fitting)))
+    for batch_index, start in enumerate(range(0, len(fitting), generator.batch_size)):
+        batch = fitting[start: start + generator.batch_size]
         sampling = SamplingConfig(max_new_tokens=recipe.max_new_tokens, temperature=recipe.temperature,
-                                  top_k=recipe.top_k or None, top_p=None, seed=recipe.seed + index)
-        new = generator.generate(ids, sampling, stop_ids={im_end, eos, im_start})
-        ended = {im_end: "im_end", eos: "eos", im_start: "opened_new_turn"}.get(new[-1] if new else -1, "length")
-        text = tokenizer.decode([t for t in new if t not in (im_end, eos, im_start)], skip_special_tokens=False)
-        replies.append({"text": text.strip(), "ended": ended})
+                                  top_k=recipe.top_k or None, top_p=recipe.top_p, seed=recipe.seed + batch_index)
+        for index, new in zip(batch, generator.generate_batch([prompt_ids[i] for i in batch], sampling,
+                                                               stop_ids={im_end, eos, im_start})):
+            ended = {im_end: "im_end", eos: "eos", im_start: "opened_new_turn"}.get(new[-1] if new else -1, "length")
+            text = tokenizer.decode([t for t in new if t not in (im_end, eos, im_start)], skip_special_tokens=False)
+            replies[index] = {"text": text.strip(), "ended": ended}
     return replies
 
 
