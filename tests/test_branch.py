@@ -131,17 +131,18 @@ def test_preference_accuracy_reads_implicit_rewards_summed_and_per_token():
 def test_only_one_non_empty_turn_closed_by_im_end_adheres_to_the_chat_format_and_each_failure_is_shown():
     from genesis.branch.evaluate import reply_metrics
 
-    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
-    replies = [{"text": "Water boils at 100 C at sea level.", "ended": "im_end"},
-               {"text": ("the song is the song " * 40).strip(), "ended": "length"},
-               {"text": "A reply closed by the document end token.", "ended": "eos"},
-               {"text": "", "ended": "im_end"}]
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(3)]
+    closed = {"text": "Water boils at 100 C at sea level.", "ended": "im_end"}
+    replies = [[closed, closed],  # two replies per prompt: every reply counts
+               [{"text": ("the song is the song " * 40).strip(), "ended": "length"}, closed],
+               [{"text": "A reply closed by the document end token.", "ended": "eos"},
+                {"text": "", "ended": "im_end"}]]
     metrics = reply_metrics(replies, prompts)
-    assert metrics["format_adherence"] == 0.25
-    assert metrics["ended"] == {"eos": 1, "im_end": 2, "length": 1}
+    assert metrics["format_adherence"] == 0.5
+    assert metrics["ended"] == {"eos": 1, "im_end": 4, "length": 1}
     failures = metrics["format_failures"]
     assert [(f["prompt"], f["ended"]) for f in failures] == [
-        ("question 1", "length"), ("question 2", "eos"), ("question 3", "im_end, empty")]
+        ("question 1", "length"), ("question 2", "eos"), ("question 2", "im_end, empty")]
     assert failures[0]["reply_end"].endswith("the song is the song") and len(failures[0]["reply_end"]) <= 240
 
 
@@ -470,3 +471,16 @@ def test_a_branch_off_a_milestone_gives_sft_and_dpo_models_and_dpo_prefers_the_c
     assert report["totals"]["dpo_heldout"] == result["heldout_pairs"]
     lineage = json.loads((out / "branch.json").read_text())
     assert lineage["step"] == 150 and lineage["milestone"] == str(milestone)
+
+    # Several replies per prompt: replica r is the reply that a one-reply evaluation seeded `seed + r` samples.
+    from genesis.branch.config import EvalRecipe
+    from genesis.branch.evaluate import sample_replies
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "sft"))
+    prompts = [json.loads(line) for line in (out / "data" / "heldout_prompts.jsonl").read_text().splitlines()][:5]
+    recipe = EvalRecipe(max_new_tokens=30, batch_size=3, replies_per_prompt=2, seed=7)
+    both = sample_replies(out / "sft", tokenizer, prompts, recipe, "cpu")
+    second_alone = sample_replies(out / "sft", tokenizer, prompts,
+                                  recipe.model_copy(update={"replies_per_prompt": 1, "seed": 8}), "cpu")
+    assert [own[1] for own in both] == [own[0] for own in second_alone]
+    assert [own[0] for own in both] != [own[1] for own in both]

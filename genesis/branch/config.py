@@ -55,6 +55,8 @@ class EvalRecipe(StrictModel):
     top_k: int = Field(default=40, ge=0, description="0 = no top-k cut")
     top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus cut; None = none")
     seed: int = 0
+    replies_per_prompt: int = Field(default=1, ge=1, description="sampled replies per held-out prompt (format, "
+                                    "hedging and curiosity are means over all of them)")
     batch_size: int = Field(default=16, ge=1, description="prompts sampled together (memory: a KV cache per "
                             "prompt for its prompt and max_new_tokens)")
     samples: int = Field(default=4, ge=0, description="replies shown side by side in eval.json")
