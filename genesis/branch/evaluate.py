@@ -100,11 +100,13 @@ def preference_metrics(model_scores, base_scores) -> dict:
             "logprob_accuracy": share(raw)}
 
 
-def sample_replies(model_dir: Path, tokenizer, prompts: list[list[dict]], recipe: EvalRecipe, device: str) -> list[list[dict]]:
+def sample_replies(model_dir: Path, tokenizer, prompts: list[list[dict]], recipe: EvalRecipe,
+                   device: str) -> list[list[dict]]:
     """Sample `recipe.replies_per_prompt` replies per prompt with the native KV-cache generator and record how
-    each one ended. `recipe.batch_size` prompts are decoded together: one decode step serves the whole batch
-    (on a GPU, decoding one reply at a time took 283 s of a 404 s branch). Replica r of batch b samples with
-    seed `recipe.seed + r + b`, so replica r is what a single-reply evaluation with `seed: seed + r` samples."""
+    each one ended. `recipe.batch_size` prompts are decoded together, one decode step for the whole batch (the
+    small recipe's whole evaluation on an H200: 68 s batched, 283 s one reply at a time). Replica r of batch b
+    samples with seed `recipe.seed + r + b`, so replica r is what a one-reply evaluation with `seed: seed + r`
+    samples."""
     from genesis_model.generate import Generator, SamplingConfig
     from genesis_model.inference import load_hf
 
@@ -112,11 +114,12 @@ def sample_replies(model_dir: Path, tokenizer, prompts: list[list[dict]], recipe
     context = model.config.max_seq_len
     im_start, im_end = tokenizer.convert_tokens_to_ids(IM_START), tokenizer.convert_tokens_to_ids(IM_END)
     eos = tokenizer.convert_tokens_to_ids(EOS)
+    how_ended = {im_end: "im_end", eos: "eos", im_start: "opened_new_turn"}
     prompt_ids = [_ids(tokenizer, prompt, add_generation_prompt=True) for prompt in prompts]
-    too_long = {"text": "", "ended": "prompt_too_long"}
-    replies = [[too_long] * recipe.replies_per_prompt for _ in prompts]
+    replies = [[{"text": "", "ended": "prompt_too_long"}] * recipe.replies_per_prompt for _ in prompts]
     # Similar lengths together: a batch's rows share the context left after its longest prompt.
-    fitting = sorted((i for i, ids in enumerate(prompt_ids) if len(ids) < context - 1), key=lambda i: len(prompt_ids[i]))
+    fitting = sorted((i for i, ids in enumerate(prompt_ids) if len(ids) < context - 1),
+                     key=lambda i: len(prompt_ids[i]))
     if not fitting:
         return replies
     cache_len = min(context, len(prompt_ids[fitting[-1]]) + recipe.max_new_tokens)
@@ -127,11 +130,10 @@ def sample_replies(model_dir: Path, tokenizer, prompts: list[list[dict]], recipe
             sampling = SamplingConfig(max_new_tokens=recipe.max_new_tokens, temperature=recipe.temperature,
                                       top_k=recipe.top_k or None, top_p=recipe.top_p,
                                       seed=recipe.seed + replica + batch_index)
-            new_ids = generator.generate_batch([prompt_ids[i] for i in batch], sampling, stop_ids={im_end, eos, im_start})
+            new_ids = generator.generate_batch([prompt_ids[i] for i in batch], sampling, stop_ids=set(how_ended))
             for index, new in zip(batch, new_ids):
-                ended = {im_end: "im_end", eos: "eos", im_start: "opened_new_turn"}.get(new[-1] if new else -1, "length")
-                text = tokenizer.decode([t for t in new if t not in (im_end, eos, im_start)], skip_special_tokens=False)
-                replies[index][replica] = {"text": text.strip(), "ended": ended}
+                text = tokenizer.decode([t for t in new if t not in how_ended], skip_special_tokens=False)
+                replies[index][replica] = {"text": text.strip(), "ended": how_ended.get(new[-1], "length")}
     return replies
 
 
