@@ -136,8 +136,8 @@ def sampling(work: Path, variants: list[str], out: Path, steps: int, overrides: 
         started = time.time()
         results[name] = {"eval": config.eval.model_dump()}
         for stage, model_dir in (("sft", branch.sft_dir), ("dpo", branch.dpo_dir)):
-            metrics = reply_metrics(sample_replies(model_dir, tokenizer, prompts, config.eval, branch.device), prompts)
-            results[name][stage] = {k: v for k, v in metrics.items() if k != "format_failures"}
+            results[name][stage] = reply_metrics(sample_replies(model_dir, tokenizer, prompts, config.eval,
+                                                                branch.device), prompts)
         results[name]["seconds"] = round(time.time() - started, 1)
         print(name, json.dumps(results[name]), flush=True)
         write_json(out, {**environment(), "variants": results})
