@@ -72,16 +72,7 @@ class Generator:
         self, prompt_ids: list[int], sampling: SamplingConfig, stop_ids: set[int] | None = None
     ) -> Iterator[int]:
         """Yield new token ids one at a time until `max_new_tokens` or a stop id (which is yielded too)."""
-        if not prompt_ids:
-            raise GenesisError("prompt: empty after tokenization; give at least one token of text")
-        if len(prompt_ids) >= self.max_seq_len:
-            raise GenesisError(
-                f"prompt: {len(prompt_ids)} tokens does not fit the context of {self.max_seq_len}; shorten it"
-            )
-        max_new = min(sampling.max_new_tokens, self.max_seq_len - len(prompt_ids))
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        max_new, generator = self._start([prompt_ids], sampling)
         stop_ids = stop_ids or set()
 
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
@@ -95,6 +86,19 @@ class Generator:
                 return
             position = torch.tensor([len(prompt_ids) + step], device=self.device)
             logits = self._decode(token.view(1, 1), position).clone()
+
+    def _start(self, prompts: list[list[int]], sampling: SamplingConfig) -> tuple[int, torch.Generator | None]:
+        """Refuse prompts that are empty or leave no room to generate; return how many tokens the longest one
+        leaves room for (at most `max_new_tokens`) and the seeded random generator, if any."""
+        if any(not ids for ids in prompts):
+            raise GenesisError("prompt: empty after tokenization; give at least one token of text")
+        longest = max(len(ids) for ids in prompts)
+        if longest >= self.max_seq_len:
+            raise GenesisError(f"prompt: {longest} tokens does not fit the context of {self.max_seq_len}; shorten it")
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        return min(sampling.max_new_tokens, self.max_seq_len - longest), generator
 
     def generate(self, prompt_ids: list[int], sampling: SamplingConfig, stop_ids: set[int] | None = None) -> list[int]:
         return list(self.stream(prompt_ids, sampling, stop_ids))
@@ -113,17 +117,8 @@ class Generator:
         if not prompts or len(prompts) > self.batch_size:
             raise GenesisError(f"generate_batch: {len(prompts)} prompts for a batch of {self.batch_size}; "
                                f"give 1 to {self.batch_size}")
-        if any(not ids for ids in prompts):
-            raise GenesisError("prompt: empty after tokenization; give at least one token of text")
+        max_new, generator = self._start(prompts, sampling)
         longest = max(len(ids) for ids in prompts)
-        if longest >= self.max_seq_len:
-            raise GenesisError(
-                f"prompt: {longest} tokens does not fit the context of {self.max_seq_len}; shorten it"
-            )
-        max_new = min(sampling.max_new_tokens, self.max_seq_len - longest)
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         stop = torch.tensor(sorted(stop_ids or set()), dtype=torch.long, device=self.device)
 
         # Rows beyond the prompts given repeat the first one; their tokens are dropped.
