@@ -56,7 +56,7 @@ def milestone_of(work: Path, steps: int) -> Path:
 
 def branch(work: Path, out: Path, steps: int, overrides: list[str]) -> None:
     started = time.time()
-    subprocess.run([sys.executable, "-m", "genesis.cli", "branch", "--milestone", str(milestone_of(work, steps)),
+    subprocess.run([sys.executable, "-m", "cli.main", "branch", "--milestone", str(milestone_of(work, steps)),
                     "--config", str(REPO / "configs" / "branch" / "small.yaml"), "--out", str(work / "branch"),
                     *overrides], check=True, cwd=REPO)
     result = json.loads((work / "branch" / "eval.json").read_text())
@@ -70,7 +70,7 @@ def branch(work: Path, out: Path, steps: int, overrides: list[str]) -> None:
 
 
 def small_config(overrides: list[str]):
-    from genesis.branch.config import BranchConfig
+    from branch.config import BranchConfig
     from genesis.config import load_config
 
     return load_config(BranchConfig, REPO / "configs" / "branch" / "small.yaml", overrides)
@@ -78,7 +78,7 @@ def small_config(overrides: list[str]):
 
 def sft(work: Path, steps: int, overrides: list[str]) -> None:
     """Export, data and SFT of the recipe, stopping before DPO."""
-    from genesis.branch.pipeline import Branch
+    from branch.pipeline import Branch
 
     started = time.time()
     branch = Branch(milestone_of(work, steps), small_config(overrides), work / "branch")
@@ -90,7 +90,7 @@ def sft(work: Path, steps: int, overrides: list[str]) -> None:
 
 def sweep(work: Path, variants: list[str], out: Path, steps: int) -> None:
     """DPO variants off the same SFT model; held-out preference accuracy (all pairs) and a short sample eval."""
-    from genesis.branch.pipeline import Branch
+    from branch.pipeline import Branch
 
     results = {}
     for variant in variants:
@@ -122,8 +122,8 @@ def sweep(work: Path, variants: list[str], out: Path, steps: int) -> None:
 def sampling(work: Path, variants: list[str], out: Path, steps: int, overrides: list[str]) -> None:
     """Format adherence, hedging and curiosity of the finished branch's SFT and DPO models under other eval
     sampling settings (each variant `name:key=value;key=value` over the recipe's `eval`), same held-out prompts."""
-    from genesis.branch.evaluate import reply_metrics, sample_replies
-    from genesis.branch.pipeline import Branch
+    from branch.evaluate import reply_metrics, sample_replies
+    from branch.pipeline import Branch
     from transformers import AutoTokenizer
 
     results = {}

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import environment, write_json, write_synthetic_token_data  # noqa: E402
+from genesis_model.launch import trainer_command  # noqa: E402
 
 CONFIG = REPO / "configs" / "train" / "genesis-1b-h100.yaml"
 
@@ -33,10 +34,9 @@ def make_data(data_dir: Path, tokens: int = 4_000_000) -> None:
 
 
 def command_for(run_dir: Path, data_dir: Path, overrides: list[str], resume: bool) -> list[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "genesis_model.train",
-               "--config", str(CONFIG), f"data_dir={data_dir}", f"run_dir={run_dir}", "micro_batch_size=8",
-               "grad_accum_steps=1", "eval.every=0", "log_every=1", "verify_data_checksums=false", *overrides]
-    return command + (["--resume", "auto"] if resume else [])
+    return trainer_command(CONFIG, [f"data_dir={data_dir}", f"run_dir={run_dir}", "micro_batch_size=8",
+                                    "grad_accum_steps=1", "eval.every=0", "log_every=1", "verify_data_checksums=false",
+                                    *overrides], nproc=1, trainer_args=["--resume", "auto"] if resume else [])
 
 
 ENV = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "") + os.pathsep + str(REPO)}

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import environment, write_json  # noqa: E402
-from genesis.demo import demo  # noqa: E402
+from flows.demo import demo  # noqa: E402
 
 
 def main() -> None:

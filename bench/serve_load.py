@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import environment, write_json  # noqa: E402
-from genesis.launch import free_port  # noqa: E402
+from genesis_model.launch import free_port  # noqa: E402
 
 PROMPTS = ["Why is the sky blue?", "How do I start learning to cook?", "What is a prime number?",
            "Tell me about volcanoes.", "How does a bicycle stay upright?"]
@@ -76,7 +76,7 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "genesis.cli", "serve", "--run-dir", str(args.run_dir),
+    server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--run-dir", str(args.run_dir),
                                "--port", str(port), "--device", "cpu"], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 
 from bench.checkpoint import read_jsonl  # noqa: E402
 from bench.common import environment, write_json, write_synthetic_token_data  # noqa: E402
-from genesis.launch import free_port  # noqa: E402
+from genesis_model.launch import torchrun_command as torchrun  # noqa: E402
 from genesis_model.checkpoint import is_complete  # noqa: E402
 
 PROFILES = {
@@ -90,12 +90,6 @@ NO_CHECKPOINTS = ["checkpoint.save_every=0", "checkpoint.save_at_end=false"]
 # Two x2 hosts on 2026-11-30 measured 1.47x and 1.77x at micro-batch 1 with the same code; those rows stay in
 # scaling_setups, with their profiles.
 HEADLINE_SETUP = (4, 16)
-
-
-def torchrun(nproc: int, *program: str) -> list[str]:
-    """`program` under torchrun on this host, on a free rendezvous port ("-m module ..." or "script.py ...")."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), *program]
 
 
 def make_learnable_data(data_dir: Path, vocab_size: int, tokens: int = 3_000_000) -> None:

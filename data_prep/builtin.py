@@ -72,9 +72,9 @@ def code_texts(max_bytes: int = CODE_BYTES) -> Iterator[str]:
 def dialog_texts() -> Iterator[str]:
     """The project's principle-shaped dialogues (configs/dialogues/topics.yaml), training topics only, as chat
     text: held-out topics stay out of pretraining so branch evaluation never sees a memorised answer."""
-    from data_prep.sources import render_chat
-    from genesis.branch.dialogues import load_topics, sft_conversations, split_topics
-    from genesis.branch.principles import load_principles
+    from genesis.chat import render_chat
+    from genesis.principles.dialogues import load_topics, sft_conversations, split_topics
+    from genesis.principles import load_principles
 
     if not (config_root() / "dialogues" / "topics.yaml").is_file():
         return

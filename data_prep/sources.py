@@ -7,7 +7,6 @@ record rendered with the project's chat template (so dialogues can join pretrain
 
 from __future__ import annotations
 
-import glob
 import gzip
 import json
 from collections.abc import Iterator
@@ -16,8 +15,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from genesis.config import REPO_ROOT, StrictModel
+from genesis.chat import record_to_conversation, render_chat
+from genesis.config import StrictModel
 from genesis.errors import DataError
+from genesis.records import builder_for, resolve_paths, scan_jsonl_numbered
 
 
 class SourceConfig(StrictModel):
@@ -76,65 +77,6 @@ class CorpusConfig(StrictModel):
 # Rendering
 
 
-def tool_call_json(name: str, arguments) -> str:
-    """`{"name": ..., "arguments": ...}` as the chat template writes it; arguments given as a JSON string
-    (the shape datasets store, since Arrow cannot hold free-form objects) are written verbatim."""
-    if isinstance(arguments, str):
-        return '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": ' + arguments + "}"
-    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-
-
-def render_chat(messages: list[dict], tools: list | None = None) -> str:
-    """ChatML text of a conversation; the same string the tokenizer's chat template produces."""
-    parts = []
-    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-    if tools:
-        header = (system + "\n\n") if system else ""
-        header += 'You can call these tools. Reply with <tool_call>{"name": ..., "arguments": ...}</tool_call>.\n<tools>'
-        header += "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
-        parts.append(f"<|im_start|>system\n{header}\n</tools><|im_end|>\n")
-    elif system is not None:
-        parts.append(f"<|im_start|>system\n{system}<|im_end|>\n")
-    for message in messages:
-        role = message["role"]
-        if role == "system":
-            continue
-        if role == "assistant":
-            body = message.get("content") or ""
-            for call in message.get("tool_calls") or []:
-                fn = call.get("function", call)
-                body += "<tool_call>" + tool_call_json(fn["name"], fn["arguments"]) + "</tool_call>"
-            parts.append(f"<|im_start|>assistant\n{body}<|im_end|>\n")
-        elif role == "tool":
-            parts.append(f"<|im_start|>user\n<tool_response>{message['content']}</tool_response><|im_end|>\n")
-        else:
-            parts.append(f"<|im_start|>{role}\n{message['content']}<|im_end|>\n")
-    return "".join(parts)
-
-
-def record_to_conversation(record: dict, format: str, messages_field: str = "messages") -> tuple[list[dict], list | None]:
-    """A conversation-shaped record as (messages, tools); KeyError/TypeError/ValueError mean it is malformed."""
-    if format == "xlam":
-        # Salesforce xLAM: `query`, and `answers` / `tools` as JSON strings.
-        calls = [{"type": "function", "function": call} for call in json.loads(record["answers"])]
-        tools = [{"type": "function", "function": tool} for tool in json.loads(record["tools"])]
-        return [{"role": "user", "content": record["query"]},
-                {"role": "assistant", "content": "", "tool_calls": calls}], tools
-    messages = record[messages_field]
-    if isinstance(messages, str):  # some sets (Orca AgentInstruct) store the conversation as a JSON string
-        messages = json.loads(messages)
-    if format == "sharegpt":  # {"from": "human"|"gpt"|"system"|"tool", "value": ...}
-        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                 "tool": "tool", "function_response": "tool"}
-        messages = [{"role": roles[m["from"]], "content": m["value"]} for m in messages]
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise ValueError(f"field '{messages_field}' is not a list of messages")
-    tools = record.get("tools") if format == "function_calling" else None
-    if isinstance(tools, str):
-        tools = json.loads(tools)
-    return messages, tools
-
-
 def record_to_text(record: dict, source: SourceConfig) -> str:
     """One record as training text; KeyError/TypeError/ValueError mean a malformed record."""
     if source.format == "text":
@@ -147,50 +89,6 @@ def record_to_text(record: dict, source: SourceConfig) -> str:
 
 # -------------------------------------------------------------------------------------------------------------
 # Reading
-
-
-def resolve_paths(source: SourceConfig) -> list[Path]:
-    files: list[Path] = []
-    for pattern in source.paths:
-        full = pattern if Path(pattern).is_absolute() else str(REPO_ROOT / pattern)
-        matches = sorted(glob.glob(full))
-        if not matches:
-            raise DataError(f"source '{source.name}': no file matches {pattern}; fix the path in the corpus config")
-        files += [Path(m) for m in matches]
-    return files
-
-
-def _builder_for(path: Path) -> str:
-    name = path.name.removesuffix(".gz")
-    if name.endswith((".jsonl", ".json")):
-        return "json"
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith(".txt"):
-        return "text"
-    raise DataError(f"{path}: unknown file type; use .jsonl[.gz], .json, .parquet or .txt")
-
-
-def scan_jsonl_numbered(path: Path, on_bad: str, counts: dict,
-                        skip_hint: str = "use on_bad_record: skip") -> Iterator[tuple[int, object]]:
-    """(line number, parsed JSON) of every non-blank line; an invalid line fails naming file:line (with
-    `skip_hint` as the way out) or is skipped and counted."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    if on_bad == "fail":
-                        raise DataError(f"{path}:{line_number}: invalid JSON ({err.msg}); fix the line or {skip_hint}") from None
-                    counts["invalid_json"] = counts.get("invalid_json", 0) + 1
-                    continue
-                yield line_number, record
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 (byte {err.start}); re-encode the file as UTF-8") from None
 
 
 def _scan_jsonl(path: Path, on_bad: str, counts: dict) -> Iterator[dict]:
@@ -216,8 +114,8 @@ def iter_local_records(source: SourceConfig, on_bad: str, counts: dict) -> Itera
     from datasets.exceptions import DatasetGenerationError
 
     datasets.disable_progress_bars()
-    for path in resolve_paths(source):
-        builder = _builder_for(path)
+    for path in resolve_paths(source.paths, source.name):
+        builder = builder_for(path)
         if builder == "json":
             # `datasets` reads JSON fast but reports a bad line without its number: check first, and read
             # line by line (skipping and counting) only a file that has bad lines.

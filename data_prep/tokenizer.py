@@ -22,54 +22,12 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from genesis.chat import BOS, CHAT_TEMPLATE, CHAT_TOKENS, EOS, IM_END, IM_START, PAD, UNK
 from genesis.errors import DataError
 from genesis.manifest import MAX_UINT16_VOCAB
 
-CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
-               "<tools>", "</tools>"]
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
-# NOTE: not "<unk>", "<s>", "</s>": those occur literally in real text (WikiText is full of "<unk>"), where
-# SentencePiece reads them as plain characters but a Hugging Face tokenizer matches its special tokens, and
-# the two would disagree. ChatML-style names do not occur in the corpus.
-UNK, BOS, EOS, PAD = "<|unk|>", "<|bos|>", "<|endoftext|>", "<|pad|>"
 
-# ChatML with {% generation %} markers around assistant replies (TRL's assistant-only loss reads them) and
-# tool support: tools are listed in the system turn; tool calls and results use the marker tokens above.
-CHAT_TEMPLATE = (
-    "{%- if tools %}"
-    "{{- '<|im_start|>system\\n' }}"
-    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
-    "{{- 'You can call these tools. Reply with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.\\n<tools>' }}"
-    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
-    "{{- '\\n</tools><|im_end|>\\n' }}"
-    "{%- elif messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'system' %}"
-    "{%- elif message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}"
-    "{%- if message.get('content') %}{{- message['content'] }}{%- endif %}"
-    "{%- for call in message.get('tool_calls') or [] %}"
-    "{%- set fn = call['function'] if call.get('function') else call %}"
-    "{%- if fn['arguments'] is string %}"
-    "{{- '<tool_call>{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' + fn['arguments'] + '}</tool_call>' }}"
-    "{%- else %}"
-    "{{- '<tool_call>' + ({'name': fn['name'], 'arguments': fn['arguments']} | tojson) + '</tool_call>' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{{- '<|im_end|>' }}"
-    "{%- endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- elif message['role'] == 'tool' %}"
-    "{{- '<|im_start|>user\\n<tool_response>' + message['content'] + '</tool_response><|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 
 def train_sentencepiece(sentences: Iterable[str], out_dir: str | Path, vocab_size: int = 49_152,
@@ -156,7 +114,7 @@ def write_hf_tokenizer(model_path: Path, out_dir: Path) -> None:
     tokenizer.save(str(out_dir / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS, "eos_token": "<|im_end|>", "unk_token": UNK, "pad_token": PAD,
+        "bos_token": BOS, "eos_token": IM_END, "unk_token": UNK, "pad_token": PAD,
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000,
         "chat_template": CHAT_TEMPLATE,
@@ -164,7 +122,7 @@ def write_hf_tokenizer(model_path: Path, out_dir: Path) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     ids = {"unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID, "pad_id": PAD_ID,
-           "chat_eos_id": vocab["<|im_end|>"], "im_start_id": vocab["<|im_start|>"], "vocab_size": len(vocab)}
+           "chat_eos_id": vocab[IM_END], "im_start_id": vocab[IM_START], "vocab_size": len(vocab)}
     (out_dir / "genesis_tokenizer.json").write_text(json.dumps(ids, indent=2))
 
 

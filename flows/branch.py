@@ -12,11 +12,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.params import BranchParams, repo_path
-from genesis.branch.config import BranchConfig
-from genesis.branch.pipeline import Branch
+from branch.config import BranchConfig
+from branch.pipeline import Branch
 from genesis.config import load_config
 from genesis.errors import RunDirError
-from genesis.registry import Tracker, connect
+from lineage.registry import Tracker, connect
 from tasks import refresh_if_missing
 from tasks.branch import data_task, dpo_task, eval_task, export_task, sft_task
 from tasks.lineage import register_branch_task, register_milestone_task

@@ -9,7 +9,7 @@ from prefect import flow
 from data_prep.sources import CorpusConfig
 from flows.params import DataParams, repo_path
 from genesis.config import load_config
-from genesis.registry import connect
+from lineage.registry import connect
 from tasks import refresh_if_missing
 from tasks.data import clean_dedup_task, shards_task, tokenizer_task
 from tasks.lineage import record_data_task

@@ -18,9 +18,10 @@ from prefect.events import emit_event
 from flows.params import PretrainParams, repo_path
 from genesis.config import TrainConfig, load_config
 from genesis.errors import GenesisError
-from genesis.launch import StopOnSignals, TrainerProcess, trainer_command
-from genesis.plots import plot_run
-from genesis.registry import MetricsFollower, Tracker, connect, create_run
+from genesis.run_dir import RunDir
+from genesis_model.launch import StopOnSignals, TrainerProcess, trainer_command
+from serve.plots import plot_run
+from lineage.registry import MetricsFollower, Tracker, connect, create_run
 from tasks.lineage import register_milestone_task
 
 MILESTONE_EVENT = "genesis.milestone.completed"
@@ -36,9 +37,7 @@ def train_overrides(params: PretrainParams) -> list[str]:
 
 
 def complete_milestones(run_dir: Path) -> list[Path]:
-    from genesis_model.checkpoint import list_checkpoints
-
-    return [ref.path for ref in list_checkpoints(run_dir) if ref.milestone]
+    return RunDir(run_dir).milestones()
 
 
 def emit_milestone_event(milestone: Path, run_dir: Path) -> None:
@@ -60,23 +59,19 @@ def run_trunk(params: PretrainParams, tracker: Tracker, on_milestone: Callable[[
     if not run_dir.parent.exists():
         raise GenesisError(f"run_dir {run_dir}: parent directory does not exist; create it or choose another run_dir")
     if run_dir.exists():  # refuse a trunk another trainer holds, before starting anything
-        from genesis_model.train import RunLock
-
-        lock = RunLock(run_dir)
-        lock.acquire()
-        lock.release()
+        with RunDir(run_dir).train_lock().held():
+            pass
     handled = {p.resolve() for p in complete_milestones(run_dir)}  # earlier cycles' milestones are registered already
-    from genesis.lineage import params_batch
+    from lineage.record import params_batch
 
     run_id = create_run(tracker, f"pretrain {run_dir.name}", {"genesis.stage": "pretrain", "genesis.run_dir": str(run_dir)})
     status = "FAILED"
     try:
         tracker.client.log_batch(run_id, params=params_batch(config.model_dump(mode="json")))
-        follower = MetricsFollower(run_dir / "metrics.jsonl", run_id, tracker)
-        follower.offset = (run_dir / "metrics.jsonl").stat().st_size if (run_dir / "metrics.jsonl").is_file() else 0
+        follower = MetricsFollower(RunDir(run_dir).metrics, run_id, tracker, from_end=True)
         for milestone in sorted(handled):  # a resumed trunk: make sure earlier milestones are in the registry
             register_milestone_task(tracker, str(milestone), run_id)
-        trainer = TrainerProcess(trainer_command(config_path, overrides, params.nproc))
+        trainer = TrainerProcess(trainer_command(config_path, overrides, params.nproc, trainer_args=["--resume", "auto"]))
         logger.info(f"trainer started (pid {trainer.pid}): {' '.join(trainer.command)}")
 
         def new_milestones() -> None:

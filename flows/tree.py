@@ -15,7 +15,8 @@ from flows.branch import branch_flow, default_branch_dir, grow_branch
 from flows.data import data_flow
 from flows.params import BranchParams, GenesisParams, WatcherParams, repo_path
 from flows.pretrain import complete_milestones, run_trunk
-from genesis.registry import connect, format_lineage, lineage
+from genesis.run_dir import BranchDir
+from lineage.registry import connect, format_lineage, lineage
 
 
 @flow(name="genesis-flow", log_prints=False)
@@ -41,9 +42,6 @@ def genesis_flow(params: GenesisParams = GenesisParams(), tracking_uri: str | No
 @flow(name="milestone-watcher", log_prints=False)
 def milestone_watcher(params: WatcherParams = WatcherParams(), tracking_uri: str | None = None) -> list[str]:
     """Launch a branch for every complete milestone that has neither a finished nor a running branch."""
-    from genesis_model.train import RunLock
-    from genesis.errors import RunDirError
-
     logger = get_run_logger()
     launched = []
     for run_dir in params.run_dirs:
@@ -51,13 +49,8 @@ def milestone_watcher(params: WatcherParams = WatcherParams(), tracking_uri: str
             out = default_branch_dir(milestone)
             if (out / "eval.json").is_file():
                 continue
-            if out.is_dir():
-                probe = RunLock(out, "branch.lock")
-                try:
-                    probe.acquire()
-                    probe.release()
-                except RunDirError:
-                    continue  # being grown right now
+            if out.is_dir() and BranchDir(out).lock().is_held_elsewhere():
+                continue  # being grown right now
             branch = BranchParams(milestone=str(milestone), branch_config=params.branch_config)
             if params.launch == "deployment":
                 from prefect.deployments import run_deployment

@@ -23,7 +23,6 @@ import random
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +39,19 @@ from torch.distributed.checkpoint.state_dict import (
 
 from genesis.errors import CheckpointError
 from genesis.manifest import sha256_file
+from genesis.run_dir import (
+    MARKER,
+    META,
+    MILESTONE_DIR,
+    ROLLING_DIR,
+    CheckpointRef,
+    is_complete,
+    list_checkpoints,
+    read_meta,
+    step_dir_name,
+)
 
 CHECKPOINT_VERSION = 1
-MARKER = "COMPLETE.json"
-META = "meta.json"
-ROLLING_DIR, MILESTONE_DIR = "checkpoints", "milestones"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
 DELAY_SAVE_ENV = "GENESIS_DELAY_SAVE"
 
 
@@ -64,28 +65,8 @@ def _injected_save_delay(rank: int) -> None:
             time.sleep(float(seconds))
 
 
-@dataclass(frozen=True)
-class CheckpointRef:
-    path: Path
-    step: int
-    milestone: bool
-
-
 # -------------------------------------------------------------------------------------------------------------
 # Finding and validating
-
-
-def is_complete(path: Path) -> bool:
-    return (path / MARKER).is_file()
-
-
-def read_meta(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory does not exist; pass a run's checkpoints/step_N dir")
-    if not is_complete(path):
-        raise CheckpointError(f"{path}: checkpoint is incomplete (no {MARKER}); it was interrupted while saving")
-    return json.loads((path / META).read_text())
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -97,21 +78,6 @@ def verify_checkpoint(path: Path) -> None:
             raise CheckpointError(f"{file}: missing or truncated; this checkpoint is damaged, resume from another")
         if sha256_file(file) != entry["sha256"]:
             raise CheckpointError(f"{file}: checksum mismatch; this checkpoint is damaged, resume from another")
-
-
-def list_checkpoints(run_dir: Path) -> list[CheckpointRef]:
-    """Complete checkpoints of a run, rolling and milestones, oldest first."""
-    refs = []
-    for sub, milestone in ((ROLLING_DIR, False), (MILESTONE_DIR, True)):
-        for path in sorted((Path(run_dir) / sub).glob("step_*")):
-            if path.is_dir() and is_complete(path):
-                refs.append(CheckpointRef(path, int(path.name.removeprefix("step_")), milestone))
-    return sorted(refs, key=lambda ref: (ref.step, ref.milestone))
-
-
-def latest_checkpoint(run_dir: Path) -> CheckpointRef | None:
-    refs = list_checkpoints(run_dir)
-    return refs[-1] if refs else None
 
 
 def remove_incomplete(run_dir: Path) -> list[Path]:

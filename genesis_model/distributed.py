@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from genesis.launch import free_port
+from genesis_model.launch import free_port
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 
 from genesis.config import ModelConfig
 from genesis.errors import CheckpointError
+from genesis.run_dir import EXPORT_MARKER
 from genesis_model.model import Transformer
 
 TOKENIZER_FILES = (
@@ -188,7 +189,7 @@ def export_hf(
     metadata = {"genesis_model_config": config.model_dump(), **(extra_metadata or {})}
     if tokenizer_info.get("chat_template"):
         metadata["has_chat_template"] = True
-    (tmp_dir / "genesis.json").write_text(json.dumps(metadata, indent=2, default=str))
+    (tmp_dir / EXPORT_MARKER).write_text(json.dumps(metadata, indent=2, default=str))
     _replace_dir(tmp_dir, out_dir)
     return out_dir
 

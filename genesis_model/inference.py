@@ -10,7 +10,8 @@ import torch
 
 from genesis.config import ModelConfig
 from genesis.errors import CheckpointError, GenesisError
-from genesis_model.checkpoint import load_model_weights, read_meta
+from genesis.run_dir import read_meta
+from genesis_model.checkpoint import load_model_weights, verify_checkpoint
 from genesis_model.model import Transformer
 
 
@@ -43,6 +44,21 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not match the model config ({str(err).splitlines()[0]})") from None
     return LoadedModel(model.to(device, dtype).eval(), tokenizer_dir_of_checkpoint(meta), str(path))
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
+                      tokenizer_dir: str | Path | None = None) -> Path:
+    """Check every file of a complete checkpoint against its marker's sha256s, then write its weights as a Hugging
+    Face directory (with the run's tokenizer unless another is given). The directory appears whole or not at all,
+    its `genesis.json` naming the checkpoint and step it came from."""
+    from genesis_model.hf import export_hf
+
+    checkpoint = Path(checkpoint)
+    meta = read_meta(checkpoint)  # one line for a missing or incomplete checkpoint
+    verify_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint)
+    return export_hf(loaded.model, out_dir, tokenizer_dir=tokenizer_dir or loaded.tokenizer_dir, dtype=dtype,
+                     extra_metadata={"source_checkpoint": str(checkpoint.resolve()), "step": meta.get("step")})
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:

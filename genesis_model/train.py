@@ -11,12 +11,9 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
-import socket
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +22,8 @@ import torch.distributed as dist
 from genesis.config import TrainConfig, dump_yaml, load_config
 from genesis.errors import CheckpointError, ConfigError, DataError, GenesisError, RunDirError
 from genesis.manifest import verify_data_dir
-from genesis_model.checkpoint import Checkpointer, latest_checkpoint, read_meta, remove_incomplete
+from genesis.run_dir import CONFIG, DirLock, RunDir, latest_checkpoint, read_meta
+from genesis_model.checkpoint import Checkpointer, remove_incomplete
 from genesis_model.distributed import (
     collective_timeout,
     init_distributed,
@@ -38,9 +36,6 @@ from genesis_model.model import Transformer
 from genesis_model.optim import build_optimizer
 from genesis_model.parallelize import parallelize, refresh_compute_copies
 from genesis_model.trainer import NonFiniteStop, Trainer
-
-LOCK_NAME = "train.lock"
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="genesis train", description=__doc__,
@@ -58,39 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class RunLock:
-    """An exclusive flock on run_dir/train.lock, held for the trainer's lifetime and released by the
-    kernel when the process dies, even by SIGKILL, so a crashed run never leaves a stale lock."""
-
-    def __init__(self, run_dir: Path, name: str = LOCK_NAME):
-        self.path = run_dir / name
-        self.handle = None
-
-    def acquire(self) -> None:
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            other = "another run_dir" if self.path.name == LOCK_NAME else "another directory"
-            raise RunDirError(f"{self.path.parent}: directory is locked by {holder}; stop that run or use "
-                              f"{other}") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        handle.flush()
-        self.handle = handle
-
-    def release(self) -> None:
-        if self.handle:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
-            self.handle = None
-
-
-def prepare_run_dir(config: TrainConfig, config_path: Path) -> RunLock:
+def prepare_run_dir(config: TrainConfig, config_path: Path) -> DirLock:
     """Rank 0: create and lock the run directory, clear leftovers of interrupted saves, record the config."""
     run_dir = Path(config.run_dir)
     try:
@@ -100,12 +63,12 @@ def prepare_run_dir(config: TrainConfig, config_path: Path) -> RunLock:
         probe.unlink()
     except OSError as err:
         raise RunDirError(f"{run_dir}: run directory is not writable ({err.strerror}); choose a writable run_dir")
-    lock = RunLock(run_dir)
+    lock = RunDir(run_dir).train_lock()
     lock.acquire()
     removed = remove_incomplete(run_dir)
     for path in removed:
         print(f"removed incomplete checkpoint {path}", file=sys.stderr)
-    (run_dir / "config.yaml").write_text(f"# resolved from {config_path}\n" + dump_yaml(config))
+    (run_dir / CONFIG).write_text(f"# resolved from {config_path}\n" + dump_yaml(config))
     return lock
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from genesis.branch.config import BranchConfig
-from genesis.branch.pipeline import Branch
+from branch.config import BranchConfig
+from branch.pipeline import Branch
 from tasks import STAGE_CACHE
 
 

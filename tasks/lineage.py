@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import task
 
-from genesis import lineage
-from genesis.registry import Tracker
+from lineage import record as lineage
+from lineage.registry import Tracker
 
 
 @task(name="record-data", retries=2, retry_delay_seconds=[5, 30])

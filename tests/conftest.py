@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from genesis.launch import free_port
 from genesis.manifest import Manifest, SourceEntry, TokenizerEntry, sha256_file, write_manifest, write_shard
+from genesis_model.launch import trainer_command
 
 REPO = Path(__file__).resolve().parent.parent
 # Prefect's temporary test servers should not phone home (and their telemetry writes contend for SQLite).
@@ -56,9 +56,8 @@ def token_data(tmp_path_factory) -> Path:
 def run_trainer(run_dir: Path, data_dir: Path, overrides: list[str] = (), flags: list[str] = (), nproc: int = 2,
                 env: dict | None = None, timeout: int = 600, config: Path = TINY_CPU) -> subprocess.CompletedProcess:
     """Run the real trainer as production does: torchrun, gloo on CPU, one process per rank."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), "-m", "genesis_model.train", "--config", str(config),
-               f"data_dir={data_dir}", f"run_dir={run_dir}", *FAST_OVERRIDES, *overrides, *flags]
+    command = trainer_command(config, [f"data_dir={data_dir}", f"run_dir={run_dir}", *FAST_OVERRIDES, *overrides],
+                              nproc, trainer_args=flags)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from genesis.branch.config import BranchConfig
-from genesis.branch.conversations import BranchSource, SourceReport, conversation_problem, fold_tools, read_conversations
-from genesis.branch.dialogues import (HEDGE_CLOSERS, HEDGE_OPENERS, dpo_pairs, full_answer, hedged_rewrite, load_topics,
+from branch.config import BranchConfig
+from branch.conversations import BranchSource, SourceReport, conversation_problem, fold_tools, read_conversations
+from genesis.principles.dialogues import (HEDGE_CLOSERS, HEDGE_OPENERS, dpo_pairs, full_answer, hedged_rewrite, load_topics,
                                       sft_conversations, split_topics)
-from genesis.branch.principles import load_principles
-from genesis.branch.rubric import NOT_BENIGN, build_pairs, score_reply
+from genesis.principles import load_principles
+from branch.rubric import NOT_BENIGN, build_pairs, score_reply
 from genesis.config import REPO_ROOT, load_config
 from genesis.errors import ConfigError, DataError
 
@@ -24,7 +24,7 @@ TINY_BRANCH = REPO_ROOT / "configs" / "branch" / "tiny.yaml"
 
 
 def genesis(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "genesis.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=REPO_ROOT)
 
 
@@ -111,7 +111,7 @@ def test_pairs_choose_the_higher_scoring_reply_and_skip_near_ties():
 
 
 def test_preference_accuracy_reads_implicit_rewards_summed_and_per_token():
-    from genesis.branch.evaluate import preference_metrics
+    from branch.evaluate import preference_metrics
 
     # (log-probability, tokens) of (chosen, rejected) under the model and under the base it grew from. The
     # long chosen reply gained 5 nats over 100 tokens (0.05 each); the short rejected one 1 nat over 10 (0.1).
@@ -129,7 +129,7 @@ def test_preference_accuracy_reads_implicit_rewards_summed_and_per_token():
 
 
 def test_only_one_non_empty_turn_closed_by_im_end_adheres_to_the_chat_format_and_each_failure_is_shown():
-    from genesis.branch.evaluate import reply_metrics
+    from branch.evaluate import reply_metrics
 
     prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(3)]
     closed = {"text": "Water boils at 100 C at sea level.", "ended": "im_end"}
@@ -252,7 +252,7 @@ def test_a_malformed_record_fails_with_its_file_and_line_or_is_counted(tmp_path)
 
 
 def test_a_hedged_rewrite_record_without_a_final_answer_fails_with_its_file_and_line_or_is_counted(tmp_path):
-    from genesis.branch.pipeline import _pair_from_record
+    from branch.pipeline import _pair_from_record
 
     source = BranchSource(name="hedged", kind="local", format="hedged_rewrite", paths=[str(tmp_path / "x.jsonl")])
     answer = "Cats purr at 25 to 150 Hz, mostly while relaxed, and the vibration may even help their bones heal."
@@ -278,7 +278,7 @@ def test_a_hedged_rewrite_record_without_a_final_answer_fails_with_its_file_and_
      "rejected": [{"role": "user", "content": "Why do cats purr?"}, {"role": "assistant", "content": "No idea."}]},
 ])
 def test_every_trl_preference_shape_becomes_an_explicit_prompt_and_one_reply_each(record):
-    from genesis.branch.conversations import explicit_prompt_pair
+    from branch.conversations import explicit_prompt_pair
 
     pair = explicit_prompt_pair(record["prompt"], record["chosen"], record["rejected"])
     assert pair == {"prompt": [{"role": "user", "content": "Why do cats purr?"}],
@@ -287,7 +287,7 @@ def test_every_trl_preference_shape_becomes_an_explicit_prompt_and_one_reply_eac
 
 
 def test_an_implicit_prompt_keeps_every_shared_turn_of_a_multi_turn_conversation():
-    from genesis.branch.conversations import explicit_prompt_pair, preference_problem
+    from branch.conversations import explicit_prompt_pair, preference_problem
 
     turns = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7."},
              {"role": "user", "content": "A larger one?"}]
@@ -304,7 +304,7 @@ def test_the_genesis_1b_recipe_reads_ultrafeedback_from_a_dataset_laid_out_like_
     import pyarrow.parquet as pq
     from transformers import PreTrainedTokenizerFast
 
-    from genesis.branch.pipeline import assemble_data
+    from branch.pipeline import assemble_data
 
     # The data kit's AlpacaEval pairs in HuggingFaceH4/ultrafeedback_binarized's columns and file layout.
     with gzip.open(DATA / "dpo" / "alpaca_eval_gpt4_judged.jsonl.gz", "rt") as f:
@@ -341,7 +341,7 @@ def test_the_genesis_1b_recipe_reads_ultrafeedback_from_a_dataset_laid_out_like_
 def test_branch_data_is_checked_split_and_reported(tiny_corpus, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from genesis.branch.pipeline import assemble_data
+    from branch.pipeline import assemble_data
 
     rubric_file = tmp_path / "candidates.jsonl"
     rubric_file.write_text(json.dumps({"prompt": "Why do cats purr?", "responses": [
@@ -379,7 +379,7 @@ def test_branch_data_is_checked_split_and_reported(tiny_corpus, tmp_path):
 
 
 def test_a_good_answer_from_the_data_kit_gets_a_hedged_rewrite_that_keeps_its_first_sentence_and_hedges():
-    from genesis.branch.dialogues import first_sentence, hedged_rewrite_of_answer
+    from genesis.principles.dialogues import first_sentence, hedged_rewrite_of_answer
 
     with gzip.open(DATA / "sft" / "alpaca_eval_gpt4.jsonl.gz", "rt") as f:
         conversations = [json.loads(line)["messages"] for line in f][:200]
@@ -420,7 +420,7 @@ def test_a_checkpoint_that_is_missing_or_incomplete_is_one_line(tmp_path):
 def test_a_tokenizer_without_a_chat_template_is_refused(tiny_corpus, tmp_path):
     import shutil
 
-    from genesis.branch.pipeline import check_chat_template
+    from branch.pipeline import check_chat_template
 
     tokenizer = tmp_path / "tokenizer"
     shutil.copytree(tiny_corpus / "tokenizer", tokenizer)
@@ -445,7 +445,7 @@ def test_a_branch_off_a_milestone_gives_sft_and_dpo_models_and_dpo_prefers_the_c
             "sft.epochs=2", "eval.max_prompts=12", "eval.max_new_tokens=80"]
     # A crash just before evaluation keeps the finished SFT and DPO models and writes no eval.json...
     env = {**os.environ, "GENESIS_BRANCH_FAIL_STAGE": "eval"}
-    crashed = subprocess.run([sys.executable, "-m", "genesis.cli", *args], capture_output=True, text=True,
+    crashed = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
                              timeout=900, cwd=REPO_ROOT, env=env)
     assert crashed.returncode != 0 and "injected failure" in crashed.stderr
     assert (out / "sft" / "genesis_stage.json").is_file() and (out / "dpo" / "genesis_stage.json").is_file()
@@ -473,8 +473,8 @@ def test_a_branch_off_a_milestone_gives_sft_and_dpo_models_and_dpo_prefers_the_c
     assert lineage["step"] == 150 and lineage["milestone"] == str(milestone)
 
     # Several replies per prompt: replica r is the reply that a one-reply evaluation seeded `seed + r` samples.
-    from genesis.branch.config import EvalRecipe
-    from genesis.branch.evaluate import sample_replies
+    from branch.config import EvalRecipe
+    from branch.evaluate import sample_replies
 
     tokenizer = AutoTokenizer.from_pretrained(str(out / "sft"))
     prompts = [json.loads(line) for line in (out / "data" / "heldout_prompts.jsonl").read_text().splitlines()][:5]

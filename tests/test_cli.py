@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from genesis_model.train import RunLock
+from genesis.run_dir import RunDir
 from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, make_token_data
 
-GENESIS = [sys.executable, "-m", "genesis.cli"]
+GENESIS = [sys.executable, "-m", "cli.main"]
 
 
 def genesis(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -29,8 +29,8 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def test_engine_commands_import_neither_prefect_nor_mlflow():
-    code = ("import sys, genesis.cli, genesis_model.train, genesis_model.hf, genesis_model.inference, "
-            "genesis_model.generate; genesis.cli.build_parser(); "
+    code = ("import sys, cli.main, genesis_model.train, genesis_model.hf, genesis_model.inference, "
+            "genesis_model.generate; cli.main.build_parser(); "
             "print(sorted(m for m in ('prefect', 'mlflow') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.stdout.strip() == "[]", result.stderr
@@ -84,7 +84,7 @@ def train(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.CompletedPro
 
 def test_a_run_directory_locked_by_another_trainer_is_refused(small_data, tmp_path):
     tmp_path.mkdir(exist_ok=True)
-    lock = RunLock(tmp_path)
+    lock = RunDir(tmp_path).train_lock()
     lock.acquire()
     try:
         line = one_error_line(train(tmp_path, small_data))

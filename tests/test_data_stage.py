@@ -16,8 +16,9 @@ import pytest
 from data_prep.clean import clean_texts
 from data_prep.dedup import deduplicate, near_duplicate_clusters
 from data_prep.pipeline import prepare
-from data_prep.sources import CleanConfig, CorpusConfig, SourceConfig, iter_texts, render_chat
-from data_prep.tokenizer import CHAT_TOKENS, SentencePieceTokenizer, train_sentencepiece
+from data_prep.sources import CleanConfig, CorpusConfig, SourceConfig, iter_texts
+from genesis.chat import CHAT_TOKENS, render_chat
+from data_prep.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from genesis.errors import DataError
 from genesis.manifest import verify_data_dir
 from tests.conftest import SHARED

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO
 
-from genesis.launch import free_port
+from genesis_model.launch import free_port
 
 QUICK_BRANCH = ["sft.max_steps=3", "dpo.max_steps=2", "eval.max_prompts=2", "eval.max_pairs=8", "eval.max_new_tokens=12"]
 

@@ -93,7 +93,7 @@ def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_regi
         harness, tracking, tiny_trunk, tmp_path, monkeypatch):
     from flows.branch import branch_flow
     from flows.params import BranchParams
-    from genesis_model.train import RunLock
+    from genesis.run_dir import BranchDir, RunDir
 
     milestone = tiny_trunk / "milestones" / "step_00000150"
     params = BranchParams(milestone=str(milestone), out=str(tmp_path / "branch"), overrides=QUICK_BRANCH)
@@ -125,7 +125,7 @@ def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_regi
     again = branch_flow(params, return_state=True)
     assert again.result()["versions"] == {"sft": "1", "dpo": "1"}
     # While another run holds the branch, this one leaves it alone.
-    lock = RunLock(tmp_path / "branch", "branch.lock")
+    lock = BranchDir(tmp_path / "branch").lock()
     lock.acquire()
     try:
         assert branch_flow(params).get("skipped")
@@ -134,15 +134,15 @@ def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_regi
     assert len(versions(tracking, "genesis-dpo")) == 1
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
-    generated = subprocess.run([sys.executable, "-m", "genesis.cli", "generate", "--model", "models:/genesis-dpo@latest",
+    generated = subprocess.run([sys.executable, "-m", "cli.main", "generate", "--model", "models:/genesis-dpo@latest",
                                 "--chat", "--prompt", "Why is the sky blue?", "--max-new-tokens", "8"],
                                capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert generated.returncode == 0, generated.stderr[-2000:]
-    tree = subprocess.run([sys.executable, "-m", "genesis.cli", "lineage"], capture_output=True, text=True, env=env,
+    tree = subprocess.run([sys.executable, "-m", "cli.main", "lineage"], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=300)
     assert tree.returncode == 0, tree.stderr[-2000:]
     assert "genesis-base v1" in tree.stdout and "genesis-sft v1" in tree.stdout and "genesis-dpo v1" in tree.stdout
-    missing = subprocess.run([sys.executable, "-m", "genesis.cli", "generate", "--model", "models:/genesis-dpo@nope",
+    missing = subprocess.run([sys.executable, "-m", "cli.main", "generate", "--model", "models:/genesis-dpo@nope",
                               "--prompt", "x"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert missing.returncode != 0 and "genesis lineage" in missing.stderr.strip().splitlines()[-1]
 
@@ -151,7 +151,7 @@ def test_bad_flow_input_fails_with_one_clear_line(harness, tracking, tiny_trunk,
     from flows.branch import branch_flow
     from flows.params import BranchParams, PretrainParams
     from flows.pretrain import pretrain_flow
-    from genesis_model.train import RunLock
+    from genesis.run_dir import BranchDir, RunDir
 
     unknown = branch_flow(params={"milestone": str(tmp_path), "colour": "red"}, return_state=True)
     assert unknown.is_failed() and "colour" in unknown.message
@@ -164,7 +164,7 @@ def test_bad_flow_input_fails_with_one_clear_line(harness, tracking, tiny_trunk,
     assert unreachable.is_failed() and "unreachable" in unreachable.message
     assert not (tiny_trunk / "branches").exists()
 
-    lock = RunLock(tiny_trunk)
+    lock = RunDir(tiny_trunk).train_lock()
     lock.acquire()
     try:
         locked = pretrain_flow(PretrainParams(train_config=str(TINY_CPU), run_dir=str(tiny_trunk)), return_state=True)

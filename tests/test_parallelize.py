@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 
 from genesis.config import load_model_config
-from genesis.launch import free_port
+from genesis_model.launch import free_port
 from genesis_model.model import Transformer
 from genesis_model.optim import MasterWeightAdamW
 from genesis_model.parallelize import compute_copies, parallelize, refresh_compute_copies

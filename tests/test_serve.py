@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from genesis.config import REPO_ROOT as REPO
-from genesis.launch import free_port
+from genesis_model.launch import free_port
 
 TINY_BRANCH = REPO / "configs" / "branch" / "tiny.yaml"
 MILESTONE = "step_00000150"
@@ -34,7 +34,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "genesis.cli", "serve", "--run-dir", str(run_dir), "--port", str(self.port),
+            [sys.executable, "-m", "cli.main", "serve", "--run-dir", str(run_dir), "--port", str(self.port),
              "--device", "cpu", *flags],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -84,7 +84,7 @@ def served_run(tiny_trunk, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("served") / "trunk"
     shutil.copytree(tiny_trunk, run_dir, ignore=shutil.ignore_patterns("*.lock"))
     branch = subprocess.run(
-        [sys.executable, "-m", "genesis.cli", "branch", "--milestone", str(run_dir / "milestones" / MILESTONE),
+        [sys.executable, "-m", "cli.main", "branch", "--milestone", str(run_dir / "milestones" / MILESTONE),
          "--config", str(TINY_BRANCH), "--out", str(run_dir / "branches" / MILESTONE), *QUICK_BRANCH],
         capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert branch.returncode == 0, branch.stderr[-3000:]
@@ -142,7 +142,7 @@ def _log(path: Path, *steps_and_losses: tuple[int, float], mode: str = "a") -> N
 
 
 def test_curves_start_over_with_a_new_generation_when_a_new_run_replaces_the_metrics_file(tmp_path):
-    from genesis.serve.run_view import CurveReader
+    from serve.run_view import CurveReader
 
     metrics = tmp_path / "metrics.jsonl"
     _log(metrics, (1, 9.0), (2, 8.0), (3, 7.0))
@@ -159,7 +159,7 @@ def test_curves_start_over_with_a_new_generation_when_a_new_run_replaces_the_met
 
 
 def test_a_step_logged_again_after_a_resume_shows_its_later_value_once(tmp_path):
-    from genesis.serve.run_view import CurveReader
+    from serve.run_view import CurveReader
 
     metrics = tmp_path / "metrics.jsonl"
     _log(metrics, (1, 9.0), (2, 8.0), (3, 7.5))  # crashed after step 3, resumed from the step-2 checkpoint
@@ -187,11 +187,11 @@ def test_the_tree_shows_milestones_with_their_branch_and_its_evaluation(server, 
 @pytest.mark.slow
 def test_plot_writes_a_png_of_the_runs_curves_and_refuses_a_run_with_nothing_logged(served_run, tmp_path):
     out = tmp_path / "curves.png"
-    done = subprocess.run([sys.executable, "-m", "genesis.cli", "plot", "--run-dir", str(served_run), "-o", str(out)],
+    done = subprocess.run([sys.executable, "-m", "cli.main", "plot", "--run-dir", str(served_run), "-o", str(out)],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
-    empty = subprocess.run([sys.executable, "-m", "genesis.cli", "plot", "--run-dir", str(tmp_path), "-o",
+    empty = subprocess.run([sys.executable, "-m", "cli.main", "plot", "--run-dir", str(tmp_path), "-o",
                             str(tmp_path / "none.png")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert empty.returncode != 0 and "nothing logged yet" in empty.stderr and len(empty.stderr.splitlines()) == 1
     assert not (tmp_path / "none.png").exists()
@@ -214,7 +214,7 @@ def test_generation_streams_the_same_text_as_the_cli(server, served_run):
     streamed = "".join(data["text"] for kind, data in events if kind == "token")
     done = events[-1][1]
     assert done["tokens"] >= 1 and done["stopped"] in ("stop_token", "length")
-    cli = subprocess.run([sys.executable, "-m", "genesis.cli", "generate", "--hf",
+    cli = subprocess.run([sys.executable, "-m", "cli.main", "generate", "--hf",
                           str(served_run / "branches" / MILESTONE / "dpo"), "--chat", "--prompt",
                           "Why do leaves change colour?", "--temperature", "0", "--max-new-tokens", "40"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -394,8 +394,8 @@ def test_the_page_in_chromium_shows_progress_and_curves_and_streams_a_generation
 @pytest.mark.slow
 @pytest.mark.integration
 def test_with_a_tracking_uri_registered_models_join_the_tree_and_can_be_tried(served_run, tmp_path):
-    from genesis.lineage import record_milestone
-    from genesis.registry import connect
+    from lineage.record import record_milestone
+    from lineage.registry import connect
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     version = record_milestone(connect(uri), served_run / "milestones" / MILESTONE)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 def cmd_branch(args: argparse.Namespace) -> int:
-    from genesis.branch.config import BranchConfig
-    from genesis.branch.pipeline import run_branch
+    from branch.config import BranchConfig
+    from branch.pipeline import run_branch
     from genesis.config import load_config
 
     config = load_config(BranchConfig, args.config, args.overrides)

@@ -1,4 +1,4 @@
-"""Run the trainer as a child process group that cannot outlive its launcher.
+"""Launch the trainer under torchrun, and run it as a child process group that cannot outlive its launcher.
 
 `torchrun -m genesis_model.train` starts in its own session (process group), so stopping it reaches every
 rank; and on Linux the kernel sends torchrun SIGTERM if the launcher dies, even by SIGKILL
@@ -40,12 +40,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def trainer_command(config_path: Path, overrides: list[str], nproc: int, resume: bool = True) -> list[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), "-m", "genesis_model.train", "--config", str(config_path), *overrides]
-    if resume:
-        command += ["--resume", "auto"]
-    return command
+def torchrun_command(nproc: int, *program: str) -> list[str]:
+    """`program` ("-m module ..." or "script.py ...") under torchrun on this host, on a free rendezvous port
+    (several runs may share a machine)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), *program]
+
+
+def trainer_command(config_path: Path, overrides: list[str] = (), nproc: int = 1,
+                    trainer_args: list[str] = ()) -> list[str]:
+    """The one way the trainer is launched: `torchrun --nproc_per_node N -m genesis_model.train --config C
+    [key=value ...] [trainer flags]`."""
+    return torchrun_command(nproc, "-m", "genesis_model.train", "--config", str(config_path), *overrides,
+                            *trainer_args)
 
 
 class TrainerProcess:

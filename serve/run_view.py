@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genesis.errors import GenesisError
-from genesis_model.checkpoint import MILESTONE_DIR, ROLLING_DIR, is_complete
+from genesis.run_dir import (BRANCHES_DIR, LATEST, METRICS, MILESTONE_DIR, ROLLING_DIR, MetricsReader, RunDir,
+                             is_complete, stage_complete, step_of)
 
 STEP_DIR = r"step_\d{8}"
 MODEL_ID = re.compile(rf"(checkpoint|milestone)/({STEP_DIR})|branch/({STEP_DIR})/(sft|dpo)|registry/([\w.-]+)/(\d+)")
@@ -44,16 +45,12 @@ class ModelEntry:
         return {"id": self.id, "kind": self.kind, "label": self.label, "step": self.step}
 
 
-def _step_of(name: str) -> int:
-    return int(name.removeprefix("step_"))
-
-
 class RunView:
     def __init__(self, run_dir: Path, tracking_uri: str | None = None):
         self.run_dir = Path(run_dir).resolve()
         self.tracking_uri = tracking_uri
         self._last_good_latest: dict | None = None
-        self._curves = CurveReader(self.run_dir / "metrics.jsonl")
+        self._curves = CurveReader(self.run_dir / METRICS)
         self._registry_cache: tuple[float, list[dict], str | None] | None = None
         self._lock = threading.Lock()
 
@@ -62,7 +59,7 @@ class RunView:
 
     def status(self) -> dict:
         """The trainer's `latest.json`, with the newest logged metrics filled in and plain-words problems."""
-        path = self.run_dir / "latest.json"
+        path = self.run_dir / LATEST
         problem = None
         latest = None
         if path.is_file():
@@ -119,13 +116,15 @@ class RunView:
         for path in sorted((self.run_dir / MILESTONE_DIR).glob("step_*")):
             if not (path.is_dir() and is_complete(path)):
                 continue
-            branch_dir = self.run_dir / "branches" / path.name
+            branch_dir = RunDir(self.run_dir).branch(path)
             branch = None
-            if branch_dir.is_dir():
-                branch = {stage: (branch_dir / stage / "genesis_stage.json").is_file() for stage in BRANCH_STAGES}
-                branch["eval"] = _summarise_eval(branch_dir / "eval.json")
-                branch["in_progress"] = not branch["eval"] and (branch_dir / "branch.lock").exists()
-            milestones.append({"name": path.name, "step": _step_of(path.name), "id": f"milestone/{path.name}",
+            if branch_dir.root.is_dir():
+                branch = {stage: stage_complete(branch_dir.root / stage) for stage in BRANCH_STAGES}
+                branch["eval"] = _summarise_eval(branch_dir.eval_path)
+                # NOTE: the lock file's presence, not a probe of the lock: taking it, even for a moment, could make
+                # a branch that starts at that instant refuse to run.
+                branch["in_progress"] = not branch["eval"] and branch_dir.lock().path.exists()
+            milestones.append({"name": path.name, "step": step_of(path.name), "id": f"milestone/{path.name}",
                                "branch": branch})
         rolling = [p.name for p in sorted((self.run_dir / ROLLING_DIR).glob("step_*")) if is_complete(p)]
         registry, registry_problem = self._registry()
@@ -137,13 +136,13 @@ class RunView:
         for sub, kind in ((ROLLING_DIR, "checkpoint"), (MILESTONE_DIR, "milestone")):
             for path in sorted((self.run_dir / sub).glob("step_*")):
                 if re.fullmatch(STEP_DIR, path.name) and path.is_dir() and is_complete(path):
-                    entries.append(ModelEntry(f"{kind}/{path.name}", kind, f"{kind} step {_step_of(path.name)}",
-                                              _step_of(path.name), str(path)))
-        for branch_dir in sorted((self.run_dir / "branches").glob("step_*")):
+                    entries.append(ModelEntry(f"{kind}/{path.name}", kind, f"{kind} step {step_of(path.name)}",
+                                              step_of(path.name), str(path)))
+        for branch_dir in sorted((self.run_dir / BRANCHES_DIR).glob("step_*")):
             for stage in BRANCH_STAGES:
                 model_dir = branch_dir / stage
-                if re.fullmatch(STEP_DIR, branch_dir.name) and (model_dir / "genesis_stage.json").is_file():
-                    step = _step_of(branch_dir.name)
+                if re.fullmatch(STEP_DIR, branch_dir.name) and stage_complete(model_dir):
+                    step = step_of(branch_dir.name)
                     entries.append(ModelEntry(f"branch/{branch_dir.name}/{stage}", stage,
                                               f"{stage.upper()} of step {step}", step, str(model_dir)))
         registry, _ = self._registry()
@@ -172,7 +171,7 @@ class RunView:
             if self._registry_cache and time.monotonic() - self._registry_cache[0] < 30:
                 return self._registry_cache[1], self._registry_cache[2]
             try:
-                from genesis.registry import MODEL_NAMES, connect
+                from lineage.registry import MODEL_NAMES, connect
 
                 client = connect(self.tracking_uri).client
                 versions = []
@@ -191,12 +190,11 @@ class RunView:
 
 
 class CurveReader:
-    """Reads metrics.jsonl incrementally: only bytes appended since the last call are parsed."""
+    """The curves of metrics.jsonl, kept in memory and extended with what each call finds appended."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._offset = 0
-        self._inode: int | None = None
+        self._reader = MetricsReader(path)
         self._rows: list[dict] = []
         self._lock = threading.Lock()
         # Bumped whenever the file is found replaced, so a page that appends by step knows to start over.
@@ -204,31 +202,11 @@ class CurveReader:
 
     def _refresh(self) -> None:
         with self._lock:
-            try:
-                stat = self.path.stat()
-            except OSError:
-                return
-            size = stat.st_size
-            replaced = self._inode is not None and stat.st_ino != self._inode
-            if replaced or size < self._offset:  # a new run in the same dir: start over
-                self._offset, self._rows = 0, []
+            rows, replaced = self._reader.read_new()
+            if replaced:  # a new run in the same dir: start over
+                self._rows = []
                 self.generation += 1
-            self._inode = stat.st_ino
-            if size == self._offset:
-                return
-            with open(self.path, "rb") as handle:
-                handle.seek(self._offset)
-                chunk = handle.read(size - self._offset)
-            # NOTE: stop at the last complete line; a line being written now is read next time.
-            complete = chunk[: chunk.rfind(b"\n") + 1]
-            self._offset += len(complete)
-            for line in complete.splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict) and isinstance(row.get("step"), int):
-                    self._rows.append(row)
+            self._rows += rows
 
     def last_row(self) -> dict:
         self._refresh()
@@ -267,7 +245,7 @@ def _checkpoint_label(path: str | None) -> str | None:
     if not re.fullmatch(STEP_DIR, path.name):
         return path.name
     kind = "milestone" if path.parent.name == MILESTONE_DIR else "checkpoint"
-    return f"{kind} step {_step_of(path.name)}"
+    return f"{kind} step {step_of(path.name)}"
 
 
 def _summarise_eval(path: Path) -> dict | None:

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from genesis.branch.config import EvalRecipe
-from genesis.branch.rubric import score_reply
+from branch.config import EvalRecipe
+from branch.rubric import score_reply
+from genesis.chat import EOS, IM_END, IM_START
 
-IM_START, IM_END, EOS = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
 
 def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:

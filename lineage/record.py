@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
-from genesis.registry import BASE, DPO, SFT, Tracker, code_version, log_dataset_input, register_model, start_run
+from genesis.run_dir import MetricsReader, RunDir, read_meta
+from lineage.registry import (BASE, DPO, SFT, Tracker, code_version, existing_version, log_dataset_input, register_model,
+                              start_run)
 
 
 def data_digest(data_dir: Path) -> str:
@@ -74,15 +75,8 @@ def record_data(tracker: Tracker, corpus_config, data_dir: Path) -> str:
 def val_losses_at(run_dir: Path, step: int) -> dict[str, float]:
     """The per-source validation losses logged at or before `step` (the milestone's own evaluation)."""
     losses: dict[str, float] = {}
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if not metrics.is_file():
-        return losses
-    for line in metrics.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
+    for row in MetricsReader(RunDir(Path(run_dir)).metrics).all_rows():
+        if row["step"] <= step:
             found = {k: v for k, v in row.items() if k.startswith("val_loss/")}
             if found:
                 losses = found
@@ -101,32 +95,16 @@ def export_milestone(milestone: Path, run_dir: Path) -> Path:
     return out
 
 
-@contextmanager
-def exclusive(lock_path: Path):
-    """A blocking flock: the trunk's follower and a branch flow may register the same milestone at once."""
-    import fcntl
-
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def record_milestone(tracker: Tracker, milestone: Path, parent_run_id: str | None = None) -> str:
     """Register a milestone as a genesis-base version (idempotent); returns the version."""
     milestone = Path(milestone).resolve()
-    with exclusive(milestone.parent.parent / "registry.lock"):
+    # The trunk's follower and a branch flow may register the same milestone at once.
+    with RunDir.of_checkpoint(milestone).registry_lock().held(wait=True):
         return _record_milestone(tracker, milestone, parent_run_id)
 
 
 def _record_milestone(tracker: Tracker, milestone: Path, parent_run_id: str | None) -> str:
     import mlflow
-
-    from genesis_model.checkpoint import read_meta
-    from genesis.registry import existing_version
 
     existing = existing_version(tracker, BASE, str(milestone))
     if existing is not None:
@@ -153,7 +131,6 @@ def record_branch(tracker: Tracker, branch, base_version: str, parent_run_id: st
     """Log the branch's SFT and DPO runs and register both (idempotent); needs a complete branch."""
     import mlflow
 
-    from genesis.registry import existing_version
 
     if not branch.complete:
         raise RuntimeError(f"{branch.out}: branch has no eval.json; register only complete branches")

@@ -21,16 +21,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genesis.branch.config import BranchConfig
-from genesis.branch.conversations import (SourceReport, as_messages, conversation_problem, explicit_prompt_pair,
-                                          iter_located_records, preference_problem, prompt_key, read_conversations,
-                                          stable_fraction, with_system_prompt)
-from genesis.branch.dialogues import dpo_pairs, hedged_rewrite_of_answer, load_topics, sft_conversations, split_topics
-from genesis.branch.principles import load_principles
-from genesis.branch.rubric import build_pairs, score_reply
+from branch.config import BranchConfig
+from branch.conversations import (SourceReport, conversation_problem, explicit_prompt_pair, iter_located_records,
+                                  preference_problem, prompt_key, read_conversations, stable_fraction)
+from genesis.chat import as_messages, with_system_prompt
+from genesis.principles.dialogues import dpo_pairs, hedged_rewrite_of_answer, load_topics, sft_conversations, split_topics
+from genesis.principles import load_principles
+from branch.rubric import build_pairs, score_reply
 from genesis.errors import DataError
+from genesis.run_dir import BranchDir, stage_complete
 
-BRANCH_LOCK = "branch.lock"
 # Fault injection for tests and drills: GENESIS_BRANCH_FAIL_STAGE=export|data|sft|dpo|eval raises just before
 # that stage, as a crash there would, so resumption can be exercised on the real pipeline.
 FAIL_STAGE_ENV = "GENESIS_BRANCH_FAIL_STAGE"
@@ -265,7 +265,7 @@ class Branch:
 
     @property
     def device(self) -> str:
-        from genesis.branch.training import resolve_device
+        from branch.training import resolve_device
 
         return resolve_device(self.config.device)
 
@@ -274,10 +274,8 @@ class Branch:
         return self.eval_path.is_file()
 
     def lock(self):
-        from genesis_model.train import RunLock
-
         self.out.mkdir(parents=True, exist_ok=True)
-        return RunLock(self.out, BRANCH_LOCK)
+        return BranchDir(self.out).lock()
 
     def _threads(self) -> None:
         if self.config.threads:
@@ -325,7 +323,7 @@ class Branch:
         return json.loads((self.data_dir / "report.json").read_text())["system_prompt"]
 
     def sft(self) -> Path:
-        from genesis.branch.training import run_sft, stage_complete
+        from branch.training import run_sft
 
         fail_if_injected("sft")
         if stage_complete(self.sft_dir):
@@ -338,7 +336,7 @@ class Branch:
                        self._system_prompt())
 
     def dpo(self) -> Path:
-        from genesis.branch.training import run_dpo, stage_complete
+        from branch.training import run_dpo
 
         fail_if_injected("dpo")
         if stage_complete(self.dpo_dir):
@@ -351,7 +349,7 @@ class Branch:
                        self._system_prompt())
 
     def evaluate(self) -> dict:
-        from genesis.branch.evaluate import evaluate_branch
+        from branch.evaluate import evaluate_branch
 
         fail_if_injected("eval")
         if self.complete:

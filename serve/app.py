@@ -29,8 +29,8 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from genesis.errors import GenesisError
-from genesis.serve.models import Busy, ModelLine, ModelLoadFailed, ModelPool, Runtime, ServeLimits
-from genesis.serve.run_view import RunView, UnknownModel
+from serve.models import Busy, ModelLine, ModelLoadFailed, ModelPool, Runtime, ServeLimits
+from serve.run_view import RunView, UnknownModel
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("genesis.serve")
@@ -121,7 +121,7 @@ def create_app(run_dir: Path, tracking_uri: str | None = None, limits: ServeLimi
         # From here the place in line is released exactly once: by the worker, or below if it never starts.
         try:
             runtime = await run_in_threadpool(pool.get, entry)
-            from genesis.chat import prepare_prompt
+            from genesis_model.prompt import prepare_prompt
 
             prompt = prepare_prompt(runtime.tokenizer, body.prompt, body.chat, runtime.source, system=body.system)
             if len(prompt.ids) >= runtime.context:

@@ -1,8 +1,5 @@
-"""`genesis`: the command line front door.
-
-Engine commands (train, generate, export-hf, import-hf) import neither Prefect nor MLflow, so they run on
-a bare GPU box. Every command turns bad input into one line on stderr and a non-zero exit.
-"""
+"""Engine commands: `genesis train`, `export-hf`, `import-hf` and `generate`. They import neither Prefect nor
+MLflow (only `generate --model models:/...` reaches the registry), so they run on a bare GPU box."""
 
 from __future__ import annotations
 
@@ -13,19 +10,19 @@ from pathlib import Path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    forwarded = ["--config", str(args.config), *args.overrides]
+    flags = []
     for flag in ("resume", "stop_at_step"):
         value = getattr(args, flag)
         if value is not None:
-            forwarded += [f"--{flag.replace('_', '-')}", str(value)]
-    forwarded += [f for f, on in (("--reset-optimizer", args.reset_optimizer), ("--reset-data", args.reset_data)) if on]
+            flags += [f"--{flag.replace('_', '-')}", str(value)]
+    flags += [f for f, on in (("--reset-optimizer", args.reset_optimizer), ("--reset-data", args.reset_data)) if on]
     if args.nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-                   "-m", "genesis_model.train", *forwarded]
-        os.execv(sys.executable, command)
+        from genesis_model.launch import trainer_command
+
+        os.execv(sys.executable, trainer_command(args.config, args.overrides, args.nproc, trainer_args=flags))
     from genesis_model.train import main
 
-    return main(forwarded)
+    return main(["--config", str(args.config), *args.overrides, *flags])
 
 
 def _dtype(name: str):
@@ -35,14 +32,11 @@ def _dtype(name: str):
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from genesis_model.hf import export_hf
-    from genesis_model.inference import load_checkpoint
+    from genesis_model.inference import export_checkpoint
 
-    loaded = load_checkpoint(args.checkpoint)
-    tokenizer_dir = args.tokenizer or loaded.tokenizer_dir
-    out = export_hf(loaded.model, args.out_dir, tokenizer_dir=tokenizer_dir, dtype=_dtype(args.dtype),
-                    extra_metadata={"source_checkpoint": str(Path(args.checkpoint).resolve())})
-    print(f"exported {args.checkpoint} → {out}" + ("" if tokenizer_dir else " (no tokenizer found; weights only)"))
+    out = export_checkpoint(args.checkpoint, args.out_dir, dtype=_dtype(args.dtype), tokenizer_dir=args.tokenizer)
+    has_tokenizer = (out / "tokenizer.json").is_file()
+    print(f"exported {args.checkpoint} → {out}" + ("" if has_tokenizer else " (no tokenizer found; weights only)"))
     return 0
 
 
@@ -64,7 +58,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from genesis.chat import prepare_prompt
+    from genesis_model.prompt import prepare_prompt
     from genesis_model.generate import Generator, SamplingConfig, stream_text
     from genesis_model.inference import load_checkpoint, load_hf, load_tokenizer
 
@@ -75,7 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.hf:
         loaded = load_hf(args.hf, dtype=dtype, device=device)
     else:
-        from genesis.registry import resolve_model_uri  # MLflow lives outside the engine
+        from lineage.registry import resolve_model_uri  # MLflow lives outside the engine
 
         loaded = load_hf(resolve_model_uri(args.model), dtype=dtype, device=device)
     tokenizer = load_tokenizer(loaded.tokenizer_dir, loaded.source)
@@ -94,9 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genesis", description="Train small LLMs from scratch and grow them as a tree.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(sub) -> None:
 
     train = sub.add_parser("train", help="pretrain (torchrun-compatible; --nproc N launches torchrun)")
     train.add_argument("--config", required=True, type=Path)
@@ -136,33 +128,3 @@ def build_parser() -> argparse.ArgumentParser:
                      "with, else configs/principles.yaml's; '' for none)")
     gen.add_argument("--no-compile", dest="compile", action="store_false", help="skip CUDA-graph decoding")
     gen.set_defaults(handler=cmd_generate)
-
-    _add_optional_commands(sub)
-    return parser
-
-
-def _add_optional_commands(sub) -> None:
-    """Commands of the later stages register here; each module adds its own parser."""
-    for module_name in ("data_prep.cli", "genesis.branch.cli", "genesis.pipeline_cli", "genesis.serve.cli"):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ModuleNotFoundError as err:
-            if err.name and module_name.startswith(err.name):
-                continue
-            raise
-        module.register(sub)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from genesis.errors import GenesisError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except GenesisError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,21 +15,16 @@ from pathlib import Path
 
 import torch
 
-from genesis.branch.config import DPORecipe, SFTRecipe, StageRecipe
+from branch.config import DPORecipe, SFTRecipe, StageRecipe
+from genesis.chat import EOS, IM_END, PAD
+from genesis.run_dir import STAGE_MARKER
 
-IM_END = "<|im_end|>"
-PAD = "<|pad|>"
-STAGE_MARKER = "genesis_stage.json"
 
 
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def stage_complete(path: Path) -> bool:
-    return (Path(path) / STAGE_MARKER).is_file()
 
 
 def _common_args(config_cls, recipe: StageRecipe, output_dir: Path, device: str, seed: int) -> dict:
@@ -84,7 +79,7 @@ def _finish(trainer, tokenizer, tmp: Path, out: Path, stage: str, parent: Path, 
     model = trainer.model
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     # NOTE: a chat model ends its turn with <|im_end|>; generation must stop there as well as at EOS.
-    model.generation_config.eos_token_id = [im_end, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    model.generation_config.eos_token_id = [im_end, tokenizer.convert_tokens_to_ids(EOS)]
     model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids(PAD)
     trainer.save_model(str(tmp))
     tokenizer.save_pretrained(str(tmp))

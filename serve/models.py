@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, Field
 
 from genesis.errors import GenesisError
-from genesis.serve.run_view import ModelEntry
+from serve.run_view import ModelEntry
 
 
 class ServeLimits(BaseModel):
@@ -128,7 +128,7 @@ class ModelPool:
             if entry.kind in ("checkpoint", "milestone"):
                 loaded = load_checkpoint(entry.location, dtype=self.dtype, device=self.device)
             elif entry.kind == "registry":
-                from genesis.registry import resolve_model_uri
+                from lineage.registry import resolve_model_uri
 
                 loaded = load_hf(resolve_model_uri(entry.location, self.tracking_uri), dtype=self.dtype,
                                  device=self.device)

@@ -52,7 +52,7 @@ def demo(workdir: Path, nproc: int = 2) -> dict:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from the embedded server
     from flows.tree import genesis_flow
     from flows.params import DataParams, GenesisParams, PretrainParams
-    from genesis.registry import BASE, DPO, SFT, connect, default_tracking_uri, lineage, resolve_model_uri
+    from lineage.registry import BASE, DPO, SFT, connect, default_tracking_uri, lineage, resolve_model_uri
 
     started = time.time()
     params = GenesisParams(

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from genesis.serve.run_view import CurveReader
+from genesis.run_dir import RunDir
+from serve.run_view import CurveReader
 
 
 def plot_run(run_dir: Path, out: Path) -> Path | None:
@@ -15,7 +16,7 @@ def plot_run(run_dir: Path, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = CurveReader(Path(run_dir) / "metrics.jsonl").series()
+    series = CurveReader(RunDir(Path(run_dir)).metrics).series()
     train, val = series["train"], series["val"]
     if not train.get("loss"):
         return None

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from genesis.errors import GenesisError
+from genesis.run_dir import RunDir
 
 
 def _existing_run_dir(path: Path) -> Path:
@@ -19,8 +20,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from genesis.config import validate
-    from genesis.serve.app import create_app
-    from genesis.serve.models import ServeLimits
+    from serve.app import create_app
+    from serve.models import ServeLimits
 
     run_dir = _existing_run_dir(args.run_dir)
     limits = validate(ServeLimits, {"max_prompt_chars": args.max_prompt_chars, "max_new_tokens": args.max_new_tokens,
@@ -37,12 +38,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from genesis.plots import plot_run
+    from serve.plots import plot_run
 
     run_dir = _existing_run_dir(args.run_dir)
     out = plot_run(run_dir, args.output)
     if out is None:
-        raise GenesisError(f"{run_dir / 'metrics.jsonl'}: nothing logged yet; plot again once the trainer has logged a step")
+        raise GenesisError(f"{RunDir(run_dir).metrics}: nothing logged yet; plot again once the trainer has logged a step")
     print(f"wrote {out}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Pipeline-level commands: `genesis demo`."""
+"""Pipeline-level commands: `genesis demo` (the whole tree under an embedded Prefect) and `genesis lineage`."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ from pathlib import Path
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from genesis.demo import demo
+    from flows.demo import demo
 
     summary = demo(args.workdir, nproc=args.nproc)
     if args.summary_json:
-        from genesis.demo import write_summary
+        from flows.demo import write_summary
 
         write_summary(summary, Path(args.summary_json))
     return 0
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from genesis.registry import connect, format_lineage, lineage
+    from lineage.registry import connect, format_lineage, lineage
 
     tracker = connect(args.tracking_uri)
     tree = lineage(tracker)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from genesis.branch.conversations import with_system_prompt
+from genesis.chat import with_system_prompt
 from genesis.config import StrictModel, config_root, load_config
 
 # NOTE: fixed for the project, not per branch: the pretraining corpus includes the training topics'

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from genesis.config import REPO_ROOT
 from genesis.errors import GenesisError
+from genesis.run_dir import MetricsReader
 
 EXPERIMENT = "genesis"
 BASE, SFT, DPO = "genesis-base", "genesis-sft", "genesis-dpo"
@@ -150,27 +151,18 @@ def log_dataset_input(name: str, source_uri: str, digest: str, context: str) -> 
 class MetricsFollower:
     """Forward the trainer's metrics.jsonl (its metrics sink) to an MLflow run as it grows."""
 
-    def __init__(self, metrics_path: Path, run_id: str, tracker: Tracker):
-        self.path, self.run_id, self.tracker = Path(metrics_path), run_id, tracker
-        self.offset = 0
+    def __init__(self, metrics_path: Path, run_id: str, tracker: Tracker, from_end: bool = False):
+        """`from_end`: forward only what is appended from now on (an earlier cycle's rows are logged already)."""
+        self.reader = MetricsReader(metrics_path, from_end=from_end)
+        self.run_id, self.tracker = run_id, tracker
 
     def poll(self) -> int:
         from mlflow.entities import Metric
 
-        if not self.path.is_file():
-            return 0
-        with open(self.path, "rb") as handle:
-            handle.seek(self.offset)
-            chunk = handle.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
-        self.offset += len(complete)
+        rows, _ = self.reader.read_new()
         metrics = []
-        for line in complete.decode("utf-8", "replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            step = int(row.get("step", 0))
+        for row in rows:
+            step = int(row["step"])
             timestamp = int(float(row.get("time", 0)) * 1000) or 0
             for key, value in _flatten(row).items():
                 if key not in ("step", "time") and isinstance(value, (int, float)) and value == value:

@@ -23,12 +23,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from data_prep.sources import SourceConfig, _builder_for, record_to_conversation, resolve_paths, scan_jsonl_numbered
+from genesis.chat import TOOLS_HEADER, as_messages, record_to_conversation
 from genesis.config import StrictModel
 from genesis.errors import DataError
-
-TOOLS_HEADER = 'You can call these tools. Reply with <tool_call>{"name": ..., "arguments": ...}</tool_call>.\n<tools>'
-
+from genesis.records import builder_for, resolve_paths, scan_jsonl_numbered
 
 class BranchSource(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -47,9 +45,6 @@ class BranchSource(StrictModel):
     min_answer_chars: int = Field(default=80, ge=1, description="hedged_rewrite sources: shorter answers are too "
                                                                 "thin to stand for substance and make no pair")
 
-    def as_source_config(self) -> SourceConfig:
-        return SourceConfig(name=self.name, kind=self.kind, hub_id=self.hub_id,
-                            subset=self.subset, split=self.split, paths=self.paths, weight=1.0)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -67,8 +62,8 @@ def iter_located_records(source: BranchSource, on_malformed: str, counts: dict) 
         for index, record in enumerate(dataset):
             yield f"{source.hub_id}#{index + 1}", record
         return
-    for path in resolve_paths(source.as_source_config()):
-        if _builder_for(path) == "json":
+    for path in resolve_paths(source.paths, source.name):
+        if builder_for(path) == "json":
             line = 0
             opener_counts: dict = {}
             # NOTE: a line reader, not `datasets`, so a bad record is reported with its exact line.
@@ -79,7 +74,7 @@ def iter_located_records(source: BranchSource, on_malformed: str, counts: dict) 
         else:
             import datasets
 
-            dataset = datasets.load_dataset(_builder_for(path), data_files=str(path), split="train", streaming=True)
+            dataset = datasets.load_dataset(builder_for(path), data_files=str(path), split="train", streaming=True)
             for index, record in enumerate(dataset):
                 yield f"{path}#{index + 1}", record
 
@@ -156,11 +151,6 @@ def explicit_prompt_pair(prompt, chosen, rejected) -> dict:
     return {"prompt": as_messages(prompt), "chosen": chosen, "rejected": rejected}
 
 
-def as_messages(prompt):
-    """A prompt given as text becomes one user message; messages pass through."""
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-
-
 def preference_problem(record: dict) -> str | None:
     prompt, chosen, rejected = record.get("prompt"), record.get("chosen"), record.get("rejected")
     if not isinstance(prompt, list) or not prompt:
@@ -200,15 +190,6 @@ def fold_tools(messages: list[dict], tools: list | None) -> list[dict]:
         header = system + TOOLS_HEADER + "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools) + "\n</tools>"
         folded = [{"role": "system", "content": header}] + [m for m in folded if m["role"] != "system"]
     return folded
-
-
-def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    """Give a conversation the principles' system prompt unless it brings its own."""
-    if not system_prompt or not isinstance(messages, list):
-        return messages  # not a list of messages: `preference_problem` names it
-    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
-        return messages
-    return [{"role": "system", "content": system_prompt}] + messages
 
 
 def stable_fraction(text: str) -> float:
