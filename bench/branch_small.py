@@ -42,10 +42,12 @@ def pretrain(work: Path, steps: int) -> None:
     corpus = load_config(CorpusConfig, REPO / "configs" / "corpus" / "data-kit.yaml", ["workers=8"])
     manifest = prepare(corpus, work / "data")
     print(f"data: {manifest.num_tokens:,} tokens in {time.time() - started:.0f} s", flush=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "genesis_model.train",
-               "--config", str(REPO / "configs" / "train" / "small-h100.yaml"), f"data_dir={work / 'data'}",
-               f"run_dir={work / 'trunk'}", f"max_steps={steps}", f"checkpoint.milestone_every={steps}",
-               "checkpoint.save_every=600", "eval.every=400", "log_every=100", "--resume", "auto"]
+    from genesis_model.launch import trainer_command
+
+    command = trainer_command(REPO / "configs" / "train" / "small-h100.yaml",
+                              [f"data_dir={work / 'data'}", f"run_dir={work / 'trunk'}", f"max_steps={steps}",
+                               f"checkpoint.milestone_every={steps}", "checkpoint.save_every=600", "eval.every=400",
+                               "log_every=100"], nproc=1, trainer_args=["--resume", "auto"])
     subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "4"})
     print(f"pretrain done in {time.time() - started:.0f} s", flush=True)
 

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import environment, write_json, write_synthetic_token_data  # noqa: E402
+from genesis.run_dir import MetricsReader, RunDir  # noqa: E402
 from genesis_model.launch import trainer_command  # noqa: E402
 
 CONFIG = REPO / "configs" / "train" / "genesis-1b-h100.yaml"
@@ -43,7 +44,12 @@ ENV = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "") + os.pathsep
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Events (any JSON line); metrics go through the run directory's own reader (`MetricsReader`)."""
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return MetricsReader(RunDir(run_dir).metrics).all_rows()
 
 
 def run(run_dir: Path, data_dir: Path, overrides: list[str]) -> tuple[list[dict], list[dict]]:
@@ -51,7 +57,7 @@ def run(run_dir: Path, data_dir: Path, overrides: list[str]) -> tuple[list[dict]
                             text=True, env=ENV)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
-    return read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "events.jsonl")
+    return read_metrics(run_dir), read_jsonl(RunDir(run_dir).events)
 
 
 def time_resume(run_dir: Path, data_dir: Path, first_new_step: int) -> float:
@@ -61,7 +67,7 @@ def time_resume(run_dir: Path, data_dir: Path, first_new_step: int) -> float:
                                                                 "checkpoint.save_every=0", "checkpoint.save_at_end=false"], True),
                                cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while process.poll() is None:
-        if any(m["step"] == first_new_step for m in read_jsonl(run_dir / "metrics.jsonl")):
+        if any(m["step"] == first_new_step for m in read_metrics(run_dir)):
             elapsed = time.monotonic() - started
             process.wait()
             return elapsed

@@ -46,10 +46,10 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from bench.checkpoint import read_jsonl  # noqa: E402
+from bench.checkpoint import read_jsonl, read_metrics  # noqa: E402
 from bench.common import environment, write_json, write_synthetic_token_data  # noqa: E402
 from genesis_model.launch import torchrun_command as torchrun  # noqa: E402
-from genesis_model.checkpoint import is_complete  # noqa: E402
+from genesis.run_dir import RunDir, is_complete  # noqa: E402
 
 PROFILES = {
     "gpu": {
@@ -126,12 +126,12 @@ class Runner:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl")}
+    return {row["step"]: row["loss"] for row in read_metrics(run_dir)}
 
 
 def steady(run_dir: Path, key: str, skip: int = 5) -> float | None:
     """Median of a metric after the first `skip` steps (compilation and warm-up); None if never logged (MFU on CPU)."""
-    values = [row[key] for row in read_jsonl(run_dir / "metrics.jsonl")[skip:] if row.get(key) is not None]
+    values = [row[key] for row in read_metrics(run_dir)[skip:] if row.get(key) is not None]
     return statistics.median(values) if values else None
 
 
@@ -216,7 +216,7 @@ def memory(runner: Runner, work: Path) -> dict:
         run_dir = work / f"memory_{name}"
         runner.run(run_dir, 2, ["micro_batch_size=1", "grad_accum_steps=8", "max_steps=8", *NO_CHECKPOINTS,
                                 'env.NCCL_P2P_DISABLE="1"', *extra])
-        results[name] = round(max(row["memory_gib"] for row in read_jsonl(run_dir / "metrics.jsonl")), 2)
+        results[name] = round(max(row["memory_gib"] for row in read_metrics(run_dir)), 2)
         results[f"tok_s_{name}"] = round(steady(run_dir, "tokens_per_s", 3), 1)
     return {"peak_gib_per_gpu_mb1": results["lean"], "peak_gib_per_gpu_mb1_accumulate_unsharded": results["default"],
             "tok_s_2gpu_no_p2p_lean": results["tok_s_lean"],
@@ -252,9 +252,9 @@ def smoke_matrix(runner: Runner, work: Path) -> dict:
     step_150 = interrupted / "checkpoints" / "step_00000150"
     saved_150 = is_complete(step_150)
     runner.run(interrupted, 2, ["max_steps=300", "checkpoint.save_every=150"], ["--resume", str(step_150)])
-    resumed_events = [e for e in read_jsonl(interrupted / "events.jsonl") if e["event"] == "resumed"]
+    resumed_events = [e for e in read_jsonl(RunDir(interrupted).events) if e["event"] == "resumed"]
     saved_300 = is_complete(interrupted / "checkpoints" / "step_00000300")
-    events = read_jsonl(interrupted / "events.jsonl")
+    events = read_jsonl(RunDir(interrupted).events)
     blocked = [e["seconds"] for e in events if e["event"] == "checkpoint_blocked"]
     staging = [e["seconds"] for e in events if e["event"] == "checkpoint_staging_wait"]
     # Reshard: the 2-GPU checkpoint at 150 on 1 GPU with the same global batch, against the 2-GPU resume.
@@ -279,7 +279,7 @@ def resume_on_one_gpu(runner: Runner, checkpoint: Path, run_dir: Path, two_gpu_r
     runner.run(run_dir, 1, [*overrides, "grad_accum_steps=2", *NO_CHECKPOINTS],
                ["--resume", str(checkpoint), "--stop-at-step", "170"])
     diff = max_rel_diff(losses(run_dir), losses(two_gpu_run), range(start + 1, 171))
-    event = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resumed"]
+    event = [e for e in read_jsonl(RunDir(run_dir).events) if e["event"] == "resumed"]
     return {"reshard_2to1_max_rel_diff": diff,
             "reshard_2to1_ok": bool(event and event[0].get("saved_world_size") == 2 and diff < 1e-2)}
 
