@@ -1,10 +1,12 @@
 """Training-step throughput of genesis-1b on one GPU: Genesis against Hugging Face LlamaForCausalLM.
 
 Both run one optimizer step per micro-batch at T=2048 with fused AdamW. HF: `attn_implementation="sdpa"`,
-bf16 autocast over fp32 weights, whole-model `torch.compile`. Genesis: the trainer's own path
-(`parallelize.py`: fp32 weights computing in bf16, either as a plain module (`--one-rank plain`, the default on
-one GPU) or through FSDP2's bf16 parameter policy (`--one-rank fsdp`, the multi-GPU path); per-block or
-whole-model compile (`--compile-scope`); the chunked fused linear + cross-entropy).
+bf16 autocast over fp32 weights, whole-model `torch.compile`. Genesis: the trainer's own model and optimizer,
+built by `genesis_model.build` from the parallel settings given here (fp32 weights computing in bf16, either as
+a plain module (`--one-rank plain`, the default on one GPU) or through FSDP2's bf16 parameter policy
+(`--one-rank fsdp`, the multi-GPU path); per-block or whole-model compile (`--compile-scope`); bf16 compute
+copies (`--master-weights`); the chunked fused linear + cross-entropy; AdamW without decay on norms and the
+embedding).
 
     python bench/train_step.py --impl genesis hf --micro-batches 1 4 8 --out bench/results/train_step.json
 
@@ -40,23 +42,23 @@ from genesis.config import load_model_config  # noqa: E402
 
 def build_genesis(config, activation_checkpointing: str, compile: bool, memory_budget: float = 1.0,
                   one_rank: str = "plain", compile_scope: str = "blocks", master_weights: bool = False):
+    """The trainer's model and optimizer, built as `genesis_model.train` builds them (`genesis_model.build`) from a
+    training config holding these parallel settings; the step below is the trainer's without its data loader,
+    gradient clipping and logging."""
+    from genesis.config import ParallelConfig, TrainConfig
+    from genesis_model.build import build
     from genesis_model.distributed import init_distributed
-    from genesis_model.model import Transformer
-    from genesis_model.optim import MasterWeightAdamW
-    from genesis_model.parallelize import compute_copies, parallelize
 
     info = init_distributed("cuda")
-    model = Transformer(config)
-    model.init_weights(seed=0)
-    model = model.cuda()
-    parallelize(model, info.mesh, compile=compile, activation_checkpointing=activation_checkpointing,
-                compile_memory_budget=memory_budget, one_rank=one_rank, compile_scope=compile_scope,
-                master_weights=master_weights)
-    if master_weights:
-        optimizer = MasterWeightAdamW(model.parameters(), compute_copies(model), lr=3e-4, betas=(0.9, 0.95),
-                                      weight_decay=0.1, compiled=compile)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    parallel = ParallelConfig(compile=compile, activation_checkpointing=activation_checkpointing,
+                              compile_memory_budget=memory_budget, one_rank=one_rank, compile_scope=compile_scope,
+                              master_weights=master_weights)
+    # NOTE: the data and run directories are never opened (no loader, no trainer). The optimizer is the config's
+    # default: lr 3e-4, betas 0.9/0.95, weight decay 0.1, fused on CUDA.
+    train_config = TrainConfig(model=config, data_dir="unused", run_dir="unused", max_steps=1, seed=0, device="cuda",
+                               parallel=parallel)
+    parts = build(train_config, info, with_loader=False)
+    model, optimizer = parts.model, parts.optimizer
 
     def step(tokens, targets, mark=None):
         # `mark(phase)` after each phase lets bench/profile_step.py time the phases with CUDA events.

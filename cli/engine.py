@@ -10,19 +10,23 @@ from pathlib import Path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    flags = []
-    for flag in ("resume", "stop_at_step"):
-        value = getattr(args, flag)
-        if value is not None:
-            flags += [f"--{flag.replace('_', '-')}", str(value)]
-    flags += [f for f, on in (("--reset-optimizer", args.reset_optimizer), ("--reset-data", args.reset_data)) if on]
     if args.nproc > 1:
         from genesis_model.launch import trainer_command
 
+        flags = []
+        for flag in ("resume", "stop_at_step"):
+            value = getattr(args, flag)
+            if value is not None:
+                flags += [f"--{flag.replace('_', '-')}", str(value)]
+        flags += [f for f, on in (("--reset-optimizer", args.reset_optimizer), ("--reset-data", args.reset_data)) if on]
         os.execv(sys.executable, trainer_command(args.config, args.overrides, args.nproc, trainer_args=flags))
-    from genesis_model.train import main
+    from genesis.config import TrainConfig, load_config
+    from genesis_model.train import exit_code, train
 
-    return main(["--config", str(args.config), *args.overrides, *flags])
+    config = load_config(TrainConfig, args.config, args.overrides)
+    return exit_code(lambda: train(config, resume=args.resume, stop_at_step=args.stop_at_step,
+                                   reset_optimizer=args.reset_optimizer, reset_data=args.reset_data,
+                                   config_source=args.config))
 
 
 def _dtype(name: str):

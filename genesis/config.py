@@ -120,6 +120,10 @@ class StabilityConfig(StrictModel):
 
 
 class ParallelConfig(StrictModel):
+    """How the engine lays out the model. NOTE: checked, and 'auto' and unset resolved, in one place only,
+    `genesis_model.parallelize.plan_parallel`: whether a setting can run depends on the world size and device,
+    which only the job knows."""
+
     param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     reduce_dtype: Literal["bfloat16", "float32"] = "float32"
     compile: bool = True
@@ -161,26 +165,6 @@ class ParallelConfig(StrictModel):
         default=600, gt=0,
         description="how long a rank waits for the others: a checkpoint save that takes longer ends the job with "
                     "one line (exit 4); every other collective gives up 30 s later (distributed.py)")
-
-    def resolved(self, world_size: int, device_type: str) -> tuple[str, bool]:
-        """(compile_scope, master_weights) with 'auto' and unset decided for this world size and device.
-        NOTE: auto turns them on only for the configuration measured on a GPU (one plain rank, bf16, no
-        activation checkpointing); set them explicitly to combine them with checkpointing."""
-        if self.master_weights and world_size > 1:
-            raise ConfigError(f"parallel.master_weights is for one rank; with {world_size} ranks FSDP keeps the "
-                              "fp32 master weights itself: set parallel.master_weights=false")
-        one_plain_rank = world_size == 1 and self.one_rank == "plain" and self.activation_checkpointing == "none"
-        scope = self.compile_scope if self.compile_scope != "auto" else ("model" if one_plain_rank else "blocks")
-        master_weights = (self.master_weights if self.master_weights is not None
-                          else one_plain_rank and device_type == "cuda" and self.param_dtype == "bfloat16")
-        return scope, master_weights
-
-    @model_validator(mode="after")
-    def _master_weights_on_the_plain_bf16_path(self) -> "ParallelConfig":
-        if self.master_weights and (self.one_rank != "plain" or self.param_dtype != "bfloat16"):
-            raise ValueError("master_weights needs one_rank 'plain' and param_dtype 'bfloat16' (FSDP keeps its own "
-                             "fp32 masters; fp32 compute has nothing to copy)")
-        return self
 
 
 class ProfilingConfig(StrictModel):

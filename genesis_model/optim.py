@@ -7,15 +7,18 @@ import math
 import torch
 
 from genesis.config import OptimizerConfig
-from genesis_model.parallelize import compute_copies
+from genesis_model.parallelize import ParallelPlan, compute_copies
 
 
-def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, plan: ParallelPlan | str) -> torch.optim.Optimizer:
     """Two parameter groups: 2-D weight matrices decay; norm gains and (unless configured) the embedding do
     not. Decaying a gain pulls it toward 0, which is a different thing from regularising a weight; and the
     tied embedding is also the output layer, where decay mostly shrinks rare tokens' rows.
 
-    A model with compute copies (`parallel.master_weights`) gets `MasterWeightAdamW`, the same update."""
+    `plan`: how `parallelize` laid the model out; a plan with master weights gets `MasterWeightAdamW`, the same
+    update. A device type ('cpu', 'cuda') instead stands for a plain fp32 model no plan laid out (a Hugging
+    Face model, say)."""
+    plan = ParallelPlan(device_type=plan) if isinstance(plan, str) else plan
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -24,15 +27,14 @@ def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, device_type
         is_embedding = any(key in name for key in ("tok_embeddings", "embed_tokens", "lm_head")) or name == "output.weight"
         exempt = param.ndim < 2 or is_embedding
         (no_decay if exempt and not config.decay_norms_and_embeddings else decay).append(param)
-    fused = config.fused if config.fused is not None else device_type == "cuda"
+    fused = config.fused if config.fused is not None else plan.device_type == "cuda"
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    copies = compute_copies(model)
-    if copies:
-        return MasterWeightAdamW(groups, copies, lr=config.lr, betas=config.betas, eps=config.eps,
-                                 compiled=device_type == "cuda")
+    if plan.master_weights:
+        return MasterWeightAdamW(groups, compute_copies(model), lr=config.lr, betas=config.betas, eps=config.eps,
+                                 compiled=plan.device_type == "cuda")
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused,
                              foreach=None if fused else True)
 

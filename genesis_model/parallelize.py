@@ -9,16 +9,24 @@ parameter policy, without its per-step copies and Python hooks, and it may be co
 With `master_weights`, each fp32 weight also gets a bf16 compute copy that the forward uses and the
 optimizer (`optim.MasterWeightAdamW`) rewrites in the same pass as its update: no weight cast in the forward,
 no gradient cast in the backward. Gradients are then bf16, as under FSDP's bf16 policy.
+
+What is done is decided once, by `plan_parallel`, from `parallel:` in the config, the world size, the device and
+the accumulation steps: a frozen `ParallelPlan`. Every check of the parallel settings lives there, so a setting
+this job cannot run is refused with one line before the run directory is touched. `parallelize` applies the
+plan; the optimizer (`optim.build_optimizer`) and the trainer take the same plan instead of inspecting the model.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from genesis.config import ParallelConfig
+from genesis.errors import ConfigError
 from genesis_model.model import Transformer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -155,38 +163,99 @@ def apply_fsdp(
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 
-def parallelize(
-    model: Transformer,
-    mesh: DeviceMesh,
-    param_dtype: str = "bfloat16",
-    reduce_dtype: str = "float32",
-    compile: bool = True,
-    activation_checkpointing: Literal["none", "selective", "full"] = "none",
-    compile_memory_budget: float = 1.0,
-    one_rank: Literal["plain", "fsdp"] = "plain",
-    compile_scope: Literal["blocks", "model"] = "blocks",
-    fsdp_unit_blocks: int = 1,
-    master_weights: bool = False,
-) -> nn.Module:
-    """`param_dtype` is the compute dtype of matmuls; weights, gradients and optimizer state stay fp32.
-    `reduce_dtype` is FSDP's gradient reduction dtype (on one plain rank gradients are simply fp32).
-    `master_weights` (one plain rank, bf16): bf16 compute copies of the fp32 weights, see the module docstring."""
-    plain = mesh.size() == 1 and one_rank == "plain"
-    if compile and compile_scope == "model" and not plain:
-        raise ValueError("parallel.compile_scope 'model' needs one rank without FSDP (parallel.one_rank: plain); "
-                         "use compile_scope 'blocks' with several ranks")
-    if master_weights and not (plain and param_dtype != "float32"):
-        raise ValueError("parallel.master_weights needs one rank without FSDP (parallel.one_rank: plain) and "
-                         "param_dtype bfloat16; FSDP already keeps fp32 masters apart from its bf16 weights")
-    if master_weights:
+@dataclass(frozen=True)
+class ParallelPlan:
+    """How one job lays out and steps the model; `plan_parallel` decides it from the config.
+
+    Defaults describe one plain rank computing in fp32, uncompiled: tests and benchmarks build other plans
+    directly with the fields they need (`ParallelPlan(param_dtype="bfloat16", fsdp=True)`), unchecked."""
+
+    device_type: str = "cpu"
+    world_size: int = 1
+    # FSDP2 (fully_shard) around the blocks and the root; else the plain module, computing in `param_dtype`.
+    fsdp: bool = False
+    param_dtype: Literal["bfloat16", "float32"] = "float32"  # the matmuls' compute dtype; weights stay fp32
+    reduce_dtype: Literal["bfloat16", "float32"] = "float32"  # FSDP's gradient reduction dtype
+    # bf16 compute copies of the fp32 weights, rewritten by `optim.MasterWeightAdamW` (one plain rank, bf16).
+    master_weights: bool = False
+    compile: bool = False
+    compile_scope: Literal["blocks", "model"] = "blocks"
+    compile_memory_budget: float = 1.0
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    # FSDP: free each unit's gathered weights after its forward (gathered again in backward).
+    reshard_after_forward: bool = False
+    # FSDP with several ranks and accumulation: weights stay gathered and gradients unreduced from the first
+    # micro-step to the last (the trainer toggles resharding and gradient sync per micro-step).
+    accumulate_unsharded: bool = False
+    fsdp_unit_blocks: int = 1
+    grad_accum_steps: int = 1
+
+    @property
+    def fold_gradients(self) -> bool:
+        """The compute copies' bf16 gradients are summed into fp32 ones after every micro-step."""
+        return self.master_weights and self.grad_accum_steps > 1
+
+    def record(self) -> dict:
+        """What 'auto' and unset settings became, for the run's meta (`parallel_resolved`)."""
+        return {"compile_scope": self.compile_scope, "master_weights": self.master_weights, "compile": self.compile,
+                "param_dtype": self.param_dtype}
+
+
+def plan_parallel(parallel: ParallelConfig, world_size: int, device_type: str,
+                  grad_accum_steps: int = 1) -> ParallelPlan:
+    """Decide the plan, resolving 'auto' and unset settings, and refuse what this job cannot run with one
+    `ConfigError` line naming the field and the fix. The only place parallel settings are checked.
+
+    NOTE: auto turns compile_scope 'model' and master weights on only for the configuration measured on a GPU
+    (one plain rank, bf16, no activation checkpointing); set them explicitly to combine them with checkpointing."""
+    if parallel.master_weights and (parallel.one_rank != "plain" or parallel.param_dtype != "bfloat16"):
+        raise ConfigError("parallel.master_weights needs one_rank 'plain' and param_dtype 'bfloat16' (FSDP keeps its "
+                          "own fp32 masters; fp32 compute has nothing to copy): set parallel.master_weights=false")
+    if parallel.master_weights and world_size > 1:
+        raise ConfigError(f"parallel.master_weights is for one rank; with {world_size} ranks FSDP keeps the fp32 "
+                          "master weights itself: set parallel.master_weights=false")
+    plain = world_size == 1 and parallel.one_rank == "plain"
+    compile = parallel.compile and device_type == "cuda"
+    measured = plain and parallel.activation_checkpointing == "none"
+    scope = parallel.compile_scope if parallel.compile_scope != "auto" else ("model" if measured else "blocks")
+    if compile and scope == "model" and not plain:
+        raise ConfigError("parallel.compile_scope 'model' needs one rank without FSDP (parallel.one_rank: plain); "
+                          "use compile_scope 'blocks' with several ranks")
+    master_weights = (parallel.master_weights if parallel.master_weights is not None
+                      else measured and device_type == "cuda" and parallel.param_dtype == "bfloat16")
+    # NOTE: CPU runs compute in fp32, except with master_weights, which only exist in bf16 (and are tested so).
+    param_dtype = parallel.param_dtype if device_type == "cuda" or master_weights else "float32"
+    accumulate_unsharded = (not plain and world_size > 1 and grad_accum_steps > 1
+                            and parallel.accumulate_unsharded)
+    return ParallelPlan(
+        device_type=device_type, world_size=world_size, fsdp=not plain, param_dtype=param_dtype,
+        reduce_dtype=parallel.reduce_dtype, master_weights=master_weights, compile=compile, compile_scope=scope,
+        compile_memory_budget=parallel.compile_memory_budget,
+        activation_checkpointing=parallel.activation_checkpointing,
+        # NOTE: with resharding after forward, every micro-step all-gathers each block twice (forward and
+        # backward): 2 × accumulation × 2 bytes × parameters per optimizer step, which over PCIe, or any link
+        # slower than the GPU, dominates the step. Kept unsharded, the weights are gathered once per optimizer
+        # step and the gradients reduced once (`Trainer.train_step`). One rank has nothing to free.
+        reshard_after_forward=not plain and world_size > 1 and not accumulate_unsharded,
+        accumulate_unsharded=accumulate_unsharded, fsdp_unit_blocks=parallel.fsdp_unit_blocks,
+        grad_accum_steps=grad_accum_steps)
+
+
+def parallelize(model: Transformer, mesh: DeviceMesh, plan: ParallelPlan) -> nn.Module:
+    """Apply `plan` to a single-device model, in place: compute copies, activation checkpointing, compile,
+    then FSDP2 or the plain module's compute dtype. Weights, their gradients and optimizer state stay fp32
+    (with master weights, gradients arrive in bf16 on the copies)."""
+    if mesh.size() != plan.world_size:
+        raise ValueError(f"the parallel plan is for {plan.world_size} ranks, the mesh has {mesh.size()}")
+    if plan.master_weights:
         # NOTE: before compile, so the compiled graphs take the copies as their inputs from the first call.
-        attach_compute_copies(model, DTYPES[param_dtype])
-    apply_activation_checkpointing(model, activation_checkpointing)
-    if compile:
-        apply_compile(model, compile_memory_budget, compile_scope)
-    if plain:
-        model.compute_dtype = DTYPES[param_dtype]
+        attach_compute_copies(model, DTYPES[plan.param_dtype])
+    apply_activation_checkpointing(model, plan.activation_checkpointing)
+    if plan.compile:
+        apply_compile(model, plan.compile_memory_budget, plan.compile_scope)
+    if plan.fsdp:
+        apply_fsdp(model, mesh, DTYPES[plan.param_dtype], DTYPES[plan.reduce_dtype],
+                   reshard_after_forward=plan.reshard_after_forward, unit_blocks=plan.fsdp_unit_blocks)
     else:
-        apply_fsdp(model, mesh, DTYPES[param_dtype], DTYPES[reduce_dtype], reshard_after_forward=mesh.size() > 1,
-                   unit_blocks=fsdp_unit_blocks)
+        model.compute_dtype = DTYPES[plan.param_dtype]
     return model

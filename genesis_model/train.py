@@ -1,11 +1,13 @@
 """Pretraining entry point, runnable without Prefect or MLflow:
 
     torchrun --nproc_per_node N -m genesis_model.train --config configs/train/X.yaml [key=value ...]
-             [--resume auto|PATH] [--reset-optimizer] [--reset-data]
+             [--resume auto|PATH] [--stop-at-step N] [--reset-optimizer] [--reset-data]
 
-Builds, in order: config → process group → run-directory lock → model → parallelize → optimizer → loader →
-checkpointer → (resume) → trainer, then fits. Bad input exits non-zero with one line and touches no
-checkpoint.
+or from Python, with a typed config: `from genesis_model.train import train; train(config, resume="auto")`.
+
+Goes, in order: process group → parallel plan → run-directory lock → data check → model → parallelize →
+optimizer → loader → checkpointer → trainer (`build.py`) → (resume), then fits. Bad input exits non-zero with
+one line and touches no checkpoint.
 """
 
 from __future__ import annotations
@@ -14,28 +16,22 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from genesis.config import TrainConfig, dump_yaml, load_config
 from genesis.errors import CheckpointError, ConfigError, DataError, GenesisError, RunDirError
 from genesis.manifest import verify_data_dir
-from genesis.run_dir import CONFIG, DirLock, RunDir, latest_checkpoint, read_meta
-from genesis_model.checkpoint import Checkpointer, remove_incomplete
-from genesis_model.distributed import (
-    collective_timeout,
-    init_distributed,
-    resolve_device_type,
-    shutdown_distributed,
-)
-from genesis_model.loader import TokenLoader
-from genesis_model.metrics import MetricsSink, RunDirSink
-from genesis_model.model import Transformer
-from genesis_model.optim import build_optimizer
-from genesis_model.parallelize import parallelize, refresh_compute_copies
-from genesis_model.trainer import NonFiniteStop, Trainer
+from genesis.run_dir import DirLock, RunDir, latest_checkpoint, read_meta
+from genesis_model.build import build, build_trainer
+from genesis_model.callbacks import NonFiniteStop
+from genesis_model.checkpoint import remove_incomplete
+from genesis_model.distributed import init_distributed, resolve_device_type, shutdown_distributed
+from genesis_model.metrics import MetricsSink, ProgressLine, RunDirSink
+from genesis_model.parallelize import plan_parallel, refresh_compute_copies
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="genesis train", description=__doc__,
@@ -53,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare_run_dir(config: TrainConfig, config_path: Path) -> DirLock:
+def prepare_run_dir(config: TrainConfig, config_source: str | Path | None = None) -> DirLock:
     """Rank 0: create and lock the run directory, clear leftovers of interrupted saves, record the config."""
     run_dir = Path(config.run_dir)
     try:
@@ -68,7 +64,8 @@ def prepare_run_dir(config: TrainConfig, config_path: Path) -> DirLock:
     removed = remove_incomplete(run_dir)
     for path in removed:
         print(f"removed incomplete checkpoint {path}", file=sys.stderr)
-    (run_dir / CONFIG).write_text(f"# resolved from {config_path}\n" + dump_yaml(config))
+    header = f"# resolved from {config_source}\n" if config_source else ""
+    RunDir(run_dir).config.write_text(header + dump_yaml(config))
     return lock
 
 
@@ -141,98 +138,68 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def run(args: argparse.Namespace, extra_sinks: list[MetricsSink] | None = None) -> str:
-    config = load_config(TrainConfig, args.config, args.overrides)
+def train(config: TrainConfig, *, resume: str | Path | None = None, stop_at_step: int | None = None,
+          reset_optimizer: bool = False, reset_data: bool = False, config_source: str | Path | None = None) -> str:
+    """Train `config` as one rank of a torchrun job (or alone). Returns 'completed', 'paused' or
+    'stopped_by_signal'. Bad input raises a one-line `GenesisError` before any checkpoint is touched; K
+    non-finite steps in a row raise `NonFiniteStop`. (`main` turns all of them into exit codes.)
+
+    `resume`: 'auto' (the run's newest complete checkpoint, if any) or a checkpoint directory;
+    `stop_at_step`: save and return after this step, keeping the schedule of max_steps (pause a run);
+    `reset_optimizer`: resume the weights with a fresh optimizer (needed for a model-only checkpoint);
+    `reset_data`: resume with the loader at the start of (possibly new) data; `config_source`: where the
+    config came from, noted in the run directory's config.yaml."""
     os.environ.update(config.env)
     device_type = resolve_device_type(config.device)
     info = init_distributed(device_type, timeout_s=config.parallel.nccl_timeout_s)
     lock = None
+    sinks: list[MetricsSink] = []
     try:
-        # Decided first: an explicit setting this world size cannot run stops here, before anything is written.
-        compile_scope, master_weights = config.parallel.resolved(info.world_size, device_type)
-        lock = collective_check(lambda: prepare_run_dir(config, args.config), info.rank, share_result=False)
+        # Decided first: a setting this world size cannot run stops here, before anything is written.
+        plan = plan_parallel(config.parallel, info.world_size, device_type, config.grad_accum_steps)
+        lock = collective_check(lambda: prepare_run_dir(config, config_source), info.rank, share_result=False)
         data_meta = collective_check(lambda: check_data(config), info.rank)
-        resume_path = collective_check(lambda: resolve_resume(args.resume, Path(config.run_dir)), info.rank)
+        resume_path = collective_check(lambda: resolve_resume(resume, Path(config.run_dir)), info.rank)
 
-        torch.manual_seed(config.seed + info.rank)
-        if resume_path is None:
-            model = Transformer(config.model)
-            model.init_weights(seed=config.seed)
-            model = model.to(info.device)
-        else:
-            # NOTE: a resumed run overwrites every weight, so skip drawing 1B random numbers on the CPU: build
-            # on the meta device and only allocate (RoPE tables are derived from the config, not loaded).
-            with torch.device("meta"):
-                model = Transformer(config.model)
-            model = model.to_empty(device=info.device)
-            model.reset_rope_tables()
-        num_params = model.num_params()
-        parallel = config.parallel
-        use_compile = parallel.compile and device_type == "cuda"
-        # NOTE: CPU runs compute in fp32, except with master_weights, which only exist in bf16 (and are tested so).
-        param_dtype = parallel.param_dtype if device_type == "cuda" or master_weights else "float32"
-        parallelize(model, info.mesh, param_dtype=param_dtype, reduce_dtype=parallel.reduce_dtype,
-                    compile=use_compile, activation_checkpointing=parallel.activation_checkpointing,
-                    compile_memory_budget=parallel.compile_memory_budget, one_rank=parallel.one_rank,
-                    compile_scope=compile_scope, fsdp_unit_blocks=parallel.fsdp_unit_blocks,
-                    master_weights=master_weights)
-        optimizer = build_optimizer(model, config.optimizer, device_type)
-        loader = TokenLoader(config.data_dir, config.window, config.micro_batch_size, info.rank, info.world_size,
-                             config.seed, config.eval.holdout_docs_per_source)
-
-        async_save = config.checkpoint.async_save if config.checkpoint.async_save is not None else device_type == "cuda"
-        # NOTE: async saves run their collectives from a background thread; on NCCL they get a separate gloo
-        # group so they never interleave with the training step's collectives.
-        checkpoint_group = dist.new_group(backend="gloo") if device_type == "cuda" else None
-        checkpointer = Checkpointer(Path(config.run_dir), info.rank, info.world_size, config.checkpoint.keep_last,
-                                    async_save, process_group=checkpoint_group)
-        # The trainer's own small reductions of host numbers (peak memory over ranks): gloo, so they never wait
-        # for the GPU, and a group of their own, so they never interleave with a background save's collectives.
-        # NOTE: the same timeout as the world group; new_group's own default would be gloo's 30 minutes.
-        host_group = (dist.new_group(backend="gloo", timeout=collective_timeout(config.parallel.nccl_timeout_s))
-                      if info.world_size > 1 else None)
+        parts = build(config, info, plan=plan, empty_weights=resume_path is not None)
         run_meta = {
             "model_config": config.model.model_dump(),
             "model_fingerprint": config.model.fingerprint(),
             "meaning": config.meaning(),
             "config": json.loads(config.model_dump_json()),
             # What 'auto' and unset settings became for this world size and device.
-            "parallel_resolved": {"compile_scope": compile_scope, "master_weights": master_weights,
-                                  "compile": use_compile, "param_dtype": param_dtype},
+            "parallel_resolved": plan.record(),
             **data_meta,
         }
-        sinks: list[MetricsSink] = []
         if info.is_main:
-            sinks.append(RunDirSink(Path(config.run_dir)))
-            sinks.extend(extra_sinks or [])
-        trainer = Trainer(config, info, model, optimizer, loader, checkpointer, sinks, run_meta, num_params,
-                          host_group=host_group)
+            sinks += [RunDirSink(Path(config.run_dir)), ProgressLine(config.max_steps)]
+        trainer = build_trainer(config, info, parts, sinks, run_meta)
 
         if resume_path is not None:
             meta = read_meta(resume_path)
-            collective_check(lambda: check_resume_compatible(meta, run_meta, resume_path, args.reset_data), info.rank,
+            collective_check(lambda: check_resume_compatible(meta, run_meta, resume_path, reset_data), info.rank,
                              share_result=False)
-            meta, rank_state = checkpointer.load(resume_path, model, optimizer, reset_optimizer=args.reset_optimizer)
-            refresh_compute_copies(model)  # the loaded fp32 weights, in the bf16 copies (master_weights)
-            if args.reset_data:
+            meta, rank_state = trainer.checkpointer.load(resume_path, parts.model, parts.optimizer,
+                                                         reset_optimizer=reset_optimizer)
+            refresh_compute_copies(parts.model)  # the loaded fp32 weights, in the bf16 copies (master weights)
+            if reset_data:
                 rank_state.pop("loader", None)
             trainer.restore(meta, rank_state)
             trainer.event("resumed", path=str(resume_path), step=trainer.step, world_size=info.world_size,
                           saved_world_size=meta["world_size"])
-            if args.reset_optimizer:
+            if reset_optimizer:
                 trainer.event("optimizer_reset", path=str(resume_path))
                 if info.is_main:
                     print(f"WARNING: optimizer reset at step {trainer.step}: AdamW moments restart from zero "
                           f"(--reset-optimizer)", file=sys.stderr)
-            if args.reset_data:
+            if reset_data:
                 trainer.event("data_reset", path=str(resume_path))
             if info.is_main:
                 print(f"resumed from {resume_path} at step {trainer.step}", file=sys.stderr)
-        status = trainer.fit(stop_at_step=args.stop_at_step)
+        return trainer.fit(stop_at_step=stop_at_step)
+    finally:
         for sink in sinks:
             sink.close()
-        return status
-    finally:
         if lock is not None:
             lock.release()
         shutdown_distributed()
@@ -243,10 +210,11 @@ def _is_collective_failure(err: RuntimeError) -> bool:
     return isinstance(err, dist.DistError) or "gloo" in str(err) or "Timed out" in str(err)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def exit_code(run: Callable[[], str]) -> int:
+    """Run a training call as the command line does: 0 once completed or paused, 143 when stopped by a signal;
+    otherwise one `error:` line and bad input's own code (2), 3 for non-finite steps, 4 for a failed collective."""
     try:
-        status = run(args)
+        status = run()
     except GenesisError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
@@ -265,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
               f"fix the cause, then --resume auto", file=sys.stderr)
         return 4
     return 0 if status in ("completed", "paused") else 143
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return exit_code(lambda: train(load_config(TrainConfig, args.config, args.overrides), resume=args.resume,
+                                   stop_at_step=args.stop_at_step, reset_optimizer=args.reset_optimizer,
+                                   reset_data=args.reset_data, config_source=args.config))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 
-from genesis.config import load_model_config
+from genesis.config import OptimizerConfig, ParallelConfig, TrainConfig, load_model_config
+from genesis.errors import ConfigError
+from genesis_model.distributed import DistInfo
 from genesis_model.launch import free_port
 from genesis_model.model import Transformer
-from genesis_model.optim import MasterWeightAdamW
-from genesis_model.parallelize import compute_copies, parallelize, refresh_compute_copies
+from genesis_model.optim import MasterWeightAdamW, build_optimizer
+from genesis_model.parallelize import ParallelPlan, compute_copies, parallelize, plan_parallel, refresh_compute_copies
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,11 @@ def trained_looking_model() -> Transformer:
     return model
 
 
+def bf16_plan(one_rank: str = "plain", **fields) -> ParallelPlan:
+    """One rank computing in bf16 on the CPU, a layout `plan_parallel` keeps for GPUs: built directly."""
+    return ParallelPlan(param_dtype="bfloat16", fsdp=one_rank == "fsdp", **fields)
+
+
 def batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.randint(0, vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
     return tokens[:, :-1], tokens[:, 1:]
@@ -65,8 +72,7 @@ def test_one_plain_rank_computes_what_fsdp_computes_in_bf16(one_rank_mesh, train
     inputs, targets = batch(trained_looking_model.config.vocab_size)
     results = {}
     for one_rank in ("plain", "fsdp"):
-        model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, param_dtype="bfloat16",
-                            compile=compile, one_rank=one_rank)
+        model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, bf16_plan(one_rank, compile=compile))
         assert isinstance(model, FSDPModule) == (one_rank == "fsdp")
         results[one_rank] = loss_after_one_step(model, inputs, targets)
     (plain_before, plain_after), (fsdp_before, fsdp_after) = results["plain"], results["fsdp"]
@@ -82,17 +88,17 @@ def test_whole_model_compile_gives_the_loss_of_per_block_compile(one_rank_mesh, 
     inputs, targets = batch(trained_looking_model.config.vocab_size)
     losses = []
     for scope in ("blocks", "model"):
-        model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, param_dtype="bfloat16",
-                            compile=True, compile_scope=scope)
+        model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh,
+                            bf16_plan(compile=True, compile_scope=scope))
         with torch.no_grad():
             losses.append(model(inputs, targets).item())
     assert losses[0] == losses[1]
 
 
-def test_whole_model_compile_is_refused_where_fsdp_shards(one_rank_mesh, trained_looking_model):
-    with pytest.raises(ValueError, match="compile_scope 'model' needs one rank without FSDP"):
-        parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, compile=True, compile_scope="model",
-                    one_rank="fsdp")
+def test_whole_model_compile_is_refused_where_fsdp_shards():
+    for world_size, one_rank in ((1, "fsdp"), (2, "plain")):
+        with pytest.raises(ConfigError, match="parallel.compile_scope 'model' needs one rank without FSDP"):
+            plan_parallel(ParallelConfig(compile_scope="model", one_rank=one_rank), world_size, "cuda")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,9 +135,8 @@ def test_master_weights_compute_the_plain_forward_and_train_like_fsdp(one_rank_m
     inputs, targets = batch(trained_looking_model.config.vocab_size)
     before, after = {}, {}
     for mode in ("plain", "fsdp", "master"):
-        model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, param_dtype="bfloat16",
-                            compile=False, one_rank="fsdp" if mode == "fsdp" else "plain",
-                            master_weights=mode == "master")
+        model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh,
+                            bf16_plan("fsdp" if mode == "fsdp" else "plain", master_weights=mode == "master"))
         if mode == "master":
             optimizer = MasterWeightAdamW(model.parameters(), compute_copies(model), lr=1e-3)
             # Checkpoints see the fp32 weights only: the same keys and dtypes as the plain model's.
@@ -155,8 +160,7 @@ def test_master_weights_compute_the_plain_forward_and_train_like_fsdp(one_rank_m
 
 
 def test_a_stale_compute_copy_is_refused_at_the_first_update(one_rank_mesh, trained_looking_model):
-    model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, param_dtype="bfloat16", compile=False,
-                        master_weights=True)
+    model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, bf16_plan(master_weights=True))
     optimizer = MasterWeightAdamW(model.parameters(), compute_copies(model), lr=1e-3)
     with torch.no_grad():
         model.norm.weight.add_(1.0)  # e.g. a checkpoint load that forgot refresh_compute_copies
@@ -168,27 +172,87 @@ def test_a_stale_compute_copy_is_refused_at_the_first_update(one_rank_mesh, trai
     optimizer.step()
 
 
-def test_master_weights_are_refused_where_fsdp_keeps_its_own(one_rank_mesh, trained_looking_model):
-    with pytest.raises(ValueError, match="master_weights needs one rank without FSDP"):
-        parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, compile=False, one_rank="fsdp",
-                    master_weights=True)
+# ---------------------------------------------------------------------------------------------------------------
+# The parallel plan: decided once, from the config, the world size, the device and the accumulation steps.
+
+
+def test_master_weights_are_refused_where_fsdp_keeps_its_own_or_nothing_computes_in_bf16():
+    # One line naming the field and the fix, for every way of asking for them where they cannot run.
+    cases = [(ParallelConfig(master_weights=True), 2, r"parallel.master_weights is for one rank; with 2 ranks .* set "
+                                                      r"parallel.master_weights=false"),
+             (ParallelConfig(master_weights=True, one_rank="fsdp"), 1,
+              "parallel.master_weights needs one_rank 'plain'"),
+             (ParallelConfig(master_weights=True, param_dtype="float32"), 1,
+              "parallel.master_weights needs one_rank 'plain' and param_dtype 'bfloat16'")]
+    for parallel, world_size, message in cases:
+        with pytest.raises(ConfigError, match=message) as err:
+            plan_parallel(parallel, world_size, "cuda")
+        assert "\n" not in str(err.value) and "set parallel.master_weights=false" in str(err.value)
 
 
 def test_unset_parallel_settings_pick_the_fastest_measured_step_on_one_gpu_and_the_general_one_elsewhere():
-    from genesis.config import ParallelConfig
-    from genesis.errors import ConfigError
+    def decided(parallel: ParallelConfig, world_size: int = 1, device_type: str = "cuda") -> tuple[str, bool]:
+        plan = plan_parallel(parallel, world_size, device_type)
+        return plan.compile_scope, plan.master_weights
 
     # One plain GPU rank in bf16: bf16 compute copies and one compiled graph (the step BENCHMARKS.md measured).
-    assert ParallelConfig().resolved(world_size=1, device_type="cuda") == ("model", True)
+    assert decided(ParallelConfig()) == ("model", True)
     # Several ranks (FSDP keeps its own masters; its hooks cannot live in one graph), or the CPU.
-    assert ParallelConfig().resolved(world_size=2, device_type="cuda") == ("blocks", False)
-    assert ParallelConfig().resolved(world_size=1, device_type="cpu")[1] is False
+    assert decided(ParallelConfig(), world_size=2) == ("blocks", False)
+    assert decided(ParallelConfig(), device_type="cpu")[1] is False
     # Combinations not measured on a GPU stay on the general path unless asked for explicitly.
-    assert ParallelConfig(activation_checkpointing="selective").resolved(1, "cuda") == ("blocks", False)
-    assert ParallelConfig(one_rank="fsdp").resolved(1, "cuda") == ("blocks", False)
-    assert ParallelConfig(param_dtype="float32").resolved(1, "cuda")[1] is False
-    assert ParallelConfig(master_weights=False, compile_scope="blocks").resolved(1, "cuda") == ("blocks", False)
-    # Asked for on several ranks, where FSDP keeps its own masters: one line naming the field and the fix.
-    with pytest.raises(ConfigError, match=r"parallel.master_weights is for one rank; with 2 ranks .* set "
-                                          r"parallel.master_weights=false"):
-        ParallelConfig(master_weights=True).resolved(world_size=2, device_type="cuda")
+    assert decided(ParallelConfig(activation_checkpointing="selective")) == ("blocks", False)
+    assert decided(ParallelConfig(one_rank="fsdp")) == ("blocks", False)
+    assert decided(ParallelConfig(param_dtype="float32"))[1] is False
+    assert decided(ParallelConfig(master_weights=False, compile_scope="blocks")) == ("blocks", False)
+    # What the run records in its meta.
+    assert plan_parallel(ParallelConfig(), 1, "cuda").record() == {
+        "compile_scope": "model", "master_weights": True, "compile": True, "param_dtype": "bfloat16"}
+
+
+def test_the_plan_says_how_fsdp_reshards_and_the_cpu_computes():
+    several = plan_parallel(ParallelConfig(), world_size=2, device_type="cuda", grad_accum_steps=4)
+    assert several.fsdp and several.accumulate_unsharded and not several.reshard_after_forward
+    lean = plan_parallel(ParallelConfig(accumulate_unsharded=False), 2, "cuda", grad_accum_steps=4)
+    assert lean.fsdp and lean.reshard_after_forward and not lean.accumulate_unsharded
+    assert plan_parallel(ParallelConfig(), 2, "cuda", grad_accum_steps=1).reshard_after_forward
+    # One rank has nothing to free or to reduce; FSDP there only applies its bf16 policy.
+    one = plan_parallel(ParallelConfig(one_rank="fsdp"), 1, "cuda", grad_accum_steps=4)
+    assert one.fsdp and not one.reshard_after_forward and not one.accumulate_unsharded
+    # The CPU computes in fp32 and compiles nothing, except that master weights exist only in bf16.
+    cpu = plan_parallel(ParallelConfig(), 1, "cpu")
+    assert (cpu.param_dtype, cpu.compile, cpu.fsdp) == ("float32", False, False)
+    master = plan_parallel(ParallelConfig(master_weights=True), 1, "cpu", grad_accum_steps=2)
+    assert master.param_dtype == "bfloat16" and master.fold_gradients
+
+
+def test_the_optimizer_follows_the_plan_it_is_given(one_rank_mesh, trained_looking_model):
+    plain = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, bf16_plan())
+    assert type(build_optimizer(plain, OptimizerConfig(), bf16_plan())) is torch.optim.AdamW
+    plan = bf16_plan(master_weights=True)
+    master = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, plan)
+    optimizer = build_optimizer(master, OptimizerConfig(), plan)
+    assert isinstance(optimizer, MasterWeightAdamW) and set(optimizer.copies) == set(master.parameters())
+    # A plan made for another world size is not applied.
+    with pytest.raises(ValueError, match="plan is for 2 ranks"):
+        parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, ParallelPlan(world_size=2, fsdp=True))
+
+
+def test_build_decides_the_plan_once_and_lays_out_model_and_optimizer_by_it(one_rank_mesh, tmp_path):
+    from genesis_model.build import build
+
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), mesh=one_rank_mesh)
+    config = TrainConfig(model=load_model_config("tiny"), data_dir=tmp_path / "data", run_dir=tmp_path / "run",
+                         max_steps=1, device="cpu", grad_accum_steps=2,
+                         parallel=ParallelConfig(master_weights=True, compile=False))
+    parts = build(config, info, with_loader=False)
+    assert parts.plan == plan_parallel(config.parallel, 1, "cpu", grad_accum_steps=2)
+    assert parts.plan.master_weights and parts.plan.fold_gradients
+    assert isinstance(parts.optimizer, MasterWeightAdamW) and parts.model.compute_dtype == torch.bfloat16
+    assert parts.loader is None and not (tmp_path / "run").exists()
+    # A plan decided by the caller is used as given.
+    given = ParallelPlan()
+    assert build(config, info, plan=given, with_loader=False).plan is given
+    with pytest.raises(ConfigError, match="with 2 ranks"):
+        build(config, DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), mesh=one_rank_mesh),
+              with_loader=False)

@@ -15,21 +15,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from genesis_model.checkpoint import (
-    MARKER,
-    latest_checkpoint,
-    list_checkpoints,
-    load_model_weights,
-    verify_checkpoint,
-    write_model_only_checkpoint,
-)
+from genesis.run_dir import MARKER, latest_checkpoint, list_checkpoints
+from genesis_model.checkpoint import load_model_weights, verify_checkpoint, write_model_only_checkpoint
 from genesis_model.model import Transformer
-from genesis.config import load_model_config
+from genesis.config import TrainConfig, load_config, load_model_config
 from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, losses_by_step, read_jsonl, run_trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -90,6 +85,31 @@ def test_smoke_matrix_and_bit_exact_resume_after_process_exit(uninterrupted, tok
     final_b = full_state(interrupted / "checkpoints" / "step_00000300", tmp_path)
     assert "optimizer" in final_a and final_a["optimizer"]["state"]
     assert_same_tensors(final_a, final_b)
+
+
+def test_train_runs_in_process_from_a_typed_config_and_its_callbacks_state_survives_resume(token_data, tmp_path):
+    from genesis_model.train import train
+
+    def config(max_steps: int) -> TrainConfig:
+        return load_config(TrainConfig, TINY_CPU, [f"data_dir={token_data}", f"run_dir={tmp_path}", *FAST_OVERRIDES,
+                                                   f"max_steps={max_steps}", "checkpoint.save_every=0"])
+
+    # NOTE: train() sets up a one-rank process group through the environment (RANK, MASTER_PORT, ...); restore
+    # it, so trainers that later tests start under torchrun do not inherit it.
+    with mock.patch.dict(os.environ):
+        assert train(config(4), stop_at_step=3) == "paused"
+        assert train(config(4), resume="auto") == "completed"
+    # The spike detector's window (a callback's state) is saved per rank under its old key, and restored.
+    state = torch.load(tmp_path / "checkpoints" / "step_00000004" / "trainer" / "rank_00000.pt", weights_only=True)
+    assert set(state) == {"loader", "rng", "spikes"} and len(state["spikes"]["losses"]) == 4
+    latest = json.loads((tmp_path / "latest.json").read_text())
+    assert latest["status"] == "completed" and latest["step"] == 4
+    assert latest["last_checkpoint"].endswith("step_00000004")
+    meta = json.loads((tmp_path / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    assert meta["parallel_resolved"] == {"compile_scope": "model", "master_weights": False, "compile": False,
+                                         "param_dtype": "float32"}
+    assert meta["last_loss"] == losses_by_step(tmp_path)[4]
+    assert [e["event"] for e in read_jsonl(tmp_path / "events.jsonl")].count("resumed") == 1
 
 
 def test_resume_on_one_rank_from_two_continues_the_same_loss_trajectory(uninterrupted, token_data, tmp_path):
