@@ -9,16 +9,18 @@ from pathlib import Path
 
 def cmd_branch(args: argparse.Namespace) -> int:
     from branch.config import BranchConfig
-    from branch.pipeline import run_branch
+    from branch.pipeline import grow
     from genesis.config import load_config
+    from genesis.run_dir import BranchDir
 
     config = load_config(BranchConfig, args.config, args.overrides)
-    result = run_branch(args.milestone, config, args.out)
+    result = grow(args.milestone, config, args.out)
     keys = ("preference_accuracy", "preference_accuracy_length_normalized", "format_adherence", "hedging_score")
     summary = {stage: {k: result[stage][k] for k in keys} for stage in ("sft", "dpo")}
     summary["dpo"]["reward_accuracy_vs_sft"] = result["dpo"]["reward_accuracy_vs_sft"]
     print(json.dumps(summary, indent=2))
-    print(f"wrote {Path(args.out) / 'sft'}, {Path(args.out) / 'dpo'} and {Path(args.out) / 'eval.json'}")
+    branch = BranchDir(args.out)
+    print(f"wrote {branch.sft_dir}, {branch.dpo_dir} and {branch.eval_path}")
     return 0
 
 

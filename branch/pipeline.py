@@ -1,227 +1,33 @@
-"""One branch, end to end: milestone → HF base → SFT → DPO → eval.json.
+"""One branch, end to end: milestone → base → data → SFT → DPO → eval.json.
 
-    DIR/base/        the milestone exported as an HF model (the reference for evaluation)
-    DIR/data/        sft.jsonl, dpo_train.jsonl, dpo_heldout.jsonl, heldout_prompts.jsonl, report.json
-    DIR/sft/         HF model directory (tokenizer and chat template included)
-    DIR/dpo/         HF model directory
-    DIR/eval.json    written last: a branch with eval.json is complete
-    DIR/branch.json  what grew from what (milestone, step, config, data digests)
+    <run_dir>/hf/step_N/  the base: the milestone exported once (branch/base.py), shared by every branch off it
+    DIR/data/             sft.jsonl, dpo_train.jsonl, dpo_heldout.jsonl, heldout_prompts.jsonl, report.json
+    DIR/branch.json       what grew from what (milestone, step, base, config, data digests)
+    DIR/sft/, DIR/dpo/    HF model directories (tokenizer and chat template included)
+    DIR/eval.json         written last: a branch with eval.json is complete
 
-Each stage writes to a temporary name and renames when done, and each finished stage is kept: rerunning
-after a crash picks up at the first unfinished stage. A lock file keeps two processes off one branch.
+Each stage is a function of the paths it reads that returns the paths it wrote; `grow` runs them in order under
+the branch's lock, and the branch flow runs each as a task. Every stage writes under a temporary name and
+renames when done, and a finished stage is kept: rerunning after a crash picks up at the first unfinished one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from branch.base import check_milestone, export_milestone
 from branch.config import BranchConfig
-from branch.conversations import (SourceReport, conversation_problem, explicit_prompt_pair, iter_located_records,
-                                  preference_problem, prompt_key, read_conversations, stable_fraction)
-from genesis.chat import as_messages, with_system_prompt
-from genesis.principles.dialogues import dpo_pairs, hedged_rewrite_of_answer, load_topics, sft_conversations, split_topics
-from genesis.principles import load_principles
-from branch.rubric import build_pairs, score_reply
-from genesis.errors import DataError
-from genesis.run_dir import BranchDir, stage_complete
+from branch.data import assemble_data, write_json, write_jsonl
+from genesis.run_dir import BranchDir, RunDir, read_meta, stage_complete
 
 # Fault injection for tests and drills: GENESIS_BRANCH_FAIL_STAGE=export|data|sft|dpo|eval raises just before
 # that stage, as a crash there would, so resumption can be exercised on the real pipeline.
 FAIL_STAGE_ENV = "GENESIS_BRANCH_FAIL_STAGE"
-
-
-@dataclass
-class BranchData:
-    sft: list[dict] = field(default_factory=list)
-    dpo_train: list[dict] = field(default_factory=list)
-    dpo_heldout: list[dict] = field(default_factory=list)
-    heldout_prompts: list[list[dict]] = field(default_factory=list)
-    report: dict = field(default_factory=dict)
-
-
-def system_prompt_of(config: BranchConfig) -> str:
-    if config.system_prompt is not None:
-        return config.system_prompt
-    return load_principles(config.principles).system_prompt(config.system_prompt_style)
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def _token_length(tokenizer, messages: list[dict]) -> int:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True)
-    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-def assemble_data(config: BranchConfig, tokenizer) -> BranchData:
-    """Gather, check, split and report the branch's SFT conversations and DPO pairs."""
-    system_prompt = system_prompt_of(config)
-    data = BranchData()
-    reports: dict[str, dict] = {"sft": {}, "dpo": {}}
-
-    if config.builtin_dialogues:
-        train_topics, heldout_topics = split_topics(load_topics())
-        builtin_sft = [(f"topic {row['topic']}", row["messages"]) for row in sft_conversations(train_topics, system_prompt)]
-        builtin_train = [{**p, "source": "builtin"} for p in dpo_pairs(train_topics, system_prompt)]
-        builtin_heldout = [{**p, "source": "builtin"} for p in dpo_pairs(heldout_topics, system_prompt)]
-    else:
-        builtin_sft, builtin_train, builtin_heldout = [], [], []
-
-    # SFT conversations
-    report = SourceReport("builtin")
-    candidates = [("builtin", loc, m) for loc, m in builtin_sft]
-    report.read = len(builtin_sft)
-    source_reports = {"builtin": report} if builtin_sft else {}
-    for source in config.sft_sources:
-        report = source_reports.setdefault(source.name, SourceReport(source.name))
-        for location, messages in read_conversations(source, config.on_malformed, report):
-            candidates.append((source.name, location, with_system_prompt(messages, system_prompt)))
-    for name, location, messages in candidates:
-        report = source_reports[name]
-        problem = conversation_problem(messages)
-        if problem is None and _token_length(tokenizer, messages) > config.sft.max_length:
-            problem = "longer_than_max_length"
-        if problem:
-            report.drop(problem, location)
-            continue
-        report.kept += 1
-        data.sft.append({"messages": messages, "source": name})
-    reports["sft"] = {name: r.as_dict() for name, r in source_reports.items()}
-
-    # DPO pairs
-    source_reports = {}
-    pairs: list[tuple[str, str, dict, bool | None]] = []  # (source, location, pair, fixed held-out side)
-    if builtin_train:
-        source_reports["builtin"] = SourceReport("builtin")
-        source_reports["builtin"].read = len(builtin_train) + len(builtin_heldout)
-        pairs += [("builtin", f"topic {p['topic']}", p, False) for p in builtin_train]
-        pairs += [("builtin", f"topic {p['topic']}", p, True) for p in builtin_heldout]
-    for source in config.dpo_sources:
-        report = source_reports.setdefault(source.name, SourceReport(source.name))
-        counts: dict = {}
-        for location, record in iter_located_records(source, config.on_malformed, counts):
-            report.read += 1
-            pair = _pair_from_record(record, source, location, config.on_malformed, report)
-            if pair is not None:
-                pairs.append((source.name, location, {**pair, "prompt": with_system_prompt(pair["prompt"], system_prompt)}, None))
-            if source.max_records and report.read >= source.max_records:
-                break
-        for reason, count in counts.items():
-            report.dropped[reason] = report.dropped.get(reason, 0) + count
-    seen_heldout_prompts: set[str] = set()
-    for name, location, pair, heldout in pairs:
-        report = source_reports[name]
-        problem = preference_problem(pair)
-        if problem is None:
-            longest = max(_token_length(tokenizer, pair["prompt"] + pair[k]) for k in ("chosen", "rejected"))
-            if longest > config.dpo.max_length:
-                problem = "longer_than_max_length"
-        if problem:
-            report.drop(problem, location)
-            continue
-        row = {"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"], "source": name}
-        key = prompt_key(pair["prompt"])
-        if heldout is None:
-            heldout = stable_fraction(f"{config.seed}:{key}") < config.heldout_fraction
-        report.kept += 1
-        if heldout:
-            report.heldout += 1
-            data.dpo_heldout.append(row)
-            if key not in seen_heldout_prompts:
-                seen_heldout_prompts.add(key)
-                data.heldout_prompts.append(pair["prompt"])
-        else:
-            data.dpo_train.append(row)
-    reports["dpo"] = {name: r.as_dict() for name, r in source_reports.items()}
-
-    if not data.sft:
-        raise DataError("branch data: no usable SFT conversation; check sft_sources in the branch config and "
-                        "data/report.json")
-    if not data.dpo_train or not data.dpo_heldout:
-        raise DataError("branch data: DPO needs training and held-out pairs; add dpo_sources or builtin_dialogues")
-    # Interleave held-out prompts across sources (built-in ones first are otherwise all that is sampled).
-    random.Random(config.seed).shuffle(data.heldout_prompts)
-    random.Random(config.seed).shuffle(data.dpo_heldout)
-    data.report = {"system_prompt": system_prompt, "sft": reports["sft"], "dpo": reports["dpo"],
-                   "totals": {"sft": len(data.sft), "dpo_train": len(data.dpo_train),
-                              "dpo_heldout": len(data.dpo_heldout), "heldout_prompts": len(data.heldout_prompts)}}
-    return data
-
-
-def _pair_from_record(record: dict, source, location: str, on_malformed: str, report: SourceReport) -> dict | None:
-    try:
-        if source.format == "preference":
-            return explicit_prompt_pair(record.get("prompt"), record["chosen"], record["rejected"])
-        if source.format == "hedged_rewrite":
-            # a conversation: {"messages": [..., user, assistant]} → its final answer against a hedged rewrite
-            messages = record[source.messages_field]
-            prompt, answer = messages[:-1], messages[-1]
-            if answer["role"] != "assistant" or not isinstance(answer["content"], str):
-                raise TypeError("last message (an assistant's text)")
-            if not prompt or prompt[-1]["role"] != "user":
-                raise TypeError("message before the answer (the user's)")
-        else:
-            # rubric: {"prompt": str | messages, "responses": [str, ...]} → best vs worst by the rubric
-            prompt = as_messages(record["prompt"])
-            responses = [r if isinstance(r, str) else r["content"] for r in record["responses"]]
-    except (KeyError, TypeError, IndexError) as err:
-        if on_malformed == "fail":
-            raise DataError(f"{location}: not a {source.format} record (missing or wrong {err}); fix the record or "
-                            f"set on_malformed: skip") from None
-        report.drop("malformed_record", location)
-        return None
-    if source.format == "hedged_rewrite":
-        answer = answer["content"].strip()
-        # Only a good answer may stand for substance: long enough, and not hedging itself.
-        if len(answer) < source.min_answer_chars:
-            report.drop("answer_shorter_than_min_answer_chars", location)
-            return None
-        question = prompt[-1]["content"]
-        answer_score = score_reply(answer, question)
-        if answer_score.hedging > 0:
-            report.drop("answer_hedges", location)
-            return None
-        chosen, rejected = answer, hedged_rewrite_of_answer(answer, prompt_key(prompt))
-        rejected_score = score_reply(rejected, question)
-        # NOTE: where the prompt is not benign (a legal or medical emergency) the rubric does not count a
-        # referral to a professional as hedging, and the pair would teach the model to avoid the right answer.
-        if rejected_score.hedging == 0 or rejected_score.score >= answer_score.score:
-            report.drop("rubric_does_not_prefer_the_answer", location)
-            return None
-    else:
-        built = build_pairs(prompt[-1]["content"], responses, source.min_margin)
-        if built is None:
-            report.drop("rubric_margin_too_small", location)
-            return None
-        chosen, rejected = built
-    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}]}
-
-
-def write_jsonl(path: Path, rows: list) -> str:
-    """Write atomically; return the sha256 of the content (the data digest recorded in lineage)."""
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str))
-    os.replace(tmp, path)
-
-
-# -------------------------------------------------------------------------------------------------------------
-# The branch
+DATA_FILES = ("sft", "dpo_train", "dpo_heldout", "heldout_prompts")
+HEADLINE = ("preference_accuracy", "format_adherence", "hedging_score")
 
 
 def fail_if_injected(stage: str) -> None:
@@ -229,155 +35,156 @@ def fail_if_injected(stage: str) -> None:
         raise RuntimeError(f"injected failure before the {stage} stage ({FAIL_STAGE_ENV}={stage})")
 
 
-def check_milestone(milestone: Path) -> dict:
-    from genesis_model.checkpoint import read_meta, verify_checkpoint
+def _device(config: BranchConfig) -> str:
+    from branch.training import resolve_device
 
-    milestone = Path(milestone)
-    meta = read_meta(milestone)  # raises CheckpointError for missing / incomplete
-    verify_checkpoint(milestone)
-    return meta
+    return resolve_device(config.device)
 
 
-def check_chat_template(tokenizer_dir: Path | None, source: str) -> None:
-    if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
-        raise DataError(f"{source}: no tokenizer found for this checkpoint; keep its run's data_dir in place")
-    config = Path(tokenizer_dir) / "tokenizer_config.json"
-    template = Path(tokenizer_dir) / "chat_template.jinja"
-    has_template = template.is_file() or (config.is_file() and json.loads(config.read_text()).get("chat_template"))
-    if not has_template:
-        raise DataError(f"{tokenizer_dir}: tokenizer has no chat template; retrain it with `genesis tokenizer train` "
-                        f"(which writes the ChatML template) before branching")
+def _threads(config: BranchConfig) -> None:
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+
+
+def _system_prompt(branch: BranchDir) -> str:
+    return json.loads(branch.report.read_text())["system_prompt"]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The stages
+
+
+def export_base(milestone: Path, log=print) -> Path:
+    """1. The milestone checked (complete, chat-capable tokenizer), then its one export: the branch's base."""
+    check_milestone(milestone)
+    fail_if_injected("export")
+    return export_milestone(milestone, lambda line: log(f"[branch 1/5] {line}"))
+
+
+def build_data(milestone: Path, base: Path, config: BranchConfig, branch: BranchDir, log=print) -> BranchDir:
+    """2. SFT conversations and DPO pairs, tokenized with the base's tokenizer, into the branch's data/ and
+    branch.json (written last). Returns the branch directory, now holding its data."""
+    from transformers import AutoTokenizer
+
+    fail_if_injected("data")
+    log("[branch 2/5] data: SFT conversations and DPO pairs")
+    meta = read_meta(milestone)
+    data = assemble_data(config, AutoTokenizer.from_pretrained(str(base)))
+    branch.data_dir.mkdir(parents=True, exist_ok=True)
+    digests = {name: write_jsonl(branch.data_file(name), getattr(data, name)) for name in DATA_FILES}
+    write_json(branch.report, data.report)
+    write_json(branch.record, {
+        "milestone": str(milestone), "step": int(meta.get("step", 0)), "tokens_seen": meta.get("tokens_seen"),
+        "run_dir": meta.get("config", {}).get("run_dir"), "base": str(base), "config": config.model_dump(mode="json"),
+        "data_digests": digests, "device": _device(config)})
+    log(f"      {data.report['totals']}")
+    return branch
+
+
+def train_sft(base: Path, branch: BranchDir, config: BranchConfig, log=print) -> Path:
+    """3. SFT of the base on the branch's conversations, into the branch's sft/."""
+    from branch.training import run_sft
+
+    fail_if_injected("sft")
+    if stage_complete(branch.sft_dir):
+        log(f"[branch 3/5] SFT already complete: {branch.sft_dir}")
+        return branch.sft_dir
+    _threads(config)
+    rows = branch.read_data("sft")
+    log(f"[branch 3/5] SFT on {len(rows)} conversations → {branch.sft_dir}")
+    return run_sft(base, rows, branch.sft_dir, config.sft, _device(config), config.seed, _system_prompt(branch))
+
+
+def train_dpo(sft: Path, branch: BranchDir, config: BranchConfig, log=print) -> Path:
+    """4. DPO of the SFT model on the branch's training pairs, into the branch's dpo/."""
+    from branch.training import run_dpo
+
+    fail_if_injected("dpo")
+    if stage_complete(branch.dpo_dir):
+        log(f"[branch 4/5] DPO already complete: {branch.dpo_dir}")
+        return branch.dpo_dir
+    _threads(config)
+    rows = branch.read_data("dpo_train")
+    log(f"[branch 4/5] DPO on {len(rows)} pairs → {branch.dpo_dir}")
+    return run_dpo(sft, rows, branch.dpo_dir, config.dpo, _device(config), config.seed, _system_prompt(branch))
+
+
+def evaluate(base: Path, sft: Path, dpo: Path, branch: BranchDir, config: BranchConfig, log=print) -> dict:
+    """5. Held-out pairs scored against the base, replies sampled; eval.json (written last). Returns its content."""
+    from branch.evaluate import evaluate_branch
+
+    fail_if_injected("eval")
+    if branch.complete:
+        return branch.read_eval()
+    _threads(config)
+    log("[branch 5/5] evaluation on held-out pairs and prompts")
+    started = time.time()
+    result = evaluate_branch(base, sft, dpo, branch.read_data("dpo_heldout"), branch.read_data("heldout_prompts"),
+                             config.eval, _device(config))
+    record = branch.read_record()
+    result["milestone"] = {"path": record["milestone"], "step": record["step"]}
+    result["eval_seconds"] = round(time.time() - started, 1)
+    write_json(branch.eval_path, result)
+    return result
+
+
+def headline(result: dict) -> dict:
+    """The few numbers of an eval.json worth a log line: per stage, preference accuracy, format, hedging."""
+    return {stage: {key: result[stage][key] for key in HEADLINE} for stage in ("sft", "dpo")}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The branch
+
+
+def grow(milestone: Path, config: BranchConfig, out: Path, log=print) -> dict:
+    """Grow one branch off `milestone` into `out`; returns the eval.json content. A branch another process is
+    growing is refused with one line; a complete one is left as it is."""
+    milestone = Path(milestone).resolve()
+    check_milestone(milestone)  # before anything is written
+    branch = BranchDir(Path(out).resolve())
+    with branch.lock().held():
+        if branch.complete:
+            log(f"branch {branch.root} is already complete; nothing to do")
+            return branch.read_eval()
+        base = export_base(milestone, log)
+        build_data(milestone, base, config, branch, log)
+        sft = train_sft(base, branch, config, log)
+        dpo = train_dpo(sft, branch, config, log)
+        return evaluate(base, sft, dpo, branch, config, log)
 
 
 class Branch:
-    """One branch directory and its stages; each stage is callable on its own (the flow runs them as tasks)
-    and reads what earlier stages left on disk."""
+    """One branch's stages as methods, for scripts that run some of them by hand (bench/branch_small.py)."""
 
     def __init__(self, milestone: Path, config: BranchConfig, out: Path, log=print):
-        from genesis_model.inference import tokenizer_dir_of_checkpoint
-
-        self.milestone, self.out, self.config, self.log = Path(milestone).resolve(), Path(out).resolve(), config, log
-        self.meta = check_milestone(self.milestone)
-        check_chat_template(tokenizer_dir_of_checkpoint(self.meta), str(self.milestone))
-        self.step = int(self.meta.get("step", 0))
-        self.base_dir, self.data_dir = self.out / "base", self.out / "data"
-        self.sft_dir, self.dpo_dir, self.eval_path = self.out / "sft", self.out / "dpo", self.out / "eval.json"
+        self.milestone, self.config, self.log = Path(milestone).resolve(), config, log
+        self.dir = BranchDir(Path(out).resolve())
+        self.step = int(check_milestone(self.milestone).get("step", 0))
+        self.base_dir = RunDir.of_checkpoint(self.milestone).hf_export(self.milestone)
+        self.out, self.data_dir, self.sft_dir, self.dpo_dir = self.dir.root, self.dir.data_dir, self.dir.sft_dir, self.dir.dpo_dir
 
     @property
     def device(self) -> str:
-        from branch.training import resolve_device
-
-        return resolve_device(self.config.device)
-
-    @property
-    def complete(self) -> bool:
-        return self.eval_path.is_file()
-
-    def lock(self):
-        self.out.mkdir(parents=True, exist_ok=True)
-        return BranchDir(self.out).lock()
-
-    def _threads(self) -> None:
-        if self.config.threads:
-            import torch
-
-            torch.set_num_threads(self.config.threads)
-
-    def export(self) -> Path:
-        import torch
-
-        from genesis_model.hf import export_hf
-        from genesis_model.inference import load_checkpoint
-
-        fail_if_injected("export")
-        if not (self.base_dir / "genesis.json").is_file():
-            self.log(f"[branch 1/5] export {self.milestone} → {self.base_dir}")
-            loaded = load_checkpoint(self.milestone)
-            export_hf(loaded.model, self.base_dir, tokenizer_dir=loaded.tokenizer_dir, dtype=torch.float32,
-                      extra_metadata={"source_checkpoint": str(self.milestone), "step": self.step})
-        return self.base_dir
-
-    def data(self) -> dict:
-        from transformers import AutoTokenizer
-
-        fail_if_injected("data")
-        self.log("[branch 2/5] data: SFT conversations and DPO pairs")
-        data = assemble_data(self.config, AutoTokenizer.from_pretrained(str(self.base_dir)))
-        self.data_dir.mkdir(exist_ok=True)
-        digests = {name: write_jsonl(self.data_dir / f"{name}.jsonl", rows) for name, rows in
-                   (("sft", data.sft), ("dpo_train", data.dpo_train), ("dpo_heldout", data.dpo_heldout),
-                    ("heldout_prompts", data.heldout_prompts))}
-        write_json(self.data_dir / "report.json", data.report)
-        write_json(self.out / "branch.json", {
-            "milestone": str(self.milestone), "step": self.step, "tokens_seen": self.meta.get("tokens_seen"),
-            "run_dir": self.meta.get("config", {}).get("run_dir"), "config": self.config.model_dump(mode="json"),
-            "data_digests": digests, "device": self.device})
-        self.log(f"      {data.report['totals']}")
-        return data.report
+        return _device(self.config)
 
     def _rows(self, name: str) -> list:
-        path = self.data_dir / f"{name}.jsonl"
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        return self.dir.read_data(name)
 
-    def _system_prompt(self) -> str:
-        return json.loads((self.data_dir / "report.json").read_text())["system_prompt"]
+    def export(self) -> Path:
+        return export_base(self.milestone, self.log)
+
+    def data(self) -> dict:
+        build_data(self.milestone, self.base_dir, self.config, self.dir, self.log)
+        return json.loads(self.dir.report.read_text())
 
     def sft(self) -> Path:
-        from branch.training import run_sft
-
-        fail_if_injected("sft")
-        if stage_complete(self.sft_dir):
-            self.log(f"[branch 3/5] SFT already complete: {self.sft_dir}")
-            return self.sft_dir
-        self._threads()
-        rows = self._rows("sft")
-        self.log(f"[branch 3/5] SFT on {len(rows)} conversations → {self.sft_dir}")
-        return run_sft(self.base_dir, rows, self.sft_dir, self.config.sft, self.device, self.config.seed,
-                       self._system_prompt())
+        return train_sft(self.base_dir, self.dir, self.config, self.log)
 
     def dpo(self) -> Path:
-        from branch.training import run_dpo
-
-        fail_if_injected("dpo")
-        if stage_complete(self.dpo_dir):
-            self.log(f"[branch 4/5] DPO already complete: {self.dpo_dir}")
-            return self.dpo_dir
-        self._threads()
-        rows = self._rows("dpo_train")
-        self.log(f"[branch 4/5] DPO on {len(rows)} pairs → {self.dpo_dir}")
-        return run_dpo(self.sft_dir, rows, self.dpo_dir, self.config.dpo, self.device, self.config.seed,
-                       self._system_prompt())
+        return train_dpo(self.sft_dir, self.dir, self.config, self.log)
 
     def evaluate(self) -> dict:
-        from branch.evaluate import evaluate_branch
-
-        fail_if_injected("eval")
-        if self.complete:
-            return json.loads(self.eval_path.read_text())
-        self._threads()
-        self.log("[branch 5/5] evaluation on held-out pairs and prompts")
-        started = time.time()
-        result = evaluate_branch(self.base_dir, self.sft_dir, self.dpo_dir, self._rows("dpo_heldout"),
-                                 self._rows("heldout_prompts"), self.config.eval, self.device)
-        result["milestone"] = {"path": str(self.milestone), "step": self.step}
-        result["eval_seconds"] = round(time.time() - started, 1)
-        write_json(self.eval_path, result)
-        return result
-
-
-def run_branch(milestone: Path, config: BranchConfig, out: Path, log=print) -> dict:
-    """Grow one branch off `milestone` into `out`; returns the eval.json content."""
-    branch = Branch(milestone, config, out, log)
-    lock = branch.lock()
-    lock.acquire()
-    try:
-        if branch.complete:
-            log(f"branch {branch.out} is already complete; nothing to do")
-            return json.loads(branch.eval_path.read_text())
-        branch.export()
-        branch.data()
-        branch.sft()
-        branch.dpo()
-        return branch.evaluate()
-    finally:
-        lock.release()
+        return evaluate(self.base_dir, self.sft_dir, self.dpo_dir, self.dir, self.config, self.log)

@@ -17,7 +17,7 @@ import torch
 
 from branch.config import DPORecipe, SFTRecipe, StageRecipe
 from genesis.chat import EOS, IM_END, PAD
-from genesis.run_dir import STAGE_MARKER
+from genesis.run_dir import STAGE_MARKER, TRAIN_LOG
 
 
 
@@ -87,7 +87,7 @@ def _finish(trainer, tokenizer, tmp: Path, out: Path, stage: str, parent: Path, 
         target = tmp / leftover
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     log = [row for row in trainer.state.log_history]
-    (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
+    (tmp / TRAIN_LOG).write_text(json.dumps(log, indent=1))
     # The system prompt the model was tuned with: `genesis generate --chat` uses it unless told otherwise.
     (tmp / STAGE_MARKER).write_text(json.dumps({"stage": stage, "parent": str(parent), "train_rows": rows,
                                                 "steps": trainer.state.global_step, "system_prompt": system_prompt},

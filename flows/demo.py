@@ -38,9 +38,10 @@ def sample_reply(model_dir: Path, prompt: str, chat: bool, max_new_tokens: int =
 def unigram_baseline(run_dir: Path) -> float:
     """The unigram cross-entropy on the run's own held-out documents (what the model must clearly beat)."""
     from genesis.config import TrainConfig, load_config
+    from genesis.run_dir import RunDir
     from genesis_model.loader import TokenLoader, unigram_cross_entropy
 
-    config = load_config(TrainConfig, run_dir / "config.yaml")
+    config = load_config(TrainConfig, RunDir(run_dir).config)
     loader = TokenLoader(config.data_dir, config.window, 1, holdout_docs_per_source=config.eval.holdout_docs_per_source,
                          seed=config.seed)
     return unigram_cross_entropy(loader)

@@ -5,6 +5,7 @@
       train.lock                    held by the trainer for its lifetime (DirLock)
       latest.json                   the current state, rewritten atomically every step
       metrics.jsonl                 one line per logged step (MetricsReader)
+      loss.png                      the run's curves, drawn when a trunk cycle ends
       events.jsonl                  skipped steps, spikes, checkpoints, resumes, resets
       checkpoints/step_N/           rolling checkpoints (keep-last-K)
       milestones/step_N/            immutable milestones
@@ -16,7 +17,8 @@
     <branch_dir>/                   BranchDir
       branch.lock                   held while the branch grows
       data/                         sft.jsonl, dpo_train.jsonl, dpo_heldout.jsonl, heldout_prompts.jsonl, report.json
-      branch.json                   what grew from what (milestone, base model, config, data digests)
+      branch.json                   what grew from what (milestone, base model, config, data digests); written
+                                    last by the data stage, so its presence means the data is complete
       sft/, dpo/                    Hugging Face directories, complete once their genesis_stage.json exists
       eval.json                     written last: a branch with eval.json is complete
 
@@ -43,6 +45,7 @@ CONFIG = "config.yaml"
 TRAIN_LOCK = "train.lock"
 LATEST = "latest.json"
 METRICS = "metrics.jsonl"
+CURVES = "loss.png"
 EVENTS = "events.jsonl"
 ROLLING_DIR, MILESTONE_DIR = "checkpoints", "milestones"
 HF_DIR = "hf"
@@ -60,6 +63,7 @@ EVAL = "eval.json"
 # Inside every model directory a stage wrote (sft/, dpo/): the stage, its parent, the system prompt it was
 # tuned with. Written last, so its presence means the directory is complete.
 STAGE_MARKER = "genesis_stage.json"
+TRAIN_LOG = "train_log.json"  # beside it: the trainer's log history, one row per logging step
 # Inside every exported milestone (hf/step_N): which checkpoint it came from; written last by the export.
 EXPORT_MARKER = "genesis.json"
 
@@ -235,6 +239,9 @@ class MetricsReader:
 class RunDir:
     root: Path
 
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))  # a str from a flow parameter or a task's result
+
     @classmethod
     def of_checkpoint(cls, checkpoint: Path) -> RunDir:
         """The run a checkpoint or milestone directory belongs to (<run_dir>/{checkpoints,milestones}/step_N)."""
@@ -255,6 +262,10 @@ class RunDir:
     @property
     def events(self) -> Path:
         return self.root / EVENTS
+
+    @property
+    def curves(self) -> Path:
+        return self.root / CURVES
 
     @property
     def rolling_dir(self) -> Path:
@@ -288,6 +299,11 @@ class RunDir:
     def branches(self) -> list[BranchDir]:
         return [BranchDir(path) for path in sorted((self.root / BRANCHES_DIR).glob("step_*")) if path.is_dir()]
 
+    def milestones_to_branch(self) -> list[Path]:
+        """Complete milestones whose default branch is neither complete nor being grown right now."""
+        return [milestone for milestone in self.milestones()
+                if not self.branch(milestone).complete and not self.branch(milestone).growing]
+
     def read_latest(self) -> dict:
         """latest.json, or {} before the trainer wrote one (or while it is unreadable)."""
         try:
@@ -316,6 +332,9 @@ def read_stage(model_dir: Path) -> dict:
 class BranchDir:
     root: Path
 
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
     @property
     def data_dir(self) -> Path:
         return self.root / "data"
@@ -327,6 +346,10 @@ class BranchDir:
     def data_file(self, name: str) -> Path:
         """sft, dpo_train, dpo_heldout or heldout_prompts."""
         return self.data_dir / f"{name}.jsonl"
+
+    def read_data(self, name: str) -> list:
+        """The rows of one data file (see `data_file`)."""
+        return [json.loads(line) for line in self.data_file(name).read_text(encoding="utf-8").splitlines() if line]
 
     @property
     def record(self) -> Path:
@@ -348,6 +371,15 @@ class BranchDir:
         return DirLock(self.root / BRANCH_LOCK)
 
     @property
+    def growing(self) -> bool:
+        """Another process holds the branch's lock right now."""
+        return self.root.is_dir() and self.lock().is_held_elsewhere()
+
+    @property
+    def has_data(self) -> bool:
+        return self.record.is_file()
+
+    @property
     def complete(self) -> bool:
         return self.eval_path.is_file()
 
@@ -357,3 +389,6 @@ class BranchDir:
 
     def read_record(self) -> dict:
         return json.loads(self.record.read_text()) if self.record.is_file() else {}
+
+    def read_eval(self) -> dict:
+        return json.loads(self.eval_path.read_text())

@@ -17,7 +17,6 @@ existing version, so a branch triggered twice (event and watcher) registers once
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess

@@ -1,4 +1,9 @@
-"""Branch tasks: export, data, SFT, DPO, eval. Each reads what the previous one left in the branch dir."""
+"""Branch tasks: base → data → SFT → DPO → eval, each over one stage of branch/pipeline.py.
+
+Each takes the paths it reads (the base model, the branch directory with its data, the models before it) and
+returns the paths it wrote; the milestone is read for its weights once, by the export, and for its meta.json by
+the data stage, never again.
+"""
 
 from __future__ import annotations
 
@@ -7,39 +12,57 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from branch.config import BranchConfig
-from branch.pipeline import Branch
-from tasks import STAGE_CACHE
+from branch.pipeline import build_data, evaluate, export_base, headline, train_dpo, train_sft
+from genesis.run_dir import BranchDir, RunDir, is_exported, stage_complete
+from tasks import stage_task
 
 
-def _branch(milestone: str, config: BranchConfig, out: str) -> Branch:
-    return Branch(Path(milestone), config, Path(out), log=get_run_logger().info)
+def _exported(milestone: str) -> bool:
+    return is_exported(RunDir.of_checkpoint(Path(milestone)).hf_export(Path(milestone)))
 
 
-@task(name="export-milestone", cache_policy=STAGE_CACHE, persist_result=True, timeout_seconds=3600)
-def export_task(milestone: str, config: BranchConfig, out: str) -> str:
-    return str(_branch(milestone, config, out).export())
+@stage_task(done=lambda milestone: _exported(milestone), name="export-milestone", timeout_seconds=3600)
+def export_task(milestone: str) -> str:
+    """The milestone, checked, then exported once: the base model (<run_dir>/hf/step_N)."""
+    return str(export_base(Path(milestone), log=get_run_logger().info))
 
 
-@task(name="branch-data", cache_policy=STAGE_CACHE, persist_result=True, timeout_seconds=3 * 3600, retries=2,
-      retry_delay_seconds=[30, 120])
-def data_task(milestone: str, config: BranchConfig, out: str, base_dir: str) -> dict:
-    return _branch(milestone, config, out).data()["totals"]
+@stage_task(done=lambda branch_dir, **_: BranchDir(branch_dir).has_data, name="branch-data",
+            timeout_seconds=3 * 3600, retries=2, retry_delay_seconds=[30, 120])
+def data_task(milestone: str, base_dir: str, config: BranchConfig, branch_dir: str) -> str:
+    """The branch directory, now holding its SFT and DPO data and branch.json."""
+    branch = build_data(Path(milestone), Path(base_dir), config, BranchDir(branch_dir), log=get_run_logger().info)
+    return str(branch.root)
 
 
-@task(name="sft", cache_policy=STAGE_CACHE, persist_result=True, timeout_seconds=24 * 3600)
-def sft_task(milestone: str, config: BranchConfig, out: str, data_totals: dict) -> str:
-    return str(_branch(milestone, config, out).sft())
+@stage_task(done=lambda branch_dir, **_: stage_complete(BranchDir(branch_dir).sft_dir), name="sft",
+            timeout_seconds=24 * 3600)
+def sft_task(base_dir: str, branch_dir: str, config: BranchConfig) -> str:
+    """The SFT model trained from the base on the branch's conversations."""
+    return str(train_sft(Path(base_dir), BranchDir(branch_dir), config, log=get_run_logger().info))
 
 
-@task(name="dpo", cache_policy=STAGE_CACHE, persist_result=True, timeout_seconds=24 * 3600)
-def dpo_task(milestone: str, config: BranchConfig, out: str, sft_dir: str) -> str:
-    return str(_branch(milestone, config, out).dpo())
+@stage_task(done=lambda branch_dir, **_: stage_complete(BranchDir(branch_dir).dpo_dir), name="dpo",
+            timeout_seconds=24 * 3600)
+def dpo_task(sft_dir: str, branch_dir: str, config: BranchConfig) -> str:
+    """The DPO model trained from the SFT model on the branch's training pairs."""
+    return str(train_dpo(Path(sft_dir), BranchDir(branch_dir), config, log=get_run_logger().info))
 
 
-@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True, timeout_seconds=6 * 3600)
-def eval_task(milestone: str, config: BranchConfig, out: str, dpo_dir: str) -> dict:
-    result = _branch(milestone, config, out).evaluate()
-    for stage in ("sft", "dpo"):
-        get_run_logger().info(f"{stage}: preference accuracy {result[stage]['preference_accuracy']:.3f}, format "
-                              f"{result[stage]['format_adherence']:.2f}, hedging {result[stage]['hedging_score']:.2f}")
-    return result
+@stage_task(done=lambda branch_dir, **_: BranchDir(branch_dir).complete, name="evaluate",
+            timeout_seconds=6 * 3600)
+def eval_task(base_dir: str, sft_dir: str, dpo_dir: str, branch_dir: str, config: BranchConfig) -> dict:
+    """eval.json, which completes the branch; returns its headline numbers and the milestone's step."""
+    result = evaluate(Path(base_dir), Path(sft_dir), Path(dpo_dir), BranchDir(branch_dir), config,
+                      log=get_run_logger().info)
+    scores = headline(result)
+    for stage, row in scores.items():
+        get_run_logger().info(f"{stage}: preference accuracy {row['preference_accuracy']:.3f}, format "
+                              f"{row['format_adherence']:.2f}, hedging {row['hedging_score']:.2f}")
+    return {"step": result["milestone"]["step"], **scores}
+
+
+@task(name="milestones-to-branch")
+def milestones_to_branch_task(run_dir: str) -> list[str]:
+    """The run's complete milestones whose branch is neither complete nor being grown right now."""
+    return [str(milestone) for milestone in RunDir(Path(run_dir)).milestones_to_branch()]

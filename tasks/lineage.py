@@ -4,22 +4,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 
-from lineage import record as lineage
-from lineage.registry import Tracker
+from data_prep.sources import CorpusConfig
+from genesis.run_dir import BranchDir
+from lineage import record
+from lineage.registry import Tracker, format_lineage, lineage
 
 
 @task(name="record-data", retries=2, retry_delay_seconds=[5, 30])
-def record_data_task(tracker: Tracker, corpus, data_dir: str) -> str:
-    return lineage.record_data(tracker, corpus, Path(data_dir))
+def record_data_task(tracker: Tracker, corpus: CorpusConfig, data_dir: str) -> str:
+    """The MLflow run of the data directory's corpus, shards and manifest."""
+    return record.record_data(tracker, corpus, Path(data_dir))
 
 
 @task(name="register-milestone", retries=2, retry_delay_seconds=[5, 30], timeout_seconds=3600)
-def register_milestone_task(tracker: Tracker, milestone: str, parent_run_id: str | None = None) -> str:
-    return lineage.record_milestone(tracker, Path(milestone), parent_run_id)
+def register_milestone_task(tracker: Tracker, milestone: str | Path, parent_run_id: str | None = None) -> str:
+    """The genesis-base version of the milestone's one export (made now if it is not there yet)."""
+    return record.record_milestone(tracker, Path(milestone), parent_run_id)
 
 
 @task(name="register-branch", retries=2, retry_delay_seconds=[5, 30], timeout_seconds=3600)
-def register_branch_task(tracker: Tracker, branch, base_version: str) -> dict:
-    return lineage.record_branch(tracker, branch, base_version)
+def register_branch_task(tracker: Tracker, branch_dir: str, base_version: str) -> dict:
+    """The genesis-sft and genesis-dpo versions of a complete branch, SFT's parent being `base_version`."""
+    return record.record_branch(tracker, BranchDir(branch_dir), base_version)
+
+
+@task(name="lineage")
+def lineage_task(tracker: Tracker) -> str:
+    """The tree as registered, drawn as text (and logged)."""
+    tree = format_lineage(lineage(tracker))
+    get_run_logger().info("lineage:\n" + tree)
+    return tree

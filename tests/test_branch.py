@@ -252,7 +252,7 @@ def test_a_malformed_record_fails_with_its_file_and_line_or_is_counted(tmp_path)
 
 
 def test_a_hedged_rewrite_record_without_a_final_answer_fails_with_its_file_and_line_or_is_counted(tmp_path):
-    from branch.pipeline import _pair_from_record
+    from branch.data import _pair_from_record
 
     source = BranchSource(name="hedged", kind="local", format="hedged_rewrite", paths=[str(tmp_path / "x.jsonl")])
     answer = "Cats purr at 25 to 150 Hz, mostly while relaxed, and the vibration may even help their bones heal."
@@ -304,7 +304,7 @@ def test_the_genesis_1b_recipe_reads_ultrafeedback_from_a_dataset_laid_out_like_
     import pyarrow.parquet as pq
     from transformers import PreTrainedTokenizerFast
 
-    from branch.pipeline import assemble_data
+    from branch.data import assemble_data
 
     # The data kit's AlpacaEval pairs in HuggingFaceH4/ultrafeedback_binarized's columns and file layout.
     with gzip.open(DATA / "dpo" / "alpaca_eval_gpt4_judged.jsonl.gz", "rt") as f:
@@ -341,7 +341,7 @@ def test_the_genesis_1b_recipe_reads_ultrafeedback_from_a_dataset_laid_out_like_
 def test_branch_data_is_checked_split_and_reported(tiny_corpus, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from branch.pipeline import assemble_data
+    from branch.data import assemble_data
 
     rubric_file = tmp_path / "candidates.jsonl"
     rubric_file.write_text(json.dumps({"prompt": "Why do cats purr?", "responses": [
@@ -420,7 +420,7 @@ def test_a_checkpoint_that_is_missing_or_incomplete_is_one_line(tmp_path):
 def test_a_tokenizer_without_a_chat_template_is_refused(tiny_corpus, tmp_path):
     import shutil
 
-    from branch.pipeline import check_chat_template
+    from branch.base import check_chat_template
 
     tokenizer = tmp_path / "tokenizer"
     shutil.copytree(tiny_corpus / "tokenizer", tokenizer)
@@ -471,6 +471,9 @@ def test_a_branch_off_a_milestone_gives_sft_and_dpo_models_and_dpo_prefers_the_c
     assert report["totals"]["dpo_heldout"] == result["heldout_pairs"]
     lineage = json.loads((out / "branch.json").read_text())
     assert lineage["step"] == 150 and lineage["milestone"] == str(milestone)
+    # SFT grew from the milestone's one export, which the evaluation also scored against.
+    assert lineage["base"] == str((tiny_trunk / "hf" / "step_00000150").resolve()) and not (out / "base").exists()
+    assert json.loads((out / "sft" / "genesis_stage.json").read_text())["parent"] == lineage["base"]
 
     # Several replies per prompt: replica r is the reply that a one-reply evaluation seeded `seed + r` samples.
     from branch.config import EvalRecipe

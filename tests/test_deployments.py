@@ -34,6 +34,21 @@ def _stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def test_every_deployment_entrypoint_loads_as_a_worker_loads_it():
+    """A worker runs a flow from its entrypoint file, as a module named after the file, with flows/ first on
+    sys.path: a flow file named like a package (flows/branch.py) would stand in for that package there."""
+    import yaml
+
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    assert {d["name"] for d in deployments} == {"data", "pretrain", "branch", "genesis", "milestone-watcher"}
+    for deployment in deployments:
+        script = ("from prefect.flows import load_flow_from_entrypoint\n"
+                  f"flow = load_flow_from_entrypoint({deployment['entrypoint']!r}, use_placeholder_flow=False)\n"
+                  "print(flow.name)\n")
+        loaded = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert loaded.returncode == 0, (deployment["entrypoint"], loaded.stderr[-2000:])
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_deployed_branch_flow_runs_on_a_process_worker_and_lands_in_mlflow(tiny_trunk, tmp_path):

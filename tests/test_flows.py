@@ -52,6 +52,74 @@ def versions(uri: str, name: str) -> list:
         return []
 
 
+def fresh_trunk(trunk: Path, to: Path) -> Path:
+    """A copy of a trunk's milestone step 150 (and its metrics) that nothing has exported or registered yet."""
+    import shutil
+
+    to.mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl"):
+        shutil.copy2(trunk / name, to / name)
+    shutil.copytree(trunk / "milestones" / "step_00000150", to / "milestones" / "step_00000150")
+    return to
+
+
+def count_calls(monkeypatch, function) -> list:
+    """Wrap the real `function` in every loaded module that holds it; the list collects each call's arguments."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__dict__", {}).get(function.__name__) is function:
+            monkeypatch.setattr(module, function.__name__, counted)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shape of the orchestration
+
+
+def test_every_task_reads_every_argument_it_takes_and_knows_when_its_output_is_gone():
+    import ast
+    import inspect
+    import textwrap
+
+    from prefect import Task
+
+    import tasks.branch
+    import tasks.data
+    import tasks.lineage
+    import tasks.trunk
+    from tasks import StageTask
+
+    checked = 0
+    for module in (tasks.branch, tasks.data, tasks.lineage, tasks.trunk):
+        for name, task in vars(module).items():
+            if not isinstance(task, Task) or task.fn.__module__ != module.__name__:
+                continue
+            function = ast.parse(textwrap.dedent(inspect.getsource(task.fn))).body[0]
+            parameters = [arg.arg for arg in function.args.args + function.args.kwonlyargs]
+            read = {node.id for statement in function.body for node in ast.walk(statement) if isinstance(node, ast.Name)}
+            assert [p for p in parameters if p not in read] == [], f"{module.__name__}.{name} ignores an argument"
+            if isinstance(task, StageTask):  # its `done` takes what the task takes
+                inspect.signature(task.done).bind(**dict.fromkeys(parameters))
+            checked += 1
+    assert checked >= 12
+
+
+def test_flows_chain_tasks_and_name_no_file():
+    import ast
+
+    for name in ("data", "branches", "pretrain", "tree"):
+        tree = ast.parse((REPO / "flows" / f"{name}.py").read_text())
+        names = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                 and any(node.value.endswith(suffix) for suffix in (".json", ".jsonl", ".yaml", ".png", ".lock", ".py"))]
+        arithmetic = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)]
+        assert names == [] and arithmetic == [], (name, names, arithmetic)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -91,12 +159,17 @@ def test_data_flow_records_the_corpus_and_a_rerun_takes_finished_stages_from_the
 
 def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_registers_once(
         harness, tracking, tiny_trunk, tmp_path, monkeypatch):
-    from flows.branch import branch_flow
+    import genesis_model.hf
+    import genesis_model.inference  # noqa: F401 - loaded before counting: it holds verify_checkpoint by name
+    from genesis_model.checkpoint import verify_checkpoint
+    from flows.branches import branch_flow
     from flows.params import BranchParams
-    from genesis.run_dir import BranchDir, RunDir
+    from genesis.run_dir import BranchDir, read_stage
 
-    milestone = tiny_trunk / "milestones" / "step_00000150"
+    trunk = fresh_trunk(tiny_trunk, tmp_path / "trunk")
+    milestone = trunk / "milestones" / "step_00000150"
     params = BranchParams(milestone=str(milestone), out=str(tmp_path / "branch"), overrides=QUICK_BRANCH)
+    verified, exported = count_calls(monkeypatch, verify_checkpoint), count_calls(monkeypatch, genesis_model.hf.export_hf)
 
     monkeypatch.setenv("GENESIS_BRANCH_FAIL_STAGE", "eval")
     failed = branch_flow(params, return_state=True)
@@ -110,7 +183,21 @@ def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_regi
     assert [states[t] for t in ("export-milestone", "branch-data", "sft", "dpo")] == ["Cached"] * 4
     assert states["evaluate"] == "Completed"
     result = done.result()
-    assert result["versions"] == {"sft": "1", "dpo": "1"}
+    assert result["versions"] == {"sft": "1", "dpo": "1"} and result["step"] == 150
+
+    # The milestone's weights were read once, after one sha256 pass, into one export (fp32): the registered
+    # genesis-base version, SFT's starting point and the evaluation's reference.
+    assert len(verified) == 1 and len(exported) == 1
+    base = (trunk / "hf" / "step_00000150").resolve()
+    branch = BranchDir(tmp_path / "branch")
+    assert branch.read_record()["base"] == str(base) and read_stage(branch.sft_dir)["parent"] == str(base)
+    assert not (branch.root / "base").exists()
+    (registered,) = versions(tracking, "genesis-base")
+    import mlflow
+
+    source = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered.source, tracking_uri=tracking))
+    assert (source / "genesis.json").read_text() == (base / "genesis.json").read_text()
+    assert json.loads((source / "config.json").read_text())["torch_dtype"] == "float32"
 
     (sft,), (dpo,), (base,) = versions(tracking, "genesis-sft"), versions(tracking, "genesis-dpo"), versions(tracking, "genesis-base")
     assert sft.tags["parent_model"] == "genesis-base" and sft.tags["parent_version"] == str(base.version)
@@ -125,13 +212,14 @@ def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_regi
     again = branch_flow(params, return_state=True)
     assert again.result()["versions"] == {"sft": "1", "dpo": "1"}
     # While another run holds the branch, this one leaves it alone.
-    lock = BranchDir(tmp_path / "branch").lock()
+    lock = branch.lock()
     lock.acquire()
     try:
         assert branch_flow(params).get("skipped")
     finally:
         lock.release()
     assert len(versions(tracking, "genesis-dpo")) == 1
+    assert len(verified) == 1 and len(exported) == 1
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
     generated = subprocess.run([sys.executable, "-m", "cli.main", "generate", "--model", "models:/genesis-dpo@latest",
@@ -148,7 +236,7 @@ def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_regi
 
 
 def test_bad_flow_input_fails_with_one_clear_line(harness, tracking, tiny_trunk, tmp_path):
-    from flows.branch import branch_flow
+    from flows.branches import branch_flow
     from flows.params import BranchParams, PretrainParams
     from flows.pretrain import pretrain_flow
     from genesis.run_dir import BranchDir, RunDir
@@ -239,7 +327,10 @@ def test_genesis_flow_grows_a_branch_at_each_milestone_while_the_trunk_trains(ha
                                            "checkpoint.milestone_every=30", "eval.every=30", "log_every=10",
                                            "optimizer.warmup_steps=5"]),
         branch_overrides=QUICK_BRANCH)
-    result = genesis_flow(params)
+    state = genesis_flow(params, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert task_states(state)["trunk"] == "Completed"  # the trunk is a task of its own in the run graph
     assert [Path(m).name for m in result["trunk"]["milestones"]] == ["step_00000030", "step_00000060"]
     assert [b["step"] for b in result["branches"]] == [30, 60]
     assert len(versions(tracking, "genesis-base")) == 2 and len(versions(tracking, "genesis-dpo")) == 2
@@ -260,3 +351,38 @@ def test_genesis_flow_grows_a_branch_at_each_milestone_while_the_trunk_trains(ha
     assert [b["step"] for b in extended["branches"]] == [90]
     assert (tmp_path / "trunk" / "milestones" / "step_00000030" / "COMPLETE.json").read_text() == before
     assert len(versions(tracking, "genesis-base")) == 3 and len(versions(tracking, "genesis-dpo")) == 3
+
+
+@pytest.mark.slow
+def test_the_trunk_follower_is_plain_python_and_runs_without_prefect(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "trunk"
+    overrides = [f"data_dir={tiny_corpus}", f"run_dir={run_dir}", "model.vocab_size=2048", "micro_batch_size=4",
+                 "max_steps=10", "checkpoint.save_every=10", "checkpoint.milestone_every=10", "eval.every=10",
+                 "log_every=5", "optimizer.warmup_steps=2"]
+    script = f"""
+import importlib.abc, json, sys
+
+class NoPrefect(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "prefect":
+            raise ModuleNotFoundError("No module named 'prefect'")
+
+sys.meta_path.insert(0, NoPrefect())
+from pathlib import Path
+from lineage import follow_trunk
+from lineage.registry import connect
+
+lines, reached = [], []
+result = follow_trunk(Path({str(TINY_CPU)!r}), {overrides!r}, 1, connect({f"sqlite:///{tmp_path / 'mlflow.db'}"!r}),
+                      on_milestone=lambda milestone, version: reached.append([milestone.name, version]), log=lines.append)
+print(json.dumps({{"result": result, "reached": reached, "logged": len(lines),
+                  "prefect": sorted(m for m in sys.modules if m.split(".")[0] == "prefect")}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["prefect"] == [] and report["logged"] > 0
+    assert report["reached"] == [["step_00000010", "1"]]
+    assert report["result"]["registered"] == {str(run_dir / "milestones" / "step_00000010"): "1"}
+    assert report["result"]["step"] == 10 and "all" in report["result"]["val_loss"]

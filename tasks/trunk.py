@@ -1,0 +1,49 @@
+"""The trunk as one task: lineage.follow_trunk under Prefect, the trainer's output in the task's log, each
+milestone registered (as a register-milestone task) and announced with a `genesis.milestone.completed` event,
+which the branch deployment's trigger answers. Cancelling the flow run stops the trainer's whole process group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from genesis.run_dir import RunDir, step_of
+from lineage.registry import Tracker
+from lineage.trunk import follow_trunk
+from serve.plots import plot_run
+from tasks.lineage import register_milestone_task
+
+MILESTONE_EVENT = "genesis.milestone.completed"
+
+
+def emit_milestone_event(milestone: Path) -> None:
+    run_dir, step = RunDir.of_checkpoint(milestone).root, step_of(Path(milestone).name)
+    emit_event(event=MILESTONE_EVENT,
+               resource={"prefect.resource.id": f"genesis.milestone.{run_dir.name}.{step}",
+                         "prefect.resource.name": f"{run_dir.name} step {step}"},
+               payload={"milestone": str(milestone), "run_dir": str(run_dir), "step": step})
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    return plot_run(run_dir, RunDir(run_dir).curves)
+
+
+# NOTE: never cached (the trainer itself resumes from its last checkpoint) and no timeout: a trunk trains for days.
+@task(name="trunk", cache_policy=NO_CACHE)
+def trunk_task(train_config: str, overrides: list[str], nproc: int, tracker: Tracker,
+               on_milestone: Callable[[Path, str], None] | None = None) -> dict:
+    """The trunk trained to the config's max_steps; `on_milestone(milestone, base_version)` runs for each new
+    milestone while the trainer keeps going. Returns what lineage.follow_trunk did."""
+
+    def reached(milestone: Path, base_version: str) -> None:
+        emit_milestone_event(milestone)
+        if on_milestone is not None:
+            on_milestone(milestone, base_version)
+
+    return follow_trunk(Path(train_config), overrides, nproc, tracker, on_milestone=reached,
+                        log=get_run_logger().info, plot=plot_curves, register=register_milestone_task)
