@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from genesis.errors import DataError
-from genesis.run_dir import RunDir, is_exported, read_meta
+from genesis.run_dir import EXPORT_MARKER, RunDir, is_exported, read_meta, step_of
 
 
 def check_chat_template(tokenizer_dir: Path | None, source: str) -> None:
@@ -57,3 +57,11 @@ def export_milestone(milestone: Path, log=print) -> Path:
             log(f"export {milestone} → {out} (checksums first)")
             export_checkpoint(milestone, out, torch.float32)
     return out
+
+
+def exported_from(base: Path) -> tuple[str, int]:
+    """(milestone, step) an export came from, as its export marker names them."""
+    marker = json.loads((Path(base) / EXPORT_MARKER).read_text())
+    milestone = marker["source_checkpoint"]
+    # NOTE: an export made before branches shared it names no step; the milestone's directory does.
+    return milestone, int(marker.get("step") or step_of(Path(milestone).name))

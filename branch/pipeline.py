@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from branch.base import check_milestone, export_milestone
+from branch.base import check_milestone, export_milestone, exported_from
 from branch.config import BranchConfig
 from branch.data import assemble_data, write_json, write_jsonl
 from genesis.run_dir import BranchDir, RunDir, read_meta, stage_complete
@@ -123,8 +123,8 @@ def evaluate(base: Path, sft: Path, dpo: Path, branch: BranchDir, config: Branch
     started = time.time()
     result = evaluate_branch(base, sft, dpo, branch.read_data("dpo_heldout"), branch.read_data("heldout_prompts"),
                              config.eval, _device(config))
-    record = branch.read_record()
-    result["milestone"] = {"path": record["milestone"], "step": record["step"]}
+    milestone, step = exported_from(base)
+    result["milestone"] = {"path": milestone, "step": step}
     result["eval_seconds"] = round(time.time() - started, 1)
     write_json(branch.eval_path, result)
     return result
