@@ -57,17 +57,20 @@ def milestone_of(work: Path, steps: int) -> Path:
 
 
 def branch(work: Path, out: Path, steps: int, overrides: list[str]) -> None:
+    from genesis.run_dir import TRAIN_LOG, BranchDir, RunDir
+
     started = time.time()
     subprocess.run([sys.executable, "-m", "cli.main", "branch", "--milestone", str(milestone_of(work, steps)),
                     "--config", str(REPO / "configs" / "branch" / "small.yaml"), "--out", str(work / "branch"),
                     *overrides], check=True, cwd=REPO)
-    result = json.loads((work / "branch" / "eval.json").read_text())
-    latest = json.loads((work / "trunk" / "latest.json").read_text())
-    report = json.loads((work / "branch" / "data" / "report.json").read_text())
+    branch_dir = BranchDir(work / "branch")
+    result = branch_dir.read_eval()
+    latest = RunDir(work / "trunk").read_latest()
+    report = json.loads(branch_dir.report.read_text())
     write_json(out, {**environment(), **result, "recipe_overrides": overrides, "branch_seconds": round(time.time() - started, 1),
                      "trunk": {"steps": latest["step"], "tokens_seen": latest["tokens_seen"], "val_loss": latest["val_loss"]},
                      "data_totals": report["totals"],
-                     "train_logs": {stage: json.loads((work / "branch" / stage / "train_log.json").read_text())[-1]
+                     "train_logs": {stage: json.loads((branch_dir.root / stage / TRAIN_LOG).read_text())[-1]
                                     for stage in ("sft", "dpo")}})
 
 
@@ -80,34 +83,37 @@ def small_config(overrides: list[str]):
 
 def sft(work: Path, steps: int, overrides: list[str]) -> None:
     """Export, data and SFT of the recipe, stopping before DPO."""
-    from branch.pipeline import Branch
+    from branch.pipeline import build_data, export_base, train_sft
+    from genesis.run_dir import BranchDir
 
     started = time.time()
-    branch = Branch(milestone_of(work, steps), small_config(overrides), work / "branch")
-    branch.export()
-    branch.data()
-    branch.sft()
+    milestone, config, branch = milestone_of(work, steps), small_config(overrides), BranchDir(work / "branch")
+    base = export_base(milestone)
+    build_data(milestone, base, config, branch)
+    train_sft(base, branch, config)
     print(f"sft phase done in {time.time() - started:.0f} s", flush=True)
 
 
 def sweep(work: Path, variants: list[str], out: Path, steps: int) -> None:
     """DPO variants off the same SFT model; held-out preference accuracy (all pairs) and a short sample eval."""
-    from branch.pipeline import Branch
+    from branch.pipeline import evaluate, export_base, train_dpo
+    from genesis.run_dir import TRAIN_LOG, BranchDir
 
+    base = export_base(milestone_of(work, steps))  # the milestone's one export, made by the sft phase
     results = {}
     for variant in variants:
         name, _, overrides = variant.partition(":")
         variant_dir = work / "sweep" / name
         variant_dir.mkdir(parents=True, exist_ok=True)
-        for shared in ("base", "data", "sft"):  # read-only inputs: the recipe branch's own
+        for shared in ("data", "sft"):  # read-only inputs: the recipe branch's own
             if not (variant_dir / shared).exists():
                 (variant_dir / shared).symlink_to(work / "branch" / shared)
         config = small_config([o for o in overrides.split(";") if o] + ["eval.max_prompts=24", "eval.max_new_tokens=256"])
-        branch = Branch(milestone_of(work, steps), config, variant_dir)
+        branch = BranchDir(variant_dir)
         started = time.time()
-        branch.dpo()
+        train_dpo(branch.sft_dir, branch, config)
         dpo_seconds = time.time() - started
-        result = branch.evaluate()
+        result = evaluate(base, branch.sft_dir, branch.dpo_dir, branch, config)
         results[name] = {"overrides": overrides, "dpo_seconds": round(dpo_seconds, 1),
                          **{stage: {k: result[stage][k] for k in ("preference_accuracy", "logprob_accuracy",
                                                                   "preference_accuracy_length_normalized",
@@ -116,7 +122,7 @@ def sweep(work: Path, variants: list[str], out: Path, steps: int) -> None:
                             for stage in ("sft", "dpo")},
                          "dpo_reward_accuracy_vs_sft": {k: result["dpo"][k] for k in (
                              "reward_accuracy_vs_sft", "reward_accuracy_vs_sft_length_normalized")},
-                         "dpo_train_log": json.loads((variant_dir / "dpo" / "train_log.json").read_text())[-1]}
+                         "dpo_train_log": json.loads((branch.dpo_dir / TRAIN_LOG).read_text())[-1]}
         print(name, json.dumps(results[name]), flush=True)
         write_json(out, {**environment(), "variants": results})
 
@@ -125,21 +131,22 @@ def sampling(work: Path, variants: list[str], out: Path, steps: int, overrides: 
     """Format adherence, hedging and curiosity of the finished branch's SFT and DPO models under other eval
     sampling settings (each variant `name:key=value;key=value` over the recipe's `eval`), same held-out prompts."""
     from branch.evaluate import reply_metrics, sample_replies
-    from branch.pipeline import Branch
+    from branch.training import resolve_device
+    from genesis.run_dir import BranchDir
     from transformers import AutoTokenizer
 
+    branch = BranchDir(work / "branch")
     results = {}
     for variant in variants:
         name, _, variant_overrides = variant.partition(":")
         config = small_config(overrides + [f"eval.{o}" for o in variant_overrides.split(";") if o])
-        branch = Branch(milestone_of(work, steps), config, work / "branch")
         tokenizer = AutoTokenizer.from_pretrained(str(branch.sft_dir))
-        prompts = branch._rows("heldout_prompts")[: config.eval.max_prompts]
+        prompts = branch.read_data("heldout_prompts")[: config.eval.max_prompts]
         started = time.time()
         results[name] = {"eval": config.eval.model_dump()}
         for stage, model_dir in (("sft", branch.sft_dir), ("dpo", branch.dpo_dir)):
             results[name][stage] = reply_metrics(sample_replies(model_dir, tokenizer, prompts, config.eval,
-                                                                branch.device), prompts)
+                                                                resolve_device(config.device)), prompts)
         results[name]["seconds"] = round(time.time() - started, 1)
         print(name, json.dumps(results[name]), flush=True)
         write_json(out, {**environment(), "variants": results})

@@ -21,7 +21,7 @@ from pathlib import Path
 from branch.base import check_milestone, export_milestone, exported_from
 from branch.config import BranchConfig
 from branch.data import assemble_data, write_json, write_jsonl
-from genesis.run_dir import BranchDir, RunDir, read_meta, stage_complete
+from genesis.run_dir import BranchDir, read_meta, stage_complete
 
 # Fault injection for tests and drills: GENESIS_BRANCH_FAIL_STAGE=export|data|sft|dpo|eval raises just before
 # that stage, as a crash there would, so resumption can be exercised on the real pipeline.
@@ -154,37 +154,3 @@ def grow(milestone: Path, config: BranchConfig, out: Path, log=print) -> dict:
         sft = train_sft(base, branch, config, log)
         dpo = train_dpo(sft, branch, config, log)
         return evaluate(base, sft, dpo, branch, config, log)
-
-
-class Branch:
-    """One branch's stages as methods, for scripts that run some of them by hand (bench/branch_small.py)."""
-
-    def __init__(self, milestone: Path, config: BranchConfig, out: Path, log=print):
-        self.milestone, self.config, self.log = Path(milestone).resolve(), config, log
-        self.dir = BranchDir(Path(out).resolve())
-        self.step = int(check_milestone(self.milestone).get("step", 0))
-        self.base_dir = RunDir.of_checkpoint(self.milestone).hf_export(self.milestone)
-        self.out, self.data_dir, self.sft_dir, self.dpo_dir = self.dir.root, self.dir.data_dir, self.dir.sft_dir, self.dir.dpo_dir
-
-    @property
-    def device(self) -> str:
-        return _device(self.config)
-
-    def _rows(self, name: str) -> list:
-        return self.dir.read_data(name)
-
-    def export(self) -> Path:
-        return export_base(self.milestone, self.log)
-
-    def data(self) -> dict:
-        build_data(self.milestone, self.base_dir, self.config, self.dir, self.log)
-        return json.loads(self.dir.report.read_text())
-
-    def sft(self) -> Path:
-        return train_sft(self.base_dir, self.dir, self.config, self.log)
-
-    def dpo(self) -> Path:
-        return train_dpo(self.sft_dir, self.dir, self.config, self.log)
-
-    def evaluate(self) -> dict:
-        return evaluate(self.base_dir, self.sft_dir, self.dpo_dir, self.dir, self.config, self.log)
