@@ -81,12 +81,16 @@ def verify_checkpoint(path: Path) -> None:
 
 
 def remove_incomplete(run_dir: Path) -> list[Path]:
-    """Delete leftovers of interrupted saves and deletions (rank 0, at start, under the run lock)."""
+    """Delete leftovers of interrupted saves and deletions (rank 0, at start, under the run lock): temporary and
+    trash directories anywhere, and rolling checkpoints without a marker. A milestone directory is never
+    removed, complete or not: milestones are immutable, and one without its marker is left for a person to
+    look at (resume ignores it, and saving that step again replaces it)."""
     removed = []
     for sub in (ROLLING_DIR, MILESTONE_DIR):
         for path in (Path(run_dir) / sub).glob("*"):
-            leftover = path.name.startswith((".tmp-", ".trash-")) or (path.is_dir() and not is_complete(path))
-            if leftover:
+            interrupted = path.name.startswith((".tmp-", ".trash-"))
+            unmarked_rolling = sub == ROLLING_DIR and path.is_dir() and not is_complete(path)
+            if interrupted or unmarked_rolling:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,9 +83,37 @@ def exit_if_longer_than(seconds: float, message: str, exit_code: int = 4) -> Ite
         timer.cancel()
 
 
+LAUNCHER_POLL_S = 0.5
+
+
+def die_with_launcher(poll_s: float = LAUNCHER_POLL_S) -> threading.Thread:
+    """End this process the moment the process that launched it is gone, however it went.
+
+    NOTE: torch's elastic agent (torchrun) starts each rank in a session of its own, so `kill -9` of torchrun's
+    process group, what a scheduler, an OOM killer or Prefect's SIGKILL fallback does, kills torchrun alone: the
+    ranks would train on unattended and keep the run's lock, and the next `--resume auto` is refused. A rank
+    whose parent has gone is re-parented, so a watcher of `getppid()` notices within `poll_s`. Not the kernel's
+    PR_SET_PDEATHSIG: that fires when the parent *thread* that forked the rank exits, which the agent's worker
+    threads may do while the agent lives. Work since the last checkpoint is lost, as in the kill that caused
+    it; complete checkpoints are untouched (a save cut short has no marker)."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    watcher = threading.Thread(target=watch, name="die-with-launcher", daemon=True)
+    watcher.start()
+    return watcher
+
+
 def init_distributed(device_type: str, timeout_s: int = 600) -> DistInfo:
     """Join (or create) the default process group and build a 1-D data-parallel mesh over it. Collectives
-    give up after `timeout_s` plus `COLLECTIVE_TIMEOUT_GRACE_S`."""
+    give up after `timeout_s` plus `COLLECTIVE_TIMEOUT_GRACE_S`. A rank started by torchrun dies with it
+    (`die_with_launcher`)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_launcher()
     if "RANK" not in os.environ:
         # Plain `python -m genesis_model.train`: behave as a one-rank torchrun job.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -5,9 +5,10 @@
 
 or from Python, with a typed config: `from genesis_model.train import train; train(config, resume="auto")`.
 
-Goes, in order: process group → parallel plan → run-directory lock → data check → model → parallelize →
-optimizer → loader → checkpointer → trainer (`build.py`) → (resume), then fits. Bad input exits non-zero with
-one line and touches no checkpoint.
+Goes, in order: process group → parallel plan → data check → resume target and its compatibility → run
+directory (created, locked, config.yaml written) → model → parallelize → optimizer → loader → checkpointer →
+trainer (`build.py`) → (resume), then fits. Bad input exits non-zero with one line and writes nothing: every
+check comes before the first write.
 """
 
 from __future__ import annotations
@@ -49,8 +50,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare_run_dir(config: TrainConfig, config_source: str | Path | None = None) -> DirLock:
-    """Rank 0: create and lock the run directory, clear leftovers of interrupted saves, record the config."""
+def lock_existing_run_dir(config: TrainConfig) -> DirLock | None:
+    """Rank 0: lock the run directory if it exists already, before anything in it is read (another trainer's
+    run is refused here); a new one is created and locked only once every check has passed."""
+    run = RunDir(Path(config.run_dir))
+    if not run.root.is_dir():
+        return None
+    lock = run.train_lock()
+    lock.acquire()
+    return lock
+
+
+def prepare_run_dir(config: TrainConfig, lock: DirLock | None, config_source: str | Path | None = None) -> DirLock:
+    """Rank 0, once every check has passed: create and lock the run directory, clear leftovers of interrupted
+    saves, record the config. Nothing of a run is written before this."""
     run_dir = Path(config.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,9 +71,12 @@ def prepare_run_dir(config: TrainConfig, config_source: str | Path | None = None
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
+        if lock is not None:
+            lock.release()
         raise RunDirError(f"{run_dir}: run directory is not writable ({err.strerror}); choose a writable run_dir")
-    lock = RunDir(run_dir).train_lock()
-    lock.acquire()
+    if lock is None:
+        lock = RunDir(run_dir).train_lock()
+        lock.acquire()
     removed = remove_incomplete(run_dir)
     for path in removed:
         print(f"removed incomplete checkpoint {path}", file=sys.stderr)
@@ -155,13 +171,11 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_at_step
     lock = None
     sinks: list[MetricsSink] = []
     try:
-        # Decided first: a setting this world size cannot run stops here, before anything is written.
+        # Everything is checked before anything is written: a refused start leaves the run directory as it was
+        # (or absent). Decided first: a setting this world size cannot run.
         plan = plan_parallel(config.parallel, info.world_size, device_type, config.grad_accum_steps)
-        lock = collective_check(lambda: prepare_run_dir(config, config_source), info.rank, share_result=False)
+        lock = collective_check(lambda: lock_existing_run_dir(config), info.rank, share_result=False)
         data_meta = collective_check(lambda: check_data(config), info.rank)
-        resume_path = collective_check(lambda: resolve_resume(resume, Path(config.run_dir)), info.rank)
-
-        parts = build(config, info, plan=plan, empty_weights=resume_path is not None)
         run_meta = {
             "model_config": config.model.model_dump(),
             "model_fingerprint": config.model.fingerprint(),
@@ -171,14 +185,18 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_at_step
             "parallel_resolved": plan.record(),
             **data_meta,
         }
+        resume_path = collective_check(lambda: resolve_resume(resume, Path(config.run_dir)), info.rank)
+        if resume_path is not None:
+            collective_check(lambda: check_resume_compatible(read_meta(resume_path), run_meta, resume_path,
+                                                             reset_data), info.rank, share_result=False)
+        lock = collective_check(lambda: prepare_run_dir(config, lock, config_source), info.rank, share_result=False)
+
+        parts = build(config, info, plan=plan, empty_weights=resume_path is not None)
         if info.is_main:
             sinks += [RunDirSink(Path(config.run_dir)), ProgressLine(config.max_steps)]
         trainer = build_trainer(config, info, parts, sinks, run_meta)
 
         if resume_path is not None:
-            meta = read_meta(resume_path)
-            collective_check(lambda: check_resume_compatible(meta, run_meta, resume_path, reset_data), info.rank,
-                             share_result=False)
             meta, rank_state = trainer.checkpointer.load(resume_path, parts.model, parts.optimizer,
                                                          reset_optimizer=reset_optimizer)
             refresh_compute_copies(parts.model)  # the loaded fp32 weights, in the bf16 copies (master weights)
