@@ -19,6 +19,7 @@ DEMO_BRANCH_OVERRIDES = ["sft.epochs=2", "eval.max_prompts=16", "eval.max_new_to
 
 
 def sample_reply(model_dir: Path, prompt: str, chat: bool, max_new_tokens: int = 60) -> str:
+    from genesis.chat import EOS, IM_END, IM_START
     from genesis_model.generate import Generator, SamplingConfig
     from genesis_model.inference import load_hf, load_tokenizer
 
@@ -29,7 +30,7 @@ def sample_reply(model_dir: Path, prompt: str, chat: bool, max_new_tokens: int =
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     else:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
-    stop = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>")}
+    stop = {tokenizer.convert_tokens_to_ids(t) for t in (IM_END, EOS, IM_START)}
     new = Generator(loaded.model).generate(ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.7, top_k=40,
                                                                seed=0), stop_ids=stop)
     return tokenizer.decode([t for t in new if t not in stop], skip_special_tokens=True).strip()
