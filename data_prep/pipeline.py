@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from genesis.errors import DataError
-from genesis.manifest import Manifest, SourceEntry, TokenizerEntry, sha256_file, write_manifest
+from genesis.manifest import MANIFEST_NAME, Manifest, SourceEntry, TokenizerEntry, sha256_file, write_manifest
 from data_prep.clean import clean_texts
 from data_prep.dedup import deduplicate
 from data_prep.shards import dump_report, tokenize_parts, write_text_part
@@ -176,6 +176,21 @@ def stage_shards(config: CorpusConfig, data_dir: Path) -> Manifest:
     )
     write_manifest(data_dir, manifest)
     return manifest
+
+
+STEPS = ("clean", "tokenizer", "shards")
+
+
+def finished(config: CorpusConfig, data_dir: str | Path, step: str) -> bool:
+    """Whether `step`'s output is on disk for this config: `clean` and `tokenizer` by their stage marker's key,
+    `shards` by manifest.json."""
+    data_dir = Path(data_dir)
+    if step not in STEPS:
+        raise ValueError(f"unknown data step {step!r}; one of {', '.join(STEPS)}")
+    if step == "shards":
+        return (data_dir / MANIFEST_NAME).is_file()
+    clean_key, tokenizer_key = _keys(config)
+    return data_dir.is_dir() and StageMarkers(data_dir).done(step, clean_key if step == "clean" else tokenizer_key)
 
 
 def prepare(config: CorpusConfig, data_dir: str | Path) -> Manifest:
