@@ -69,7 +69,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.checkpoint:
-        loaded = load_checkpoint(args.checkpoint, dtype=dtype, device=device)
+        if args.no_verify:
+            print(f"note: {args.checkpoint}: digests not checked (--no-verify); a damaged file would change the "
+                  f"output silently", file=sys.stderr)
+        loaded = load_checkpoint(args.checkpoint, dtype=dtype, device=device, verify=not args.no_verify)
     elif args.hf:
         loaded = load_hf(args.hf, dtype=dtype, device=device)
     else:
@@ -131,4 +134,6 @@ def register(sub) -> None:
     gen.add_argument("--system", default=None, help="system prompt for --chat (default: the one the model was tuned "
                      "with, else configs/principles.yaml's; '' for none)")
     gen.add_argument("--no-compile", dest="compile", action="store_false", help="skip CUDA-graph decoding")
+    gen.add_argument("--no-verify", action="store_true",
+                     help="skip checking a --checkpoint's files against its marker's digests (said on stderr)")
     gen.set_defaults(handler=cmd_generate)
