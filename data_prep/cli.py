@@ -25,7 +25,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     manifest = verify_data_dir(args.data_dir)
     shards = sum(len(s.shards) for s in manifest.sources)
-    print(f"{args.data_dir}: {shards} shards, {manifest.num_tokens:,} tokens, all checksums and counts match")
+    print(f"{args.data_dir}: {shards} shards, {manifest.num_tokens:,} tokens, all checksums and counts match, "
+          f"every token id below the vocab_size {manifest.tokenizer.vocab_size}")
     return 0
 
 
@@ -50,7 +51,7 @@ def register(sub) -> None:
     prepare.add_argument("--out", required=True, type=Path, help="data directory")
     prepare.add_argument("overrides", nargs="*", help="dotted.key=value")
     prepare.set_defaults(handler=cmd_prepare)
-    verify = data.add_parser("verify", help="check every shard's checksum and counts against the manifest")
+    verify = data.add_parser("verify", help="check shard checksums, counts and token id range against the manifest")
     verify.add_argument("data_dir", type=Path)
     verify.set_defaults(handler=cmd_verify)
 

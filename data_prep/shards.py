@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from genesis.errors import DataError
-from genesis.manifest import ShardEntry, sha256_file, write_shard
+from genesis.manifest import ShardEntry, ShardReader, sha256_file, write_shard
 
 _TOKENIZERS: dict[str, object] = {}
 
@@ -45,6 +45,10 @@ def completed_entry(shard_path: Path) -> ShardEntry | None:
     if shard_path.is_file() and sidecar.is_file():
         entry = ShardEntry.model_validate_json(sidecar.read_text())
         if shard_path.stat().st_size and entry.sha256:
+            if entry.max_token_id is None:
+                # A sidecar from before the id was recorded: read it once here so the manifest carries it and
+                # the trainer's start need not read the shard.
+                entry.max_token_id = ShardReader(shard_path).max_token_id()
             return entry
     return None
 

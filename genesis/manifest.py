@@ -3,7 +3,10 @@
     <data_dir>/manifest.json
       version: 1
       tokenizer: {path, sha256, vocab_size, eos_id}            path relative to data_dir
-      sources:   [{name, weight, shards: [{path, num_docs, num_tokens, sha256}]}]
+      sources:   [{name, weight, shards: [{path, num_docs, num_tokens, sha256, max_token_id}]}]
+
+`max_token_id` (the shard's largest token id, recorded by the writer) lets the trainer check the id range
+without reading the tokens; manifests written before it existed lack it, and their shards are read instead.
 
 A shard is an Arrow IPC *stream* file (what `datasets.Dataset.from_file` opens): one row per document, a
 `tokens` column of uint16 lists, each ending in EOS. Shards are written under a temporary name and renamed
@@ -35,6 +38,8 @@ class ShardEntry(StrictModel):
     num_docs: int = Field(ge=0)
     num_tokens: int = Field(ge=0)
     sha256: str
+    # None in manifests written before it was recorded: those shards are read to find it.
+    max_token_id: int | None = Field(default=None, ge=0)
 
 
 class SourceEntry(StrictModel):
@@ -69,7 +74,10 @@ class Manifest(StrictModel):
 
     def fingerprint(self) -> str:
         """Identifies the data: shard checksums, weights and tokenizer (not the directory it lives in)."""
-        payload = json.dumps(self.model_dump(), sort_keys=True).encode()
+        # max_token_id follows from the shard's bytes (already in sha256); leaving it out keeps the fingerprint
+        # of data prepared before it was recorded, so those runs still resume without --reset-data.
+        derived = {"sources": {"__all__": {"shards": {"__all__": {"max_token_id"}}}}}
+        payload = json.dumps(self.model_dump(exclude=derived), sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
 
 
@@ -132,7 +140,8 @@ def write_shard(path: str | Path, documents: list[list[int]] | list[np.ndarray],
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=65_536)
     os.replace(tmp, path)
-    return ShardEntry(path=str(path), num_docs=len(documents), num_tokens=int(offsets[-1]), sha256=sha256_file(path))
+    return ShardEntry(path=str(path), num_docs=len(documents), num_tokens=int(offsets[-1]), sha256=sha256_file(path),
+                      max_token_id=int(values.max(initial=0)))
 
 
 class ShardReader:
@@ -162,9 +171,19 @@ class ShardReader:
         offsets = self._offsets[chunk]
         return self._values[chunk][offsets[local]:offsets[local + 1]]
 
+    def max_token_id(self) -> int:
+        """The largest token id in the shard, read from the tokens themselves (one pass over the mapped file)."""
+        return max((int(values[offsets[0]:offsets[-1]].max(initial=0))
+                    for values, offsets in zip(self._values, self._offsets)), default=0)
 
-def verify_data_dir(data_dir: str | Path, check_checksums: bool = True) -> Manifest:
-    """Check that every shard exists with the manifest's checksum and counts, and the tokenizer matches."""
+
+def verify_data_dir(data_dir: str | Path, check_checksums: bool = True, read_token_ids: bool = True) -> Manifest:
+    """Check that every shard exists with the manifest's checksum and counts, that every token id is below the
+    tokenizer's vocab_size, and that the tokenizer matches.
+
+    `read_token_ids`: find each shard's largest id by reading its tokens (and refuse a manifest whose recorded
+    `max_token_id` differs), as `genesis data verify` does; off, the recorded id is trusted (the trainer's
+    start stays cheap) and only shards without one are read."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     tokenizer_path = data_dir / manifest.tokenizer.path
@@ -185,4 +204,20 @@ def verify_data_dir(data_dir: str | Path, check_checksums: bool = True) -> Manif
                     f"{path}: holds {reader.num_docs} docs / {int(reader.lengths.sum())} tokens, manifest says "
                     f"{shard.num_docs} / {shard.num_tokens}; rerun `genesis data prepare`"
                 )
+            check_token_ids(path, shard, reader, manifest.tokenizer.vocab_size, read_token_ids)
     return manifest
+
+
+def check_token_ids(path: Path, shard: ShardEntry, reader: ShardReader, vocab_size: int, read: bool) -> None:
+    """Refuse a shard holding an id the tokenizer cannot have made: the model's embedding lookup would fail on it
+    mid-run (an IndexError deep in torch) or, with a larger model vocab, train rows no tokenizer produces."""
+    if read or shard.max_token_id is None:
+        max_id = reader.max_token_id()
+        if shard.max_token_id is not None and shard.max_token_id != max_id:
+            raise DataError(f"{path}: holds token ids up to {max_id}, manifest records {shard.max_token_id}; "
+                            f"rerun `genesis data prepare`")
+    else:
+        max_id = shard.max_token_id
+    if max_id >= vocab_size:
+        raise DataError(f"{path}: token id {max_id} is outside the tokenizer's vocab_size {vocab_size} "
+                        f"(manifest.json); the shard was made with another tokenizer: rerun `genesis data prepare`")

@@ -106,12 +106,24 @@ def collective_check(fn, rank: int, share_result: bool = True):
 
 
 def check_data(config: TrainConfig) -> dict:
-    manifest = verify_data_dir(config.data_dir, check_checksums=config.verify_data_checksums)
+    from genesis.manifest import MAX_UINT16_VOCAB
+
+    # The recorded max token id per shard is trusted here (start-up stays cheap on large data); shards of older
+    # manifests without one are read. `genesis data verify` reads every shard's ids.
+    manifest = verify_data_dir(config.data_dir, check_checksums=config.verify_data_checksums, read_token_ids=False)
     if manifest.tokenizer.vocab_size > config.model.vocab_size:
         raise DataError(
             f"{Path(config.data_dir) / 'manifest.json'}: tokenizer vocab {manifest.tokenizer.vocab_size} exceeds the "
             f"model's vocab_size {config.model.vocab_size}; use a model preset with vocab_size ≥ "
             f"{manifest.tokenizer.vocab_size}"
+        )
+    if config.model.vocab_size > MAX_UINT16_VOCAB + 1:
+        # uint16 shards cannot hold an id above 65,535: such a model was meant for another tokenizer, and the
+        # embedding rows above it would never see a token.
+        raise DataError(
+            f"{Path(config.data_dir) / 'manifest.json'}: the shards hold uint16 token ids (at most 65,535) but the "
+            f"model's vocab_size is {config.model.vocab_size}; use a model preset with vocab_size between "
+            f"{manifest.tokenizer.vocab_size} and 65,536"
         )
     return {"tokenizer_sha256": manifest.tokenizer.sha256, "data_fingerprint": manifest.fingerprint()}
 
