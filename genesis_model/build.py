@@ -73,9 +73,11 @@ def build_trainer(config: TrainConfig, dist_info: DistInfo, parts: Parts, sinks:
     (it creates process groups)."""
     device_type = dist_info.device.type
     async_save = config.checkpoint.async_save if config.checkpoint.async_save is not None else device_type == "cuda"
-    # NOTE: async saves run their collectives from a background thread; on NCCL they get a separate gloo
-    # group so they never interleave with the training step's collectives.
-    checkpoint_group = dist.new_group(backend="gloo") if device_type == "cuda" else None
+    # NOTE: async saves run their collectives from a background thread, so checkpoints get a gloo group of their
+    # own on every backend: sharing gloo's default group with the training step's collectives (CPU runs)
+    # interleaved the two streams of collectives and aborted at the first async save (gloo "op.preamble.length").
+    checkpoint_group = (dist.new_group(backend="gloo", timeout=collective_timeout(config.parallel.nccl_timeout_s))
+                        if dist_info.world_size > 1 else None)
     checkpointer = Checkpointer(Path(config.run_dir), dist_info.rank, dist_info.world_size,
                                 config.checkpoint.keep_last, async_save, process_group=checkpoint_group)
     # The trainer's own small reductions of host numbers (peak memory over ranks): gloo, so they never wait

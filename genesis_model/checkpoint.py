@@ -7,7 +7,8 @@ What a checkpoint holds, listed once:
                  CUDA), saved with plain types and tensors only, so `torch.load(weights_only=True)` reads it.
   meta.json      step, tokens seen, world size, model config and fingerprint, tokenizer and data hashes,
                  whether optimizer state is present, the run's resolved config.
-  COMPLETE.json  written last: every file with its size and sha256. No marker, no checkpoint.
+  hashes/        each rank's digests of the shard files it wrote, taken as the bytes went out (checkpoint_io.py).
+  COMPLETE.json  written last: every file with its size and xxh3-128 digest. No marker, no checkpoint.
 
 How it is written: into `<parent>/.tmp-step_N/`, renamed to `<parent>/step_N/`, then the marker. A crash at
 any point leaves either a complete checkpoint or a directory without a marker, which resume ignores and the
@@ -38,7 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from genesis.errors import CheckpointError
-from genesis.manifest import sha256_file
+from genesis_model.checkpoint_io import (HashingWriter, SafeReader, digests_for_marker, read_metadata_safely,
+                                         verify_files)
 from genesis.run_dir import (
     MARKER,
     META,
@@ -70,14 +72,12 @@ def _injected_save_delay(rank: int) -> None:
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Every file the marker lists exists with its size and checksum."""
+    """Every file the marker lists exists with its size and digest (read in parallel threads)."""
+    path = Path(path)
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: no {MARKER}; not a complete checkpoint (an interrupted save?): use another")
     marker = json.loads((path / MARKER).read_text())
-    for name, entry in marker["files"].items():
-        file = path / name
-        if not file.is_file() or file.stat().st_size != entry["bytes"]:
-            raise CheckpointError(f"{file}: missing or truncated; this checkpoint is damaged, resume from another")
-        if sha256_file(file) != entry["sha256"]:
-            raise CheckpointError(f"{file}: checksum mismatch; this checkpoint is damaged, resume from another")
+    verify_files(path, marker["files"])
 
 
 def remove_incomplete(run_dir: Path) -> list[Path]:
@@ -98,7 +98,7 @@ def remove_incomplete(run_dir: Path) -> list[Path]:
 
 def has_optimizer_state(path: Path) -> bool:
     """Ask the DCP metadata itself, not meta.json: a checkpoint lacking optimizer tensors cannot claim them."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    metadata = read_metadata_safely(Path(path) / ".metadata")
     return any(key.startswith("optimizer.") for key in metadata.state_dict_metadata)
 
 
@@ -204,11 +204,11 @@ class Checkpointer:
 
                 stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
                                                       use_async_staging=True, use_non_blocking_copy=True))
-                response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group,
+                response = dcp.async_save(state, storage_writer=HashingWriter(tmp), process_group=self.process_group,
                                           async_stager=stager)
                 self._staging, future = response.staging_completion, response.upload_completion
             else:
-                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+                future = dcp.async_save(state, storage_writer=HashingWriter(tmp), process_group=self.process_group)
 
             def complete():
                 try:
@@ -224,7 +224,7 @@ class Checkpointer:
             thread.start()
             self._pending = (future, thread)
         else:
-            dcp.save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+            dcp.save(state, storage_writer=HashingWriter(tmp), process_group=self.process_group)
             finalize()
             dist.barrier()
         return time.perf_counter() - started
@@ -264,9 +264,7 @@ class Checkpointer:
             os.replace(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, final)
-        files = {}
-        for file in sorted(p for p in final.rglob("*") if p.is_file()):
-            files[str(file.relative_to(final))] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+        files = digests_for_marker(final)
         marker_tmp = final / f".{MARKER}.tmp"
         with open(marker_tmp, "w") as handle:
             json.dump({"step": meta["step"], "files": files, "completed": time.time()}, handle, indent=1)
@@ -305,7 +303,7 @@ class Checkpointer:
         load_optimizer = optimizer_present and not reset_optimizer
         if load_optimizer:
             state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-        dcp.load(state, checkpoint_id=str(path), process_group=self.process_group)
+        dcp.load(state, storage_reader=SafeReader(str(path)), process_group=self.process_group)
         set_model_state_dict(model, state["model"])
         if load_optimizer:
             set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -326,7 +324,7 @@ def write_model_only_checkpoint(model, path: Path, meta: dict) -> Path:
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=True)
+    dcp.save({"model": model.state_dict()}, storage_writer=HashingWriter(tmp), no_dist=True)
     (tmp / "trainer").mkdir()
     torch.save({}, tmp / "trainer" / "rank_00000.pt")
     meta = {**meta, "version": CHECKPOINT_VERSION, "world_size": 1, "has_optimizer": False, "milestone": False}
@@ -335,14 +333,18 @@ def write_model_only_checkpoint(model, path: Path, meta: dict) -> Path:
     return path
 
 
-def load_model_weights(path: Path, model) -> dict:
+def load_model_weights(path: Path, model, verify: bool = True) -> dict:
     """Load only the model weights of a checkpoint into an unsharded model, in one process, no process group
-    (for export and generation)."""
+    (for export, generation, serving and branches). `verify`: check every file against the marker first (a
+    flipped byte must never reach an output); callers that skip it say so to the user."""
     path = Path(path)
     meta = read_meta(path)
+    if verify:
+        verify_checkpoint(path)
+    read_metadata_safely(path / ".metadata")  # a refusal in one line, before DCP (which wraps it in tracebacks)
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        dcp.load(state, storage_reader=SafeReader(str(path)), no_dist=True)
     except CheckpointException as err:
         # NOTE: DCP's CheckpointException derives from BaseException; turn it into a one-line error here so
         # callers (the CLI, the serve page) need not catch BaseException.

@@ -11,7 +11,7 @@ import torch
 from genesis.config import ModelConfig
 from genesis.errors import CheckpointError, GenesisError
 from genesis.run_dir import read_meta
-from genesis_model.checkpoint import load_model_weights, verify_checkpoint
+from genesis_model.checkpoint import load_model_weights
 from genesis_model.model import Transformer
 
 
@@ -32,7 +32,10 @@ def tokenizer_dir_of_checkpoint(meta: dict) -> Path | None:
     return tokenizer_path.parent if tokenizer_path.parent.is_dir() else None
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    verify: bool = True) -> LoadedModel:
+    """A complete checkpoint's weights, checked against its marker's digests first unless `verify` is False (the
+    caller then tells the user the weights were not checked)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint does not exist; pass a run's checkpoints/step_N or milestones/step_N")
@@ -40,7 +43,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
     config = ModelConfig.model_validate(meta["model_config"])
     model = Transformer(config)
     try:
-        load_model_weights(path, model)
+        load_model_weights(path, model, verify=verify)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not match the model config ({str(err).splitlines()[0]})") from None
     return LoadedModel(model.to(device, dtype).eval(), tokenizer_dir_of_checkpoint(meta), str(path))
@@ -48,15 +51,14 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
                       tokenizer_dir: str | Path | None = None) -> Path:
-    """Check every file of a complete checkpoint against its marker's sha256s, then write its weights as a Hugging
+    """Check every file of a complete checkpoint against its marker's digests, then write its weights as a Hugging
     Face directory (with the run's tokenizer unless another is given). The directory appears whole or not at all,
     its `genesis.json` naming the checkpoint and step it came from."""
     from genesis_model.hf import export_hf
 
     checkpoint = Path(checkpoint)
     meta = read_meta(checkpoint)  # one line for a missing or incomplete checkpoint
-    verify_checkpoint(checkpoint)
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint)  # verified before it is read
     return export_hf(loaded.model, out_dir, tokenizer_dir=tokenizer_dir or loaded.tokenizer_dir, dtype=dtype,
                      extra_metadata={"source_checkpoint": str(checkpoint.resolve()), "step": meta.get("step")})
 

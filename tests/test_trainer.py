@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import psutil
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from genesis.run_dir import MARKER, latest_checkpoint, list_checkpoints
+from genesis.run_dir import MARKER, RunDir, latest_checkpoint, list_checkpoints
 from genesis_model.checkpoint import load_model_weights, verify_checkpoint, write_model_only_checkpoint
+from genesis_model.launch import trainer_command
 from genesis_model.model import Transformer
 from genesis.config import TrainConfig, load_config, load_model_config
 from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, losses_by_step, read_jsonl, run_trainer
@@ -32,6 +34,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def full_state(checkpoint: Path, tmp_path: Path) -> dict:
@@ -256,25 +265,34 @@ def test_keep_last_prunes_rolling_checkpoints_but_never_milestones(token_data, t
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith((".tmp", ".trash"))]
 
 
-def test_sigkill_during_saves_never_leaves_a_checkpoint_resume_would_trust(token_data, tmp_path):
-    """20 kills at random moments while checkpoints are being written; every later --resume auto starts
-    from the newest complete checkpoint and trains on."""
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_sigkill_of_the_launcher_during_saves_never_leaves_a_checkpoint_resume_would_trust(async_save, token_data,
+                                                                                          tmp_path):
+    """20 kills of the launcher's process group (torchrun, 2 gloo ranks; what a scheduler or an OOM killer does)
+    at random moments while checkpoints are being written, with synchronous and with asynchronous saves (which
+    run their collectives on a group of their own: sharing gloo's default group aborted at the first save). No
+    rank outlives a kill, everything carrying a marker is whole, and every later --resume auto starts from the
+    newest complete checkpoint and trains on."""
     rng = random.Random(0)
     run_dir = tmp_path / "crashy"
     target = 400
-    base = [sys.executable, "-m", "genesis_model.train", "--config", str(TINY_CPU), f"data_dir={token_data}",
-            f"run_dir={run_dir}", *FAST_OVERRIDES, f"max_steps={target}", "checkpoint.save_every=1",
-            "checkpoint.keep_last=3", "--resume", "auto"]
+    command = trainer_command(TINY_CPU, [f"data_dir={token_data}", f"run_dir={run_dir}", *FAST_OVERRIDES,
+                                         f"max_steps={target}", "checkpoint.save_every=1", "checkpoint.keep_last=3",
+                                         f"checkpoint.async_save={str(async_save).lower()}"],
+                              nproc=2, trainer_args=["--resume", "auto"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    deadline = time.time() + 420
+    deadline = time.time() + 900
     kills = 0
     while kills < 20 and time.time() < deadline:
         before = latest_checkpoint(run_dir)
-        process = subprocess.Popen(base, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Wait until this process has a save under way (a temporary directory it created), then kill.
+        log = tmp_path / f"launch-{kills}.log"
+        with open(log, "w") as stderr:
+            launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                        start_new_session=True)
+        # Wait until this launch has a save under way (a temporary directory it created), then kill.
         launched_ns = time.time_ns()
-        wait_until = time.time() + 60
-        while time.time() < wait_until and process.poll() is None:
+        wait_until = time.time() + 90
+        while time.time() < wait_until and launcher.poll() is None:
             try:
                 saving = [p for p in (run_dir / "checkpoints").glob(".tmp-step_*") if p.stat().st_mtime_ns >= launched_ns]
             except FileNotFoundError:  # renamed or removed while we looked
@@ -282,11 +300,18 @@ def test_sigkill_during_saves_never_leaves_a_checkpoint_resume_would_trust(token
             if saving:
                 break
             time.sleep(0.002)
+        assert launcher.poll() is None, log.read_text()[-3000:]
+        ranks = [child.pid for child in psutil.Process(launcher.pid).children(recursive=True)]
         # A step takes ~0.1 s and every step saves, so this lands at random phases of the next few saves.
         time.sleep(rng.uniform(0, 1.0))
-        process.send_signal(signal.SIGKILL)
-        process.communicate()
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
         kills += 1
+        gone_by = time.time() + 30
+        while time.time() < gone_by and (any(alive(pid) for pid in ranks)
+                                         or RunDir(run_dir).train_lock().is_held_elsewhere()):
+            time.sleep(0.05)
+        assert not [pid for pid in ranks if alive(pid)], "a rank outlived its launcher"
         newest = latest_checkpoint(run_dir)
         if before is not None:
             assert newest is not None and newest.step >= before.step
@@ -296,7 +321,7 @@ def test_sigkill_during_saves_never_leaves_a_checkpoint_resume_would_trust(token
 
     newest = latest_checkpoint(run_dir)
     assert newest is not None and newest.step >= 10, "the kills should interrupt a run that makes progress"
-    result = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {newest.path} at step {newest.step}" in result.stderr
     assert latest_checkpoint(run_dir).step == target
