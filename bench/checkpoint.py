@@ -1,9 +1,18 @@
-"""The trainer on one GPU with genesis-1b: throughput, checkpoint blocking (sync vs async), size, resume time.
+"""Checkpoint saving and resuming of genesis-1b on one GPU, in the steady state, against the previous code path.
 
-Runs the real entry point (`torchrun -m genesis_model.train`, configs/train/genesis-1b-h100.yaml) on
-synthetic token shards, three times: sync saves, async saves, then a resume of the async run.
+Runs the real entry point (`torchrun -m genesis_model.train`, configs/train/genesis-1b-h100.yaml, micro-batch 8)
+on synthetic token shards:
+  async   saves every `--save-every` steps (spaced so that saves do not overlap), several of them: the
+          steady state is every save after the first;
+  resume  of that run: process launch → first resumed step logged (verification included), with the first
+          step's time (compilation) and the load's verify/read seconds reported separately;
+  sync    two synchronous saves;
+  anchor  the same async run and resume with the code of `--anchor` (a source tree of an earlier revision),
+          in the same call.
 
-    python bench/checkpoint.py --workdir /tmp/ckbench --out bench/results/checkpoint.json
+    python bench/checkpoint.py --workdir /tmp/ckbench --anchor bench/.anchor
+
+Appends the run to bench/results/checkpoint.json (`runs`) and sets the top-level figures of the latest call.
 """
 
 from __future__ import annotations
@@ -18,106 +27,143 @@ import sys
 import time
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import environment, write_json, write_synthetic_token_data  # noqa: E402
+from bench.common import append_run, environment, git_rev, write_synthetic_token_data  # noqa: E402
 from genesis.run_dir import MetricsReader, RunDir  # noqa: E402
-from genesis_model.launch import trainer_command  # noqa: E402
 
-CONFIG = REPO / "configs" / "train" / "genesis-1b-h100.yaml"
+CONFIG = Path("configs") / "train" / "genesis-1b-h100.yaml"
+MICRO_BATCH = 8
 
 
-def make_data(data_dir: Path, tokens: int = 4_000_000) -> None:
+def make_data(data_dir: Path, tokens: int) -> None:
     write_synthetic_token_data(data_dir, 49152, tokens, lambda rng, length: rng.integers(4, 49152, size=length),
                                "synthetic 49152")
 
 
-def command_for(run_dir: Path, data_dir: Path, overrides: list[str], resume: bool) -> list[str]:
-    return trainer_command(CONFIG, [f"data_dir={data_dir}", f"run_dir={run_dir}", "micro_batch_size=8",
-                                    "grad_accum_steps=1", "eval.every=0", "log_every=1", "verify_data_checksums=false",
-                                    *overrides], nproc=1, trainer_args=["--resume", "auto"] if resume else [])
+def command_for(tree: Path, run_dir: Path, data_dir: Path, overrides: list[str], resume: bool) -> list[str]:
+    """The torchrun command of the trainer in source tree `tree` (this one or the anchor)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
+            "genesis_model.train", "--config", str(tree / CONFIG), f"data_dir={data_dir}", f"run_dir={run_dir}",
+            f"micro_batch_size={MICRO_BATCH}", "grad_accum_steps=1", "eval.every=0", "log_every=1",
+            "verify_data_checksums=false", *overrides, *(["--resume", "auto"] if resume else [])]
 
 
-ENV = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "") + os.pathsep + str(REPO)}
+def env_for(tree: Path, workdir: Path) -> dict:
+    # One inductor cache for every run: the anchor and the current model compile to the same graphs.
+    return {**os.environ, "PYTHONPATH": str(tree), "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor")}
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Events (any JSON line); metrics go through the run directory's own reader (`MetricsReader`)."""
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return MetricsReader(RunDir(run_dir).metrics).all_rows()
-
-
-def run(run_dir: Path, data_dir: Path, overrides: list[str]) -> tuple[list[dict], list[dict]]:
-    result = subprocess.run(command_for(run_dir, data_dir, overrides, False), cwd=REPO, capture_output=True,
-                            text=True, env=ENV)
+def train(tree: Path, workdir: Path, run_dir: Path, data_dir: Path, overrides: list[str]) -> tuple[list[dict], list[dict]]:
+    result = subprocess.run(command_for(tree, run_dir, data_dir, overrides, False), cwd=tree, capture_output=True,
+                            text=True, env=env_for(tree, workdir))
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
-    return read_metrics(run_dir), read_jsonl(RunDir(run_dir).events)
+    return MetricsReader(RunDir(run_dir).metrics).all_rows(), read_jsonl(RunDir(run_dir).events)
 
 
-def time_resume(run_dir: Path, data_dir: Path, first_new_step: int) -> float:
-    """Seconds from launching the process to the first resumed step being logged (monotonic clock)."""
+def save_figures(events: list[dict], checkpoint: Path) -> dict:
+    """Blocked seconds per save (the save call + the wait for staging before the next optimizer step), seconds
+    from the save call to the checkpoint complete on disk with its marker, and the rate that makes."""
+    calls = [e["seconds"] for e in events if e["event"] == "checkpoint_blocked"]
+    staging = [e["seconds"] for e in events if e["event"] == "checkpoint_staging_wait"]
+    staging += [0.0] * (len(calls) - len(staging))
+    blocked = [round(c + s, 3) for c, s in zip(calls, staging)]
+    complete = [e["seconds"] for e in events if e["event"] == "checkpoint_saved"]
+    size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
+    steady_complete = statistics.median(complete[1:] or complete)
+    return {
+        "blocked_s_each": blocked,
+        "save_complete_s_each": complete,
+        "steady_blocked_s": round(statistics.median(blocked[1:] or blocked), 3),
+        "save_complete_s": round(steady_complete, 3),
+        "checkpoint_gib": round(size / 2**30, 3),
+        "save_gb_s": round(size / 1e9 / steady_complete, 3),
+    }
+
+
+def time_resume(tree: Path, workdir: Path, run_dir: Path, data_dir: Path, first_new_step: int) -> dict:
+    """Process launch → the first resumed step logged; that step's own time (it compiles) and what the load
+    spent verifying and reading, from the trainer's `resumed` event (absent in older code)."""
     started = time.monotonic()
-    process = subprocess.Popen(command_for(run_dir, data_dir, [f"max_steps={first_new_step + 1}",
-                                                                "checkpoint.save_every=0", "checkpoint.save_at_end=false"], True),
-                               cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command_for(tree, run_dir, data_dir, [f"max_steps={first_new_step + 1}",
+                                                                    "checkpoint.save_every=0",
+                                                                    "checkpoint.save_at_end=false"], True),
+                               cwd=tree, env=env_for(tree, workdir), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    reader = MetricsReader(RunDir(run_dir).metrics)
     while process.poll() is None:
-        if any(m["step"] == first_new_step for m in read_metrics(run_dir)):
+        rows = [m for m in reader.all_rows() if m["step"] == first_new_step]
+        if rows:
             elapsed = time.monotonic() - started
             process.wait()
-            return elapsed
+            resumed = [e for e in read_jsonl(RunDir(run_dir).events) if e["event"] == "resumed"][-1]
+            first_step = rows[-1]["step_time_s"]
+            return {"resume_s": round(elapsed, 1), "first_step_s": round(first_step, 1),
+                    "resume_s_without_first_step": round(elapsed - first_step, 1),
+                    "verify_s": resumed.get("verify_s"), "read_s": resumed.get("read_s")}
         time.sleep(0.05)
     raise RuntimeError(process.stderr.read()[-3000:])
+
+
+def async_run(tree: Path, workdir: Path, data_dir: Path, name: str, saves: int, save_every: int) -> dict:
+    run_dir = workdir / name
+    steps = saves * save_every
+    overrides = [f"max_steps={steps}", f"checkpoint.save_every={save_every}", "checkpoint.milestone_every=0",
+                 "checkpoint.keep_last=1", "checkpoint.async_save=true", "checkpoint.save_at_end=false"]
+    metrics, events = train(tree, workdir, run_dir, data_dir, overrides)
+    checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    figures = save_figures(events, checkpoint)
+    steady = [m["tokens_per_s"] for m in metrics if m["step"] % save_every not in (0, 1) and m["step"] >= 4]
+    figures["trainer_tok_s"] = round(statistics.median(steady), 1)
+    figures |= time_resume(tree, workdir, run_dir, data_dir, steps + 1)
+    shutil.rmtree(run_dir)  # 12 GB per checkpoint; the device's disk is 64 GB
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ckbench"))
+    parser.add_argument("--anchor", type=Path, default=None, help="source tree of the previous code path")
+    parser.add_argument("--anchor-rev", default=None)
+    parser.add_argument("--save-every", type=int, default=60, help="steps between saves (~0.2 s a step)")
+    parser.add_argument("--saves", type=int, default=4)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "checkpoint.json")
-    parser.add_argument("--step-bench-tok-s", type=float, default=None,
-                        help="bench/train_step.py genesis tokens/s at micro-batch 8 measured in the same call")
     args = parser.parse_args()
     import torch
 
     data_dir = args.workdir / "data"
-    make_data(data_dir)
-    results = {**environment(), "gpu": torch.cuda.get_device_name(0), "micro_batch": 8}
-    common = ["max_steps=36", "checkpoint.save_every=12", "checkpoint.milestone_every=0", "checkpoint.keep_last=1"]
+    make_data(data_dir, tokens=(args.saves * args.save_every + 8) * MICRO_BATCH * 2049)
+    run = {**environment(), "git_rev": git_rev(), "command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(0),
+           "micro_batch": MICRO_BATCH, "save_every": args.save_every}
 
-    _, sync_events = run(args.workdir / "sync", data_dir, common + ["checkpoint.async_save=false"])
-    blocked_sync = [e["seconds"] for e in sync_events if e["event"] == "checkpoint_blocked"]
-    shutil.rmtree(args.workdir / "sync")  # 12 GB checkpoints; the device's disk is 64 GB
-    async_metrics, async_events = run(args.workdir / "async", data_dir, common + ["checkpoint.async_save=true"])
-    # Blocked = the save call itself + the wait for staging before the next optimizer step.
-    blocked_async = [e["seconds"] for e in async_events if e["event"] == "checkpoint_blocked"]
-    staging_waits = [e["seconds"] for e in async_events if e["event"] == "checkpoint_staging_wait"]
-    # Steady-state steps: after compilation warm-up, away from checkpoint steps.
-    steady = [m["tokens_per_s"] for m in async_metrics if m["step"] % 12 not in (0, 1) and m["step"] >= 4]
-    checkpoints = sorted((args.workdir / "async" / "checkpoints").glob("step_*"))
-    print("checkpoints:", [p.name for p in checkpoints], flush=True)
-    size_bytes = sum(p.stat().st_size for p in checkpoints[-1].rglob("*") if p.is_file())
-    resume_s = time_resume(args.workdir / "async", data_dir, 37)
-    results |= {
-        "trainer_tok_s": round(statistics.median(steady), 1),
-        "step_bench_tok_s": args.step_bench_tok_s,
-        "blocked_s_sync": round(statistics.median(blocked_sync), 3),
-        "blocked_s_sync_each": blocked_sync,
-        "blocked_s_async": round(statistics.median([b + w for b, w in zip(blocked_async, staging_waits + [0.0] * 3)]), 3),
-        "blocked_s_async_call_each": blocked_async,
-        "staging_wait_s_each": staging_waits,
-        "async_save_complete_s_each": [e["seconds"] for e in async_events if e["event"] == "checkpoint_saved"],
-        "checkpoint_gib": round(size_bytes / 2**30, 3),
-        "resume_s": round(resume_s, 1),
-        "resume_note": "process launch → first resumed step logged, including model build, checkpoint verification "
-                       "(sha256 of every file), DCP load and torch.compile of the first step",
-    }
-    write_json(args.out, results)
-    print(json.dumps(results, indent=1))
+    current = async_run(REPO, args.workdir, data_dir, "async", args.saves, args.save_every)
+    run["current"] = current
+    print(json.dumps(current), flush=True)
+    _, sync_events = train(REPO, args.workdir, args.workdir / "sync", data_dir,
+                           [f"max_steps={2 * args.save_every}", f"checkpoint.save_every={args.save_every}",
+                            "checkpoint.milestone_every=0", "checkpoint.keep_last=1", "checkpoint.async_save=false",
+                            "checkpoint.save_at_end=false"])
+    run["current_sync_blocked_s_each"] = [e["seconds"] for e in sync_events if e["event"] == "checkpoint_blocked"]
+    shutil.rmtree(args.workdir / "sync")
+    print(run["current_sync_blocked_s_each"], flush=True)
+    latest = {key: current[key] for key in ("steady_blocked_s", "save_complete_s", "save_gb_s", "resume_s")}
+    latest |= {"resume_first_step_s": current["first_step_s"], "gpu": run["gpu"], "command": run["command"],
+               "git_rev": run["git_rev"]}
+    if args.anchor:
+        try:
+            run["anchor"] = {"git_rev": args.anchor_rev,
+                             **async_run(args.anchor.resolve(), args.workdir, data_dir, "anchor", 3, args.save_every)}
+        except Exception as err:  # noqa: BLE001 - the current figures are kept whatever the anchor does
+            run["anchor"] = {"git_rev": args.anchor_rev, "error": str(err)[-1500:]}
+        print(json.dumps(run["anchor"]), flush=True)
+    append_run(args.out, run, latest)
+    print(json.dumps(latest, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import subprocess
 import platform
 import sys
 import time
@@ -83,6 +84,30 @@ def write_synthetic_token_data(data_dir: Path, vocab_size: int, tokens: int, doc
         tokenizer=TokenizerEntry(path="tokenizer/tokenizer.model", sha256=sha256_file(tokenizer),
                                  vocab_size=vocab_size, eos_id=2),
         sources=[SourceEntry(name="web", weight=1.0, shards=[entry])]))
+
+
+def git_rev() -> str | None:
+    """The revision measured: GENESIS_GIT_REV (set by the caller where the tree is a copy without .git, e.g. the
+    device), else git's HEAD."""
+    if os.environ.get("GENESIS_GIT_REV"):
+        return os.environ["GENESIS_GIT_REV"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def append_run(path: Path, run: dict, latest: dict) -> dict:
+    """Append `run` to the file's `runs` (a file written before runs were kept becomes `runs[0]`) and set the
+    top-level `latest` figures; nothing measured earlier is overwritten."""
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    runs = existing.get("runs")
+    if runs is None:
+        runs = [existing] if existing else []
+    data = {**{k: v for k, v in existing.items() if k != "runs"}, **latest, "runs": [*runs, run]}
+    write_json(path, data)
+    return data
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -157,6 +157,7 @@ class Checkpointer:
         self._failure: tuple[int, BaseException] | None = None
         self.staging_wait_s = 0.0
         self.last_saved: CheckpointRef | None = None
+        self.last_load_s: dict[str, float] = {}  # seconds the last load spent verifying and reading
         # NOTE: on CUDA, async saves stage through pinned host memory on a side stream: the device→host copy
         # overlaps the next forward/backward, and only the next optimizer step, which mutates parameters and
         # moments in place, waits for it (`wait_for_staging`). A fresh stager per save: reusing one across
@@ -290,9 +291,11 @@ class Checkpointer:
         """
         path = Path(path)
         meta = read_meta(path)
+        started = time.perf_counter()
         if verify and self.rank == 0:
             verify_checkpoint(path)
         dist.barrier()
+        verified = time.perf_counter()
         optimizer_present = has_optimizer_state(path)
         if not optimizer_present and not reset_optimizer:
             raise CheckpointError(
@@ -308,6 +311,7 @@ class Checkpointer:
         if load_optimizer:
             set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
+        self.last_load_s = {"verify_s": round(verified - started, 3), "read_s": round(time.perf_counter() - verified, 3)}
         rank_file = path / "trainer" / f"rank_{self.rank:05d}.pt"
         if not rank_file.is_file():  # resuming on more ranks than saved: rank 0's loader state is global
             rank_file = path / "trainer" / "rank_00000.pt"
