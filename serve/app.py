@@ -8,8 +8,8 @@
     GET  /api/stats         generations finished, cancelled, failed, refused (429) since the server started
     POST /api/generate      server-sent events: `start`, then `token` pieces as produced, then `done` or `error`
 
-Errors are JSON `{"error": "one line"}` with 400 (bad request), 404 (unknown model), 429 (line full), 503
-(model failed to load).
+Errors are JSON `{"error": "one line"}` with 400 (bad request), 403 (a `Host` that is not this server's, see
+`guard.py`), 404 (unknown model), 415 (a body that is not JSON), 429 (line full), 503 (model failed to load).
 """
 
 from __future__ import annotations
@@ -22,17 +22,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from genesis.errors import GenesisError
+from serve.guard import HostPolicy, RequestGuard
 from serve.models import Busy, ModelLine, ModelLoadFailed, ModelPool, Runtime, ServeLimits
 from serve.run_view import RunView, UnknownModel
 
 STATIC = Path(__file__).parent / "static"
+MAX_INT64 = 2**63 - 1
+MAX_TOP_K = 1 << 20  # above any vocab a Genesis model has (uint16 shards) or an imported one is likely to
 log = logging.getLogger("genesis.serve")
 
 
@@ -41,11 +45,14 @@ class GenerateRequest(BaseModel, extra="forbid"):
     prompt: str
     chat: bool = True
     system: str | None = Field(default=None, description="system prompt for chat; default the model's or the principles'")
-    max_new_tokens: int | None = Field(default=None, ge=1, description="default 128, or the server's limit if lower")
-    temperature: float = Field(default=0.8, ge=0.0, le=5.0)
-    top_k: int | None = Field(default=50, ge=1)
-    top_p: float | None = Field(default=0.95, gt=0.0, le=1.0)
-    seed: int | None = None
+    # Every number is bounded here, so nothing the sampler or torch cannot take reaches the generation thread
+    # (an unbounded seed used to overflow torch's manual_seed mid-stream).
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_INT64,
+                                       description="default 128, or the server's limit if lower")
+    temperature: float = Field(default=0.8, ge=0.0, le=5.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=50, ge=1, le=MAX_TOP_K, description="at least the vocab = no top-k cut")
+    top_p: float | None = Field(default=0.95, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, le=MAX_INT64, description="what torch.Generator.manual_seed takes")
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -53,11 +60,19 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 def create_app(run_dir: Path, tracking_uri: str | None = None, limits: ServeLimits | None = None,
-               device: str | None = None) -> FastAPI:
+               device: str | None = None, hosts: HostPolicy | None = None) -> FastAPI:
+    """`hosts`: the names the server answers to (default: loopback names, any port)."""
     limits = limits or ServeLimits()
     view = RunView(run_dir, tracking_uri)
     pool = ModelPool(limits, device=device, tracking_uri=tracking_uri)
     app = FastAPI(title="Genesis", docs_url=None, redoc_url=None)
+    app.add_middleware(RequestGuard, policy=hosts or HostPolicy())
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, err: RequestValidationError):
+        first = err.errors()[0]
+        return error(400, f"request field {'.'.join(map(str, first['loc']))}: {first['msg']}")
+
     stats: Counter = Counter()
     app.state.view, app.state.pool, app.state.limits, app.state.stats = view, pool, limits, stats
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -73,7 +88,7 @@ def create_app(run_dir: Path, tracking_uri: str | None = None, limits: ServeLimi
         return view.status()
 
     @app.get("/api/curves")
-    def curves(since: int = -1):
+    def curves(since: int = Query(default=-1, ge=-1, le=MAX_INT64)):
         return view.curves(since)
 
     @app.get("/api/tree")

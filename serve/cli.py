@@ -21,14 +21,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from genesis.config import validate
     from serve.app import create_app
+    from serve.guard import HostPolicy
     from serve.models import ServeLimits
 
     run_dir = _existing_run_dir(args.run_dir)
     limits = validate(ServeLimits, {"max_prompt_chars": args.max_prompt_chars, "max_new_tokens": args.max_new_tokens,
                                     "queue_size": args.queue_size, "max_loaded_models": args.max_loaded_models},
                       "genesis serve options")
+    try:
+        hosts = HostPolicy(args.host, args.port, tuple(args.allow_host))
+    except ValueError:
+        raise GenesisError(f"--allow-host {args.allow_host}: each must be a host name or name:port, e.g. "
+                           f"genesis.example.org") from None
     tracking = args.tracking_uri
-    app = create_app(run_dir, tracking_uri=tracking, limits=limits, device=args.device)
+    app = create_app(run_dir, tracking_uri=tracking, limits=limits, device=args.device, hosts=hosts)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: anyone who can reach this port can generate with your models",
               file=sys.stderr)
@@ -53,6 +59,9 @@ def register(sub) -> None:
     serve.add_argument("--run-dir", type=Path, required=True)
     serve.add_argument("--host", default="127.0.0.1", help="default loopback only; 0.0.0.0 exposes it to the network")
     serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME[:PORT]",
+                       help="also answer requests addressed to this name (a reverse proxy's); repeatable. Other "
+                            "names are refused, so a web page cannot reach the server through DNS rebinding")
     serve.add_argument("--tracking-uri", default=None,
                        help="MLflow tracking URI: adds registered models to the tree and the try-it list")
     serve.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
