@@ -76,8 +76,8 @@ def build_trainer(config: TrainConfig, dist_info: DistInfo, parts: Parts, sinks:
     # NOTE: async saves run their collectives from a background thread, so checkpoints get a gloo group of their
     # own on every backend: sharing gloo's default group with the training step's collectives (CPU runs)
     # interleaved the two streams of collectives and aborted at the first async save (gloo "op.preamble.length").
-    checkpoint_group = (dist.new_group(backend="gloo", timeout=collective_timeout(config.parallel.nccl_timeout_s))
-                        if dist_info.world_size > 1 else None)
+    # (One rank too: DCP's async save needs a CPU backend, which an NCCL-only default group lacks.)
+    checkpoint_group = dist.new_group(backend="gloo", timeout=collective_timeout(config.parallel.nccl_timeout_s))
     checkpointer = Checkpointer(Path(config.run_dir), dist_info.rank, dist_info.world_size,
                                 config.checkpoint.keep_last, async_save, process_group=checkpoint_group)
     # The trainer's own small reductions of host numbers (peak memory over ranks): gloo, so they never wait
