@@ -4,14 +4,17 @@ MLflow (only `generate --model models:/...` reaches the registry), so they run o
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from genesis.config import TrainConfig, load_config
+
+    # A bad config is one line before anything starts, on one rank or many.
+    config = load_config(TrainConfig, args.config, args.overrides)
     if args.nproc > 1:
-        from genesis_model.launch import trainer_command
+        from genesis_model.launch import run_torchrun, torchrun_args, trainer_program
 
         flags = []
         for flag in ("resume", "stop_at_step"):
@@ -19,11 +22,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             if value is not None:
                 flags += [f"--{flag.replace('_', '-')}", str(value)]
         flags += [f for f, on in (("--reset-optimizer", args.reset_optimizer), ("--reset-data", args.reset_data)) if on]
-        os.execv(sys.executable, trainer_command(args.config, args.overrides, args.nproc, trainer_args=flags))
-    from genesis.config import TrainConfig, load_config
+        # torchrun's agent runs in this process, so a failed job is one line from the rank that saw the cause,
+        # and a signal to `genesis train` reaches the ranks through the agent.
+        return run_torchrun(torchrun_args(args.nproc, *trainer_program(args.config, args.overrides, flags)))
     from genesis_model.train import exit_code, train
 
-    config = load_config(TrainConfig, args.config, args.overrides)
     return exit_code(lambda: train(config, resume=args.resume, stop_at_step=args.stop_at_step,
                                    reset_optimizer=args.reset_optimizer, reset_data=args.reset_data,
                                    config_source=args.config))

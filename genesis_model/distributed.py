@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from genesis_model.launch import free_port
+from genesis_model.launch import free_port, report_error
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,8 @@ def collective_timeout(timeout_s: int) -> datetime.timedelta:
 
 @contextmanager
 def exit_if_longer_than(seconds: float, message: str, exit_code: int = 4) -> Iterator[None]:
-    """Run the block; if it is still running after `seconds`, print `message` and end the process.
+    """Run the block; if it is still running after `seconds`, report `message` (an `error: ...` line, through
+    `launch.report_error`) and end the process with `exit_code`.
 
     The thread that waits is inside a C++ collective (which releases the GIL), so it cannot be interrupted;
     a timer thread prints the line and exits with `os._exit`. A save cut short leaves no completion marker,
@@ -68,10 +68,7 @@ def exit_if_longer_than(seconds: float, message: str, exit_code: int = 4) -> Ite
     """
 
     def expire() -> None:
-        # One write of the whole line: every rank shares torchrun's stderr, and a print's separate newline
-        # would let two ranks' lines run together.
-        sys.stderr.flush()
-        os.write(2, (message + "\n").encode())
+        report_error(message.removeprefix("error: "), exit_code, seen_by=int(os.environ.get("RANK", "0")))
         os._exit(exit_code)
 
     timer = threading.Timer(seconds, expire)
