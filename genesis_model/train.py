@@ -30,6 +30,7 @@ from genesis_model.build import build, build_trainer
 from genesis_model.callbacks import NonFiniteStop
 from genesis_model.checkpoint import remove_incomplete
 from genesis_model.distributed import init_distributed, resolve_device_type, shutdown_distributed
+from genesis_model.launch import report_error
 from genesis_model.metrics import MetricsSink, ProgressLine, RunDirSink
 from genesis_model.parallelize import plan_parallel, refresh_compute_copies
 
@@ -87,7 +88,8 @@ def prepare_run_dir(config: TrainConfig, lock: DirLock | None, config_source: st
 
 def collective_check(fn, rank: int, share_result: bool = True):
     """Run `fn` on rank 0 and give every rank its outcome: the result (if `share_result`) or the same
-    one-line error, so all ranks fail together instead of hanging in the next collective."""
+    one-line error, so all ranks fail together instead of hanging in the next collective. The error other
+    ranks raise carries `seen_by = 0`: rank 0 saw it and is the one that reports it (`exit_code`)."""
     result, error = None, None
     if rank == 0:
         try:
@@ -100,8 +102,10 @@ def collective_check(fn, rank: int, share_result: bool = True):
         if error is not None:
             raise error
         kind, message = box[0]
-        raise {"RunDirError": RunDirError, "DataError": DataError, "CheckpointError": CheckpointError,
-               "ConfigError": ConfigError}.get(kind, GenesisError)(message)
+        passed_on = {"RunDirError": RunDirError, "DataError": DataError, "CheckpointError": CheckpointError,
+                     "ConfigError": ConfigError}.get(kind, GenesisError)(message)
+        passed_on.seen_by = 0
+        raise passed_on
     return result if rank == 0 else box[1]
 
 
@@ -216,7 +220,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_at_step
                 rank_state.pop("loader", None)
             trainer.restore(meta, rank_state)
             trainer.event("resumed", path=str(resume_path), step=trainer.step, world_size=info.world_size,
-                          saved_world_size=meta["world_size"])
+                          saved_world_size=meta["world_size"], **trainer.checkpointer.last_load_s)
             if reset_optimizer:
                 trainer.event("optimizer_reset", path=str(resume_path))
                 if info.is_main:
@@ -242,25 +246,29 @@ def _is_collective_failure(err: RuntimeError) -> bool:
 
 def exit_code(run: Callable[[], str]) -> int:
     """Run a training call as the command line does: 0 once completed or paused, 143 when stopped by a signal;
-    otherwise one `error:` line and bad input's own code (2), 3 for non-finite steps, 4 for a failed collective."""
+    otherwise one `error:` line and bad input's own code (2), 3 for non-finite steps, 4 for a failed collective.
+
+    The line goes through `report_error`: under `genesis train --nproc N` the launcher prints the one from the
+    rank that saw the cause; under plain torchrun a rank that was passed rank 0's error stays quiet."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
         status = run()
     except GenesisError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(str(err), err.exit_code, seen_by=getattr(err, "seen_by", rank))
         return err.exit_code
     except NonFiniteStop as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(str(err), 3, seen_by=rank)
         return 3
     except RuntimeError as err:
         if not _is_collective_failure(err):
             raise
-        # NOTE: a collective that times out (a rank stuck or gone) raises here after `parallel.nccl_timeout_s`
-        # instead of hanging; say which rank saw it and what survives, not a 200-line traceback per rank.
-        rank = os.environ.get("RANK", "0")
+        # NOTE: a collective fails when another rank has failed and left (its own error is the cause), and one
+        # that times out (a rank stuck or gone) raises here after `parallel.nccl_timeout_s` instead of hanging;
+        # either way this rank saw a symptom: say so in one line, not a 200-line traceback per rank.
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: rank {rank}: a collective failed ({type(err).__name__}: {first_line[:300]}); another rank "
-              f"is stuck or gone (parallel.nccl_timeout_s bounds the wait); complete checkpoints are kept: "
-              f"fix the cause, then --resume auto", file=sys.stderr)
+        report_error(f"rank {rank}: a collective failed ({type(err).__name__}: {first_line[:300]}); another rank "
+                     f"failed (its error is the cause) or is stuck or gone (parallel.nccl_timeout_s bounds the "
+                     f"wait); complete checkpoints are kept: fix the cause, then --resume auto", 4, seen_by=None)
         return 4
     return 0 if status in ("completed", "paused") else 143
 
