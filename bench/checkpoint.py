@@ -6,7 +6,6 @@ on synthetic token shards:
           steady state is every save after the first;
   resume  of that run: process launch → first resumed step logged (verification included), with the first
           step's time (compilation) and the load's verify/read seconds reported separately;
-  sync    two synchronous saves;
   anchor  the same async run and resume with the code of `--anchor` (a source tree of an earlier revision),
           in the same call.
 
@@ -42,6 +41,43 @@ def make_data(data_dir: Path, tokens: int) -> None:
                                "synthetic 49152")
 
 
+def data_for_old_code(data_dir: Path, target: Path) -> Path:
+    """The same shards under a manifest without the fields added since (older code refuses unknown fields)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in data_dir.iterdir():
+        if item.name != "manifest.json" and not (target / item.name).exists():
+            (target / item.name).symlink_to(item.resolve())
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    for source in manifest["sources"]:
+        for shard in source["shards"]:
+            shard.pop("max_token_id", None)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def disk_write_gb_s(directory: Path, threads: int = 8, gib_per_thread: int = 1) -> float:
+    """What the disk takes: `threads` files of `gib_per_thread` GiB written at once and fsynced (the bound for a
+    checkpoint's write)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(1 << 26)
+
+    def write(index: int) -> None:
+        with open(directory / f"probe-{index}", "wb") as handle:
+            for _ in range(gib_per_thread * 16):
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(write, range(threads)))
+    seconds = time.perf_counter() - started
+    shutil.rmtree(directory)
+    return round(threads * gib_per_thread * 2**30 / 1e9 / seconds, 3)
+
+
 def command_for(tree: Path, run_dir: Path, data_dir: Path, overrides: list[str], resume: bool) -> list[str]:
     """The torchrun command of the trainer in source tree `tree` (this one or the anchor)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
@@ -52,7 +88,8 @@ def command_for(tree: Path, run_dir: Path, data_dir: Path, overrides: list[str],
 
 def env_for(tree: Path, workdir: Path) -> dict:
     # One inductor cache for every run: the anchor and the current model compile to the same graphs.
-    return {**os.environ, "PYTHONPATH": str(tree), "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor")}
+    pythonpath = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH", "")]))
+    return {**os.environ, "PYTHONPATH": pythonpath, "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor")}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -74,11 +111,14 @@ def save_figures(events: list[dict], checkpoint: Path) -> dict:
     staging = [e["seconds"] for e in events if e["event"] == "checkpoint_staging_wait"]
     staging += [0.0] * (len(calls) - len(staging))
     blocked = [round(c + s, 3) for c, s in zip(calls, staging)]
-    complete = [e["seconds"] for e in events if e["event"] == "checkpoint_saved"]
+    saved = [e for e in events if e["event"] == "checkpoint_saved"]
+    complete = [e["seconds"] for e in saved]
     size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
     steady_complete = statistics.median(complete[1:] or complete)
     return {
         "blocked_s_each": blocked,
+        "staged_s_each": [e.get("staged_s") for e in saved],
+        "written_s_each": [e.get("written_s") for e in saved],
         "save_complete_s_each": complete,
         "steady_blocked_s": round(statistics.median(blocked[1:] or blocked), 3),
         "save_complete_s": round(steady_complete, 3),
@@ -111,11 +151,12 @@ def time_resume(tree: Path, workdir: Path, run_dir: Path, data_dir: Path, first_
     raise RuntimeError(process.stderr.read()[-3000:])
 
 
-def async_run(tree: Path, workdir: Path, data_dir: Path, name: str, saves: int, save_every: int) -> dict:
+def async_run(tree: Path, workdir: Path, data_dir: Path, name: str, saves: int, save_every: int,
+              extra: list[str] = ()) -> dict:
     run_dir = workdir / name
     steps = saves * save_every
     overrides = [f"max_steps={steps}", f"checkpoint.save_every={save_every}", "checkpoint.milestone_every=0",
-                 "checkpoint.keep_last=1", "checkpoint.async_save=true", "checkpoint.save_at_end=false"]
+                 "checkpoint.keep_last=1", "checkpoint.async_save=true", "checkpoint.save_at_end=false", *extra]
     metrics, events = train(tree, workdir, run_dir, data_dir, overrides)
     checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     figures = save_figures(events, checkpoint)
@@ -133,6 +174,8 @@ def main() -> None:
     parser.add_argument("--anchor-rev", default=None)
     parser.add_argument("--save-every", type=int, default=60, help="steps between saves (~0.2 s a step)")
     parser.add_argument("--saves", type=int, default=4)
+    parser.add_argument("--writer-threads", type=int, nargs="*", default=[],
+                        help="also run with these checkpoint.writer_threads (the default run uses the config's)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "checkpoint.json")
     args = parser.parse_args()
     import torch
@@ -142,27 +185,31 @@ def main() -> None:
     run = {**environment(), "git_rev": git_rev(), "command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(0),
            "micro_batch": MICRO_BATCH, "save_every": args.save_every}
 
+    run["disk_write_gb_s"] = disk_write_gb_s(args.workdir / "probe")
+    print("disk", run["disk_write_gb_s"], flush=True)
     current = async_run(REPO, args.workdir, data_dir, "async", args.saves, args.save_every)
     run["current"] = current
     print(json.dumps(current), flush=True)
-    _, sync_events = train(REPO, args.workdir, args.workdir / "sync", data_dir,
-                           [f"max_steps={2 * args.save_every}", f"checkpoint.save_every={args.save_every}",
-                            "checkpoint.milestone_every=0", "checkpoint.keep_last=1", "checkpoint.async_save=false",
-                            "checkpoint.save_at_end=false"])
-    run["current_sync_blocked_s_each"] = [e["seconds"] for e in sync_events if e["event"] == "checkpoint_blocked"]
-    shutil.rmtree(args.workdir / "sync")
-    print(run["current_sync_blocked_s_each"], flush=True)
+    for threads in args.writer_threads:
+        run[f"current_writer_threads_{threads}"] = async_run(REPO, args.workdir, data_dir, f"async-{threads}", 3,
+                                                             args.save_every, [f"checkpoint.writer_threads={threads}"])
+        print(threads, json.dumps(run[f"current_writer_threads_{threads}"]), flush=True)
     latest = {key: current[key] for key in ("steady_blocked_s", "save_complete_s", "save_gb_s", "resume_s")}
     latest |= {"resume_first_step_s": current["first_step_s"], "gpu": run["gpu"], "command": run["command"],
                "git_rev": run["git_rev"]}
+    append_run(args.out, run, latest)  # kept even if the anchor below runs out of time
     if args.anchor:
         try:
             run["anchor"] = {"git_rev": args.anchor_rev,
-                             **async_run(args.anchor.resolve(), args.workdir, data_dir, "anchor", 3, args.save_every)}
+                             **async_run(args.anchor.resolve(), args.workdir,
+                                        data_for_old_code(data_dir, args.workdir / "data-old"), "anchor", 3,
+                                        args.save_every)}
         except Exception as err:  # noqa: BLE001 - the current figures are kept whatever the anchor does
             run["anchor"] = {"git_rev": args.anchor_rev, "error": str(err)[-1500:]}
         print(json.dumps(run["anchor"]), flush=True)
-    append_run(args.out, run, latest)
+        data = json.loads(args.out.read_text())
+        data["runs"][-1] = run  # this call's own entry, now with its anchor
+        args.out.write_text(json.dumps(data, indent=2))
     print(json.dumps(latest, indent=1))
 
 

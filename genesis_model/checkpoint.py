@@ -39,8 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from genesis.errors import CheckpointError
-from genesis_model.checkpoint_io import (HashingWriter, SafeReader, digests_for_marker, read_metadata_safely,
-                                         verify_files)
+from genesis_model.checkpoint_io import (HashingWriter, SafeLoadPlanner, SafeReader, digests_for_marker,
+                                         read_metadata_safely, verify_files)
 from genesis.run_dir import (
     MARKER,
     META,
@@ -145,12 +145,13 @@ class Checkpointer:
     markers and pruning. At most one asynchronous save is in flight; `wait()` finishes it."""
 
     def __init__(self, run_dir: Path, rank: int, world_size: int, keep_last: int, async_save: bool,
-                 process_group=None, on_saved=None):
+                 process_group=None, on_saved=None, writer_threads: int = 8):
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = rank, world_size
         self.keep_last = keep_last
         self.async_save = async_save
         self.process_group = process_group
+        self.writer_threads = writer_threads
         self.on_saved = on_saved  # callback(CheckpointRef, seconds) on rank 0 once a checkpoint is complete
         self._pending: tuple[object, threading.Thread | None] | None = None
         self._staging = None
@@ -158,6 +159,7 @@ class Checkpointer:
         self.staging_wait_s = 0.0
         self.last_saved: CheckpointRef | None = None
         self.last_load_s: dict[str, float] = {}  # seconds the last load spent verifying and reading
+        self.last_phases: dict[str, float] = {}  # when the last complete save was staged and written
         # NOTE: on CUDA, async saves stage through pinned host memory on a side stream: the device→host copy
         # overlaps the next forward/backward, and only the next optimizer step, which mutates parameters and
         # moments in place, waits for it (`wait_for_staging`). A fresh stager per save: reusing one across
@@ -191,9 +193,13 @@ class Checkpointer:
         meta = {**meta, "version": CHECKPOINT_VERSION, "step": step, "world_size": self.world_size,
                 "has_optimizer": include_optimizer, "milestone": milestone}
 
+        phases: dict[str, float] = {}  # seconds from the save call: staged (async on CUDA), written, complete
+
         def finalize():
+            phases["written_s"] = round(time.perf_counter() - started, 3)
             if self.rank == 0:
                 self._finalize(tmp, final, meta)
+                self.last_phases = phases
                 if self.on_saved:
                     self.on_saved(CheckpointRef(final, step, milestone), time.perf_counter() - started)
             self.last_saved = CheckpointRef(final, step, milestone)
@@ -205,11 +211,14 @@ class Checkpointer:
 
                 stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
                                                       use_async_staging=True, use_non_blocking_copy=True))
-                response = dcp.async_save(state, storage_writer=HashingWriter(tmp), process_group=self.process_group,
-                                          async_stager=stager)
+                response = dcp.async_save(state, storage_writer=HashingWriter(tmp, self.writer_threads),
+                                          process_group=self.process_group, async_stager=stager)
                 self._staging, future = response.staging_completion, response.upload_completion
+                self._staging.add_done_callback(
+                    lambda _: phases.setdefault("staged_s", round(time.perf_counter() - started, 3)))
             else:
-                future = dcp.async_save(state, storage_writer=HashingWriter(tmp), process_group=self.process_group)
+                future = dcp.async_save(state, storage_writer=HashingWriter(tmp, self.writer_threads),
+                                        process_group=self.process_group)
 
             def complete():
                 try:
@@ -225,7 +234,7 @@ class Checkpointer:
             thread.start()
             self._pending = (future, thread)
         else:
-            dcp.save(state, storage_writer=HashingWriter(tmp), process_group=self.process_group)
+            dcp.save(state, storage_writer=HashingWriter(tmp, self.writer_threads), process_group=self.process_group)
             finalize()
             dist.barrier()
         return time.perf_counter() - started
@@ -306,7 +315,8 @@ class Checkpointer:
         load_optimizer = optimizer_present and not reset_optimizer
         if load_optimizer:
             state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-        dcp.load(state, storage_reader=SafeReader(str(path)), process_group=self.process_group)
+        dcp.load(state, storage_reader=SafeReader(str(path), self.writer_threads),
+                 planner=SafeLoadPlanner(), process_group=self.process_group)
         set_model_state_dict(model, state["model"])
         if load_optimizer:
             set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -348,7 +358,7 @@ def load_model_weights(path: Path, model, verify: bool = True) -> dict:
     read_metadata_safely(path / ".metadata")  # a refusal in one line, before DCP (which wraps it in tracebacks)
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, storage_reader=SafeReader(str(path)), no_dist=True)
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
     except CheckpointException as err:
         # NOTE: DCP's CheckpointException derives from BaseException; turn it into a one-line error here so
         # callers (the CLI, the serve page) need not catch BaseException.

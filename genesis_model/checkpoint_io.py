@@ -17,6 +17,7 @@ metadata consists of, and refuses anything else in one line.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -31,7 +32,9 @@ import torch
 import torch.distributed as dist
 import xxhash
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint._traverse import set_element
 
 from genesis.errors import CheckpointError
 
@@ -223,8 +226,46 @@ def read_metadata_safely(path: Path):
                               f"damaged, use another") from None
 
 
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, but the non-tensor entries of a checkpoint (optimizer hyper-parameters, stored as
+    pickled bytes inside the shard files) are read with `torch.load(weights_only=True)`: the default planner
+    reads them with `weights_only=False`, which would run whatever a crafted shard file carries."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn} holds more than plain values "
+                                  f"({str(err).splitlines()[0][:160]}); refusing to load it: use a checkpoint you "
+                                  f"made") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
 class SafeReader(FileSystemReader):
-    """DCP's file reader, its metadata read through the allow-list above."""
+    """DCP's file reader, its metadata read through the allow-list above, and a rank's files read in parallel
+    threads (one file each: the writer split every rank's shards into `WRITER_THREADS` files). Read one after
+    another, genesis-1b's 11 GiB took 56 s to load on an H200 with the files in the page cache."""
+
+    def __init__(self, path: str | Path, threads: int = WRITER_THREADS):
+        super().__init__(str(path))
+        self.threads = threads
+
+    def read_data(self, plan, planner):
+        per_file: dict[str, list] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        if len(per_file) <= 1:
+            return super().read_data(plan, planner)
+        read_one = lambda items: super(SafeReader, self).read_data(dataclasses.replace(plan, items=items),  # noqa: E731
+                                                                    planner).wait()
+        with ThreadPoolExecutor(max_workers=min(self.threads, len(per_file))) as pool:
+            list(pool.map(read_one, per_file.values()))
+        future = torch.futures.Future()  # what DCP's readers return (it waits on it)
+        future.set_result(None)
+        return future
 
     def read_metadata(self, *args, **kwargs):
         from torch.distributed.checkpoint.metadata import StorageMeta

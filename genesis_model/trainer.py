@@ -104,7 +104,7 @@ class Trainer:
 
     def _on_checkpoint_saved(self, ref: CheckpointRef, seconds: float) -> None:
         self.event("checkpoint_saved", path=str(ref.path), milestone=ref.milestone, seconds=round(seconds, 3),
-                   saved_step=ref.step)
+                   saved_step=ref.step, **self.checkpointer.last_phases)
         self._notify("on_checkpoint_saved", ref, seconds)
 
     # ---------------------------------------------------------------------------------------------------------

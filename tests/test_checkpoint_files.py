@@ -142,3 +142,33 @@ def test_crafted_checkpoint_metadata_is_refused_in_one_line_and_runs_nothing(che
 def test_real_metadata_reads_through_the_allow_list(checkpoint):
     assert has_optimizer_state(checkpoint)
     assert load_checkpoint(checkpoint).model is not None
+
+
+def test_a_pickled_entry_inside_a_shard_file_that_would_run_code_is_refused(tmp_path):
+    """Non-tensor entries (optimizer hyper-parameters) live as pickled bytes inside the shard files, which DCP's
+    default planner reads with `weights_only=False`; here they are read as plain values only."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+    from genesis_model.checkpoint_io import SafeLoadPlanner
+
+    proof = tmp_path / "code-ran"
+    planner = SafeLoadPlanner()
+    planner.set_up_planner({"optimizer.lr": 0.0}, metadata=None, is_coordinator=True)
+    item = ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex("optimizer.lr"), dest_offsets=torch.Size([0]),
+                    storage_index=MetadataIndex("optimizer.lr"), storage_offsets=torch.Size([0]), lengths=torch.Size([0]))
+    crafted = io.BytesIO()
+    torch.save(_Payload(proof), crafted)
+    crafted.seek(0)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        planner.load_bytes(item, crafted)
+    assert not proof.exists()
+
+    plain = io.BytesIO()
+    torch.save({"betas": (0.9, 0.95), "lr": 3e-4, "fused": None}, plain)
+    plain.seek(0)
+    planner.load_bytes(item, plain)
+    assert planner.original_state_dict["optimizer.lr"] == {"betas": (0.9, 0.95), "lr": 3e-4, "fused": None}
