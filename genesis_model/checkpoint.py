@@ -154,17 +154,17 @@ class Checkpointer:
         self.writer_threads = writer_threads
         self.on_saved = on_saved  # callback(CheckpointRef, seconds) on rank 0 once a checkpoint is complete
         self._pending: tuple[object, threading.Thread | None] | None = None
-        self._staging = None
         self._failure: tuple[int, BaseException] | None = None
-        self.staging_wait_s = 0.0
         self.last_saved: CheckpointRef | None = None
         self.last_load_s: dict[str, float] = {}  # seconds the last load spent verifying and reading
         self.last_phases: dict[str, float] = {}  # when the last complete save was staged and written
-        # NOTE: on CUDA, async saves stage through pinned host memory on a side stream: the device→host copy
-        # overlaps the next forward/backward, and only the next optimizer step, which mutates parameters and
-        # moments in place, waits for it (`wait_for_staging`). A fresh stager per save: reusing one across
-        # saves failed inside torch 2.11 (KeyError in its cached staging plan) on the second save.
-        self.use_stager = async_save and torch.cuda.is_available()
+        # NOTE: on CUDA, async saves stage into pinned host buffers allocated once and kept (the writer's cached
+        # staged state dict), then write from them in the background. The copy itself blocks training (~1 s
+        # for genesis-1b); allocating 11 GiB of fresh pinned memory per save, as a new DefaultStager does (one
+        # stager could not be reused: torch 2.11 failed on the second save with a KeyError in its cached
+        # staging plan), took 6-8 s of every save on an H200 (bench/checkpoint.py).
+        self.cached_staging = async_save and torch.cuda.is_available()
+        self._writer: HashingWriter | None = None
 
     # ---------------------------------------------------------------------------------------------------------
 
@@ -202,23 +202,19 @@ class Checkpointer:
                 self.last_phases = phases
                 if self.on_saved:
                     self.on_saved(CheckpointRef(final, step, milestone), time.perf_counter() - started)
+                self._prune()  # after: deleting an old 11 GiB checkpoint took seconds that are not this save's
             self.last_saved = CheckpointRef(final, step, milestone)
 
         if self.async_save:
-            stager = None
-            if self.use_stager:
-                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-                stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
-                                                      use_async_staging=True, use_non_blocking_copy=True))
-                response = dcp.async_save(state, storage_writer=HashingWriter(tmp, self.writer_threads),
-                                          process_group=self.process_group, async_stager=stager)
-                self._staging, future = response.staging_completion, response.upload_completion
-                self._staging.add_done_callback(
-                    lambda _: phases.setdefault("staged_s", round(time.perf_counter() - started, 3)))
+            if self.cached_staging:
+                if self._writer is None:
+                    self._writer = HashingWriter(tmp, self.writer_threads, cache_staged_state_dict=True)
+                future = dcp.async_save(state, checkpoint_id=str(tmp), storage_writer=self._writer,
+                                        process_group=self.process_group)
             else:
                 future = dcp.async_save(state, storage_writer=HashingWriter(tmp, self.writer_threads),
                                         process_group=self.process_group)
+            phases["staged_s"] = round(time.perf_counter() - started, 3)
 
             def complete():
                 try:
@@ -226,9 +222,6 @@ class Checkpointer:
                     finalize()
                 except BaseException as err:  # surfaced by wait(): a failed save must never pass silently
                     self._failure = (step, err)
-                finally:
-                    if stager is not None:
-                        stager.close()
 
             thread = threading.Thread(target=complete, name=f"checkpoint-{step}", daemon=False)
             thread.start()
@@ -239,23 +232,11 @@ class Checkpointer:
             dist.barrier()
         return time.perf_counter() - started
 
-    def wait_for_staging(self) -> float:
-        """Block until the in-flight save has copied the state off the GPU (call before mutating it).
-        Returns the seconds waited."""
-        if self._staging is None:
-            return 0.0
-        started = time.perf_counter()
-        self._staging.result()
-        self._staging = None
-        self.staging_wait_s = time.perf_counter() - started
-        return self.staging_wait_s
-
     def close(self) -> None:
         self.wait()
 
     def wait(self) -> None:
         """Block until the in-flight save (if any) is complete on this rank."""
-        self.wait_for_staging()
         if self._pending is not None:
             _, thread = self._pending
             thread.join()
@@ -281,7 +262,6 @@ class Checkpointer:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(marker_tmp, final / MARKER)
-        self._prune()
 
     def _prune(self) -> None:
         rolling = [ref for ref in list_checkpoints(self.run_dir) if not ref.milestone]

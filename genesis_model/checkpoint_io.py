@@ -122,9 +122,15 @@ class HashingWriter(FileSystemWriter):
     """DCP's file writer, `threads` files per rank written in parallel, each hashed as it is written; the digests
     of this rank's shard files land in `hashes/__<rank>.json` once they are all on disk (and fsynced)."""
 
-    def __init__(self, path: str | Path, threads: int = WRITER_THREADS):
-        super().__init__(str(path), thread_count=threads, sync_files=True)
+    def __init__(self, path: str | Path, threads: int = WRITER_THREADS, cache_staged_state_dict: bool = False):
+        super().__init__(str(path), thread_count=threads, sync_files=True,
+                         cache_staged_state_dict=cache_staged_state_dict)
         self.fs = _HashingFileSystem()
+
+    def reset(self, checkpoint_id=None) -> None:
+        """A writer reused for the next checkpoint (so its pinned staging buffers are too): fresh digests."""
+        super().reset(checkpoint_id)
+        self.fs.digests.clear()
 
     def write_data(self, plan, planner):
         future = super().write_data(plan, planner)  # synchronous: every file is written when it returns

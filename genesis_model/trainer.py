@@ -161,9 +161,6 @@ class Trainer:
         grad_norm_value = float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
         if finite:
-            staging_wait = self.checkpointer.wait_for_staging()  # an async save may still be copying weights
-            if staging_wait:
-                self.event("checkpoint_staging_wait", seconds=round(staging_wait, 3))
             self.optimizer.step()
             self.consecutive_nonfinite = 0
             self.last_loss = loss_value
