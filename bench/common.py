@@ -103,8 +103,8 @@ def append_run(path: Path, run: dict, latest: dict) -> dict:
     top-level `latest` figures; nothing measured earlier is overwritten."""
     existing = json.loads(path.read_text()) if path.is_file() else {}
     runs = existing.get("runs")
-    if runs is None:
-        runs = [existing] if existing else []
+    if runs is None:  # the file's whole content was one earlier run
+        runs, existing = ([existing] if existing else []), {}
     data = {**{k: v for k, v in existing.items() if k != "runs"}, **latest, "runs": [*runs, run]}
     write_json(path, data)
     return data
