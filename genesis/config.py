@@ -116,9 +116,32 @@ class EvalConfig(StrictModel):
 
 
 class StabilityConfig(StrictModel):
+    """What a bad step means (genesis_model/callbacks.py `Stability`). A loss spike is a finite loss above the
+    rolling mean + spike_sigma·σ of the last spike_window losses."""
+
     max_consecutive_nonfinite: int = Field(default=5, ge=1, description="stop after K skipped steps in a row")
     spike_window: int = Field(default=50, ge=5)
     spike_sigma: float = Field(default=6.0, gt=0)
+    spike_policy: Literal["record", "skip", "rollback"] = Field(
+        default="skip",
+        description="on a loss spike: 'record' it and apply the update; 'skip' the update (as OLMo-core's "
+                    "skip-step optimizer does); 'rollback': reload the newest complete checkpoint's weights and "
+                    "optimizer and go on with the data after the spike (the reference post's remedy); a non-finite "
+                    "streak then rolls back too instead of stopping")
+    max_rollbacks: int = Field(default=3, ge=0, description="rollbacks allowed in one process before the run stops")
+    probe_before_save: bool = Field(
+        default=True,
+        description="before each checkpoint, a forward-only loss of the weights being saved on the next "
+                    "micro-batch (data position unchanged): a checkpoint is withheld unless that loss is finite, "
+                    "under the spike threshold and under max_loss_factor·ln(vocab)")
+    max_weight_norm_growth: float = Field(
+        default=10.0, gt=1,
+        description="weights whose global norm grew more than this factor since the last checkpoint (or the "
+                    "start) are not saved: a finite but destructive update (a wild learning rate) shows there "
+                    "while the loss can still look like a fresh model's")
+    max_loss_factor: float = Field(
+        default=1.5, gt=1,
+        description="a loss above this multiple of ln(vocab_size), a uniform guess's loss, means broken weights")
 
 
 class ParallelConfig(StrictModel):

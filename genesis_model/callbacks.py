@@ -3,6 +3,8 @@ profiling, throughput and MFU, the non-finite and spike policy, per-source evalu
 
 The loop (`trainer.py`) calls each hook on every rank, in the order of its callback list. Per optimizer step:
   on_step_start        before the step's micro-batches
+  veto_update          once the step's loss and gradient norm are known (finite), before the optimizer step:
+                       return a reason to skip this update (the same on every rank), or None
   on_step_metrics      after the update, with the step's metrics (a dict): add figures to it, report events,
                        or stop the run by raising (`NonFiniteStop`); runs before the metrics are logged
   on_step_end          after the metrics are logged and any checkpoint is saved or started
@@ -40,6 +42,13 @@ class Callback:
 
     def on_step_start(self, trainer) -> None:
         pass
+
+    def veto_update(self, trainer, loss: float, grad_norm: float) -> str | None:
+        return None
+
+    def loss_threshold(self) -> float | None:
+        """A loss above which weights are unsound (the spike threshold), if this callback knows one."""
+        return None
 
     def on_step_metrics(self, trainer, metrics: dict) -> None:
         pass
@@ -161,13 +170,27 @@ class SpikeDetector:
         self.losses: deque[float] = deque(maxlen=window)
         self.sigma = sigma
 
+    def statistics(self) -> tuple[float, float] | None:
+        if len(self.losses) < self.losses.maxlen:
+            return None
+        mean = sum(self.losses) / len(self.losses)
+        return mean, math.sqrt(sum((x - mean) ** 2 for x in self.losses) / len(self.losses))
+
+    def threshold(self) -> float | None:
+        stats = self.statistics()
+        return None if stats is None else stats[0] + self.sigma * max(stats[1], 1e-6)
+
+    def spike(self, loss: float) -> dict | None:
+        """The spike's description if `loss` is one (the window is not changed)."""
+        threshold = self.threshold()
+        if threshold is None or loss <= threshold:
+            return None
+        mean, std = self.statistics()
+        return {"loss": loss, "rolling_mean": mean, "rolling_std": std}
+
     def check(self, loss: float) -> dict | None:
-        spike = None
-        if len(self.losses) == self.losses.maxlen:
-            mean = sum(self.losses) / len(self.losses)
-            std = math.sqrt(sum((x - mean) ** 2 for x in self.losses) / len(self.losses))
-            if loss > mean + self.sigma * max(std, 1e-6):
-                spike = {"loss": loss, "rolling_mean": mean, "rolling_std": std}
+        """`spike(loss)`, then `loss` joins the window."""
+        spike = self.spike(loss)
         self.losses.append(loss)
         return spike
 
@@ -179,33 +202,62 @@ class SpikeDetector:
 
 
 class Stability(Callback):
-    """What a bad step means. The trainer skips any update whose loss or gradient norm is not finite, and counts
-    it; here, K skipped steps in a row stop the run without saving (so the last good checkpoint stays newest),
-    and a finite loss above the rolling mean + k·σ is recorded as a spike (training continues)."""
+    """What a bad step means (`stability.*`). The trainer skips any update whose loss or gradient norm is not
+    finite, and counts it. A finite loss above the rolling mean + k·σ is a spike; `spike_policy` says what follows:
+    'record' (an event; the update is applied and the run counts as unhealthy until a normal loss), 'skip' (the
+    update is not made; the loss stays out of the window) or 'rollback' (the newest complete checkpoint is
+    reloaded and the data goes on after the spike). K non-finite steps in a row stop the run without saving, so
+    the last good checkpoint stays newest, unless 'rollback' has rollbacks left. While unhealthy, no checkpoint is
+    written (`Trainer.unfit_to_save`)."""
 
     state_key = "spikes"
 
     def __init__(self, config: StabilityConfig):
-        self.max_consecutive_nonfinite = config.max_consecutive_nonfinite
+        self.config = config
         self.spikes = SpikeDetector(config.spike_window, config.spike_sigma)
 
+    def veto_update(self, trainer, loss: float, grad_norm: float) -> str | None:
+        if self.config.spike_policy == "skip" and self.spikes.spike(loss):
+            return "loss_spike"
+        return None
+
+    def loss_threshold(self) -> float | None:
+        return self.spikes.threshold()
+
     def on_step_metrics(self, trainer, metrics: dict) -> None:
-        if metrics["skipped"]:
+        health = trainer.health
+        reason = metrics.get("skip_reason")
+        if reason == "nonfinite":
+            health |= {"healthy": False, "reason": f"{trainer.consecutive_nonfinite} non-finite step(s) in a row"}
             trainer.event("nonfinite_step_skipped", loss=metrics["loss"], grad_norm=metrics["grad_norm"],
                           consecutive=trainer.consecutive_nonfinite, total=trainer.nonfinite_skipped)
-            if trainer.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            if trainer.consecutive_nonfinite >= self.config.max_consecutive_nonfinite:
+                if self.config.spike_policy == "rollback" and trainer.rollback("nonfinite_streak"):
+                    return
                 raise NonFiniteStop(
                     f"run stopped at step {trainer.step}: {trainer.consecutive_nonfinite} non-finite steps in a "
                     f"row; the last good checkpoint is kept; lower the lr or inspect the data, then --resume auto")
-            return
-        spike = self.spikes.check(metrics["loss"])
-        if spike:
-            trainer.event("loss_spike", **spike)
+        elif reason == "loss_spike":
+            health["spikes_skipped"] += 1
+            trainer.event("loss_spike", action="update_skipped", **self.spikes.spike(metrics["loss"]))
+        else:
+            spike = self.spikes.check(metrics["loss"])
+            if spike is None:
+                health |= {"healthy": True, "reason": None}
+            elif self.config.spike_policy == "rollback":
+                trainer.event("loss_spike", action="rollback", **spike)
+                if not trainer.rollback("loss_spike"):
+                    health |= {"healthy": False, "reason": f"loss spike at step {trainer.step} ({spike['loss']:.4g})"}
+            else:
+                trainer.event("loss_spike", action="recorded", **spike)
+                health |= {"healthy": False, "reason": f"loss spike at step {trainer.step} ({spike['loss']:.4g})"}
+        metrics |= {key: health[key] for key in ("spikes_skipped", "checkpoints_withheld", "rollbacks")}
 
     def state_dict(self) -> dict:
         return self.spikes.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        self.spikes.losses.clear()
         self.spikes.load_state_dict(state)
 
 
@@ -275,9 +327,10 @@ class StatusFile(Callback):
             "tokens_per_step": trainer.tokens_per_step,
             "world_size": trainer.dist.world_size,
             "nonfinite_skipped": trainer.nonfinite_skipped,
+            "health": dict(trainer.health),
             "last_checkpoint": str(last.path) if last else None,
             "last_milestone": str(self._last_milestone) if self._last_milestone else None,
             "val_loss": trainer.last_val,
             "updated": time.time(),
-            **(metrics or {}),
+            **{key: value for key, value in (metrics or {}).items() if key != "skip_reason"},
         })

@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,8 +29,10 @@ from genesis_model.metrics import MetricsSink
 from genesis_model.optim import lr_at
 from genesis_model.parallelize import ParallelPlan, compute_copies
 
-# Testing aid: comma-separated steps at which rank 0's loss is replaced by NaN (a real fault's stand-in).
+# Testing aids (a real fault's stand-in): comma-separated steps at which rank 0's loss is replaced by NaN, or
+# multiplied by 100 (a finite loss spike; once per step number, so a rollback past it does not meet it again).
 INJECT_NAN_ENV = "GENESIS_INJECT_NAN_STEPS"
+INJECT_SPIKE_ENV = "GENESIS_INJECT_SPIKE_STEPS"
 
 
 class Trainer:
@@ -46,6 +49,11 @@ class Trainer:
         self.tokens_seen = 0
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
+        # Health (Stability's policy): updates vetoed by a callback, checkpoints withheld, rollbacks made.
+        self.health = {"healthy": True, "reason": None, "spikes_skipped": 0, "checkpoints_withheld": 0,
+                       "rollbacks": 0, "tokens_skipped": 0}
+        self._owed_save: bool | None = None  # a withheld save to make at the next healthy step (True: a milestone)
+        self._sound_weight_norm: float | None = None  # of the weights last saved (or started from)
         self.last_loss: float | None = None  # of the last update made (a skipped step's loss is not finite)
         self.last_val: dict[str, float] = {}  # the last evaluation's losses (callbacks.Evaluation)
         self.tokens_per_step = config.micro_batch_size * config.window * config.grad_accum_steps * dist_info.world_size
@@ -53,6 +61,7 @@ class Trainer:
         self._compute_copies = list(compute_copies(model).values()) if plan.master_weights else []
         self._stop_signal: int | None = None
         self._inject_nan = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
+        self._inject_spike = {int(s) for s in os.environ.get(INJECT_SPIKE_ENV, "").split(",") if s.strip()}
 
     # ---------------------------------------------------------------------------------------------------------
     # State
@@ -69,6 +78,7 @@ class Trainer:
             **self.run_meta,
             "tokens_seen": self.tokens_seen,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "health": dict(self.health),
             "last_loss": self.last_loss,
             "val_loss": self.last_val,
         }
@@ -77,6 +87,7 @@ class Trainer:
         self.step = int(meta["step"])
         self.tokens_seen = int(meta["tokens_seen"])
         self.nonfinite_skipped = int(meta.get("nonfinite_skipped", 0))
+        self.health |= {key: value for key, value in meta.get("health", {}).items() if key in self.health}
         self.last_loss = meta.get("last_loss")
         for callback in self.callbacks:
             if callback.state_key:
@@ -148,6 +159,10 @@ class Trainer:
             loss = self.model(inputs, targets)
             if self.step + 1 in self._inject_nan and self.dist.is_main:
                 loss = loss * float("nan")
+            if self.step + 1 in self._inject_spike and self.dist.is_main:
+                loss = loss * 100.0
+                if micro_step == config.grad_accum_steps - 1:
+                    self._inject_spike.discard(self.step + 1)
             (loss / config.grad_accum_steps).backward()
             if plan.fold_gradients:
                 self.optimizer.fold_gradients()  # bf16 compute copies' gradients, summed over micro-steps in fp32
@@ -160,17 +175,22 @@ class Trainer:
         loss_value = float(self.all_reduce_mean(loss_sum / config.grad_accum_steps))
         grad_norm_value = float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
-        if finite:
+        # Every rank reaches the same verdict: the loss and gradient norm are all-reduced.
+        skip_reason = None if finite else "nonfinite"
+        for callback in self.callbacks if finite else ():
+            skip_reason = skip_reason or callback.veto_update(self, loss_value, grad_norm_value)
+        if skip_reason is None:
             self.optimizer.step()
             self.consecutive_nonfinite = 0
             self.last_loss = loss_value
-        else:
+        elif skip_reason == "nonfinite":
             self.nonfinite_skipped += 1
             self.consecutive_nonfinite += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value, "skipped": not finite}
+        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value, "skipped": skip_reason is not None,
+                "skip_reason": skip_reason}
 
     @contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -184,6 +204,74 @@ class Trainer:
                 # Weights gathered by these forwards stay unsharded (no resharding after forward); free them, and
                 # hand the optimizer and the checkpointer the sharded parameters again.
                 self.model.reshard()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Health: what is saved must be sound; what went wrong can be undone
+
+    @torch.no_grad()
+    def weight_norm(self) -> float:
+        """The global L2 norm of the weights (over every rank's shards)."""
+        norm = torch.nn.utils.get_total_norm([p.detach() for p in self.model.parameters()], foreach=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """The loss of the current weights on the next micro-batch, forward only, the data position unchanged:
+        what a checkpoint of these weights would resume into (the same value on every rank)."""
+        position = self.loader.state_dict()
+        inputs, targets = self._next_micro_batch()
+        self.loader.load_state_dict(position)
+        with self.evaluating():
+            loss = self.model(inputs, targets)
+        return float(self.all_reduce_mean(loss))
+
+    def unfit_to_save(self) -> str | None:
+        """Why the current weights must not become a checkpoint, or None. Unhealthy: inside a non-finite streak,
+        after a spike whose update was applied, or (`stability.probe_before_save`) weights whose loss on the next
+        batch is not finite, above the spike threshold, or above max_loss_factor·ln(vocab): a finite but
+        destructive update shows there first."""
+        if not self.health["healthy"]:
+            return self.health["reason"]
+        stability = self.config.stability
+        norm = self.weight_norm()
+        if self._sound_weight_norm is not None and not norm <= stability.max_weight_norm_growth * self._sound_weight_norm:
+            return (f"the weights' norm is {norm:.4g}, more than {stability.max_weight_norm_growth:g}x the "
+                    f"{self._sound_weight_norm:.4g} of the last sound weights")
+        if not stability.probe_before_save:
+            return None
+        probe = self.probe_loss()
+        limit = stability.max_loss_factor * math.log(self.config.model.vocab_size)
+        for callback in self.callbacks:
+            threshold = callback.loss_threshold()
+            limit = min(limit, threshold) if threshold is not None else limit
+        if not math.isfinite(probe) or probe > limit:
+            return f"the weights' loss on the next batch is {probe:.4g} (limit {limit:.4g})"
+        return None
+
+    def rollback(self, reason: str) -> bool:
+        """Reload the newest complete checkpoint's weights and optimizer (every rank) and go on with the data
+        after the bad step: the data between is skipped, not replayed. False when no checkpoint or no rollback
+        is left (the caller then stops the run)."""
+        from genesis.run_dir import latest_checkpoint
+        from genesis_model.parallelize import refresh_compute_copies
+
+        self.checkpointer.wait()
+        ref = latest_checkpoint(Path(self.config.run_dir))
+        if ref is None or self.health["rollbacks"] >= self.config.stability.max_rollbacks:
+            return False
+        from_step, tokens_seen = self.step, self.tokens_seen
+        position, health = self.loader.state_dict(), dict(self.health)
+        meta, rank_state = self.checkpointer.load(ref.path, self.model, self.optimizer)
+        refresh_compute_copies(self.model)
+        self._sound_weight_norm = self.weight_norm()
+        self.restore(meta, {key: value for key, value in rank_state.items() if key not in ("loader", "rng")})
+        self.loader.load_state_dict(position)
+        self.consecutive_nonfinite = 0
+        self.health = health | {"rollbacks": health["rollbacks"] + 1, "healthy": True, "reason": None,
+                                "tokens_skipped": health["tokens_skipped"] + tokens_seen - self.tokens_seen}
+        self.event("rolled_back", reason=reason, from_step=from_step, to_step=self.step, checkpoint=str(ref.path),
+                   tokens_skipped=tokens_seen - self.tokens_seen, rollbacks=self.health["rollbacks"])
+        return True
 
     # ---------------------------------------------------------------------------------------------------------
     # The loop
@@ -227,6 +315,7 @@ class Trainer:
         status = "completed"
         just_saved = False
         try:
+            self._sound_weight_norm = self.weight_norm()
             self._notify("on_fit_start")
             while self.step < config.max_steps:
                 self._notify("on_step_start")
@@ -237,15 +326,25 @@ class Trainer:
                 metrics = {**result, "tokens_seen": self.tokens_seen, "step_time_s": elapsed}
                 self._notify("on_step_metrics", metrics)
                 if self.dist.is_main and self.log_due():
-                    logged = {key: value for key, value in metrics.items() if value is not None}
+                    logged = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
                     for sink in self.sinks:
                         sink.log_metrics(self.step, logged)
                 due, milestone = self._checkpoint_due()
-                if due:
-                    blocked = self.save(milestone=milestone)
-                    self.event("checkpoint_blocked", seconds=round(blocked, 3), milestone=milestone,
-                               async_save=self.checkpointer.async_save)
-                    just_saved = True
+                if due or self._owed_save is not None:
+                    milestone = milestone or bool(self._owed_save)
+                    withheld = self.unfit_to_save()
+                    if withheld:
+                        # A checkpoint of unsound weights is never written: `--resume auto` would pick it.
+                        self._owed_save = milestone
+                        self.health["checkpoints_withheld"] += 1
+                        self.event("checkpoint_withheld", reason=withheld, milestone=milestone)
+                    else:
+                        self._owed_save = None
+                        self._sound_weight_norm = self.weight_norm()
+                        blocked = self.save(milestone=milestone)
+                        self.event("checkpoint_blocked", seconds=round(blocked, 3), milestone=milestone,
+                                   async_save=self.checkpointer.async_save)
+                        just_saved = True
                 self._notify("on_step_end", metrics)
                 if self._stop_signal is not None:
                     status = "stopped_by_signal"
@@ -254,7 +353,12 @@ class Trainer:
                     status = "paused"
                     break
             if not just_saved and (config.checkpoint.save_at_end or status != "completed"):
-                self.save(milestone=False)
+                withheld = self.unfit_to_save()
+                if withheld:
+                    self.health["checkpoints_withheld"] += 1
+                    self.event("checkpoint_withheld", reason=withheld, milestone=False, at_end=True)
+                else:
+                    self.save(milestone=False)
             self.checkpointer.wait()
             self._notify("on_fit_end", status)
             self.event("run_finished", status=status)

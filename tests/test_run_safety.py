@@ -3,6 +3,7 @@ real trainer under torchrun."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from genesis.run_dir import MARKER, RunDir, list_checkpoints
+from genesis.run_dir import MARKER, MetricsReader, RunDir, list_checkpoints
 from genesis_model.launch import trainer_command
 from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, read_jsonl, run_trainer
 
@@ -102,3 +103,70 @@ def test_a_start_refused_by_its_checks_writes_nothing(token_data, tmp_path):
     refused = run_trainer(fresh, bad_data, ["max_steps=2"], nproc=2)
     assert refused.returncode != 0 and "manifest.json" in refused.stderr
     assert not fresh.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Item 5: no checkpoint of unsound weights; spikes skipped or rolled back
+
+
+def weights_loss(checkpoint, data_dir) -> float:
+    """The loss of a checkpoint's weights on the first documents of the data: what a resume would start from."""
+    import torch
+
+    from genesis.config import ModelConfig
+    from genesis.manifest import ShardReader, read_manifest
+    from genesis.run_dir import read_meta
+    from genesis_model.checkpoint import load_model_weights
+    from genesis_model.model import Transformer
+
+    model = Transformer(ModelConfig.model_validate(read_meta(checkpoint)["model_config"]))
+    load_model_weights(checkpoint, model)
+    shard = read_manifest(data_dir).sources[0].shards[0]
+    tokens = torch.from_numpy(ShardReader(data_dir / shard.path).doc(0)[:65].astype("int64"))[None]
+    with torch.no_grad():
+        return float(model.eval()(tokens[:, :-1], tokens[:, 1:]))
+
+
+def test_a_destructive_update_is_never_checkpointed_and_resume_auto_finds_sound_weights(token_data, tmp_path):
+    """`optimizer.lr=1e6` from step 6 on: the update is finite, the weights it leaves are not. Every later save
+    is withheld (the weights' loss on the next batch gives them away before the non-finite streak does), so the
+    newest checkpoint stays the sound one of step 6. On the previous code, steps 7+ were saved destroyed."""
+    import math
+
+    assert_ok(run_trainer(tmp_path, token_data, ["max_steps=6", "checkpoint.save_every=3"], nproc=1))
+    wrecked = run_trainer(tmp_path, token_data, ["max_steps=20", "checkpoint.save_every=1", "optimizer.lr=1e6",
+                                                 "optimizer.min_lr=0"], ["--resume", "auto"], nproc=1)
+    assert wrecked.returncode != 0 and "non-finite steps in a row" in wrecked.stderr, wrecked.stderr[-2000:]
+    events = read_jsonl(RunDir(tmp_path).events)
+    withheld = [e for e in events if e["event"] == "checkpoint_withheld"]
+    assert withheld and withheld[0]["step"] == 7, [e["event"] for e in events]
+    assert [ref.step for ref in list_checkpoints(tmp_path)] == [3, 6]
+    assert math.isfinite(weights_loss(tmp_path / "checkpoints" / "step_00000006", token_data))
+    latest = json.loads(RunDir(tmp_path).latest.read_text())
+    assert latest["health"]["checkpoints_withheld"] >= 1 and not latest["health"]["healthy"]
+
+
+def test_a_loss_spike_is_skipped_by_default_and_rolled_back_on_request(token_data, tmp_path):
+    """A finite loss spike (x100 at step 12, after a window of 5 losses): by default the update is skipped and
+    counted; with `spike_policy=rollback` the newest checkpoint (step 8) is reloaded and training goes on after
+    the spike's data, to the target step."""
+    spike = {"GENESIS_INJECT_SPIKE_STEPS": "12"}
+    common = ["max_steps=16", "checkpoint.save_every=4", "stability.spike_window=5"]
+
+    skipped_dir = tmp_path / "skip"
+    assert_ok(run_trainer(skipped_dir, token_data, common, nproc=1, env=spike))
+    spikes = [e for e in read_jsonl(RunDir(skipped_dir).events) if e["event"] == "loss_spike"]
+    assert [(e["step"], e["action"]) for e in spikes] == [(12, "update_skipped")]
+    latest = json.loads(RunDir(skipped_dir).latest.read_text())
+    assert latest["status"] == "completed" and latest["health"]["spikes_skipped"] == 1
+
+    rolled_dir = tmp_path / "rollback"
+    assert_ok(run_trainer(rolled_dir, token_data, [*common, "stability.spike_policy=rollback"], nproc=1, env=spike))
+    events = read_jsonl(RunDir(rolled_dir).events)
+    rollbacks = [e for e in events if e["event"] == "rolled_back"]
+    assert [(e["from_step"], e["to_step"], e["reason"]) for e in rollbacks] == [(12, 8, "loss_spike")]
+    assert rollbacks[0]["tokens_skipped"] > 0
+    latest = json.loads(RunDir(rolled_dir).latest.read_text())
+    assert latest["status"] == "completed" and latest["step"] == 16 and latest["health"]["rollbacks"] == 1
+    metrics = MetricsReader(RunDir(rolled_dir).metrics).all_rows()
+    assert max(row["rollbacks"] for row in metrics) == 1  # in the metrics that MLflow and `genesis serve` read
