@@ -91,11 +91,40 @@ class OptimizerConfig(StrictModel):
     )
     grad_clip: float = Field(default=1.0, gt=0)
     fused: bool | None = Field(default=None, description="fused AdamW; None = on for CUDA, off on CPU")
+    # The learning-rate schedule (genesis_model/optim.py `lr_at`), a pure function of the step and the config.
+    schedule: Literal["cosine", "wsd"] = Field(
+        default="cosine",
+        description="'cosine': warmup, then cosine to min_lr at max_steps (a fixed-length run). 'wsd': "
+                    "warmup-stable-decay for a trunk that grows: each cycle (ending at every "
+                    "checkpoint.milestone_every and at max_steps) holds lr, then cools down to min_lr over its "
+                    "last decay_fraction, so every milestone is fully decayed; the next cycle re-warms")
+    decay_fraction: float = Field(default=0.2, gt=0, le=1,
+                                  description="wsd: the share of each cycle spent cooling down to min_lr")
+    decay_shape: Literal["1-sqrt", "linear"] = Field(
+        default="1-sqrt", description="wsd: the cool-down's shape (1-sqrt: Hägele et al. 2024's best)")
+    rewarm_steps: int | None = Field(
+        default=None, ge=1,
+        description="steps from min_lr back to lr at the start of each later cycle (logged as an lr_rewarm "
+                    "event); None = warmup_steps")
+    extended_from: list[int] = Field(
+        default_factory=list,
+        description="the max_steps this run was extended from: each ends a cycle (decayed to min_lr) and the "
+                    "next re-warms. Resuming with a larger max_steps that would raise the LR of a run whose "
+                    "schedule already bent toward the old end (cosine) is refused without it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_step_is_a_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("extended_from"), int):
+            data = {**data, "extended_from": [data["extended_from"]]}
+        return data
 
     @model_validator(mode="after")
     def _min_below_peak(self) -> "OptimizerConfig":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} must not exceed lr {self.lr}")
+        if any(step < 1 for step in self.extended_from):
+            raise ValueError(f"extended_from {self.extended_from} must list steps ≥ 1 (the max_steps extended from)")
         return self
 
 

@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine learning-rate schedule."""
+"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules (cosine, WSD)."""
 
 from __future__ import annotations
 
@@ -163,14 +163,136 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self._copies_checked = False  # the weights were probably loaded too: check the copies again
 
 
-def lr_at(step: int, config: OptimizerConfig, max_steps: int) -> float:
-    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`.
+# --------------------------------------------------------------------------------------------------------------
+# The learning-rate schedule
+#
+# NOTE: a trunk grows in cycles: pretrain to a milestone, branch from it, continue to the next. Cosine bends its
+# whole length toward max_steps, so raising max_steps mid-run lifted the LR at once (step 20,000 of 20k → 40k:
+# 3.0e-5 → 1.68e-4), with no warm-up. `wsd` (warmup–stable–decay; Hägele et al. 2024, "Scaling Laws and
+# Compute-Optimal Training Beyond Fixed Training Durations"; MiniCPM) holds the peak LR and cools down only over
+# the last `decay_fraction` of each cycle, a cycle ending at every milestone and at max_steps: every milestone is
+# a fully decayed base model, and the steps before a milestone never depend on a later max_steps, so a trunk
+# extended from one continues exactly. The cool-down is part of the trunk, and the next cycle re-warms from
+# min_lr to lr over `rewarm_steps` (an `lr_rewarm` event). The alternative, a cool-down branched off a stable
+# trunk that is itself never decayed (the paper's setup), costs the cool-down's steps twice and needs the
+# trainer to save, cool down, and reload the pre-cool-down state with its data position; it is not done here.
+# A cosine run (or a WSD run ending off a milestone) is extended only explicitly: `extended_from` ends the old
+# cycle where it was planned to end, and the next one re-warms (`check_schedule_continues`).
 
-    `step` is the number of updates already done (0 for the first). A pure function of the step, so a
-    resumed run needs no scheduler state, and raising max_steps for a continued cycle stretches the tail.
+
+def cycle_bounds(step: int, config: OptimizerConfig, max_steps: int, milestone_every: int = 0) -> tuple[int, int]:
+    """(start, end) of the schedule cycle holding `step` (0 ≤ step < max_steps). Cycles end at every
+    `extended_from` step, at every milestone under `wsd`, and at max_steps."""
+    start, end = 0, max_steps
+    for boundary in config.extended_from:
+        if boundary <= step:
+            start = max(start, boundary)
+        elif boundary < end:
+            end = boundary
+    if config.schedule == "wsd" and milestone_every:
+        start = max(start, step // milestone_every * milestone_every)
+        end = min(end, (step // milestone_every + 1) * milestone_every)
+    return start, end
+
+
+def _warmup_of(start: int, config: OptimizerConfig) -> int:
+    return config.warmup_steps if start == 0 else (config.rewarm_steps or config.warmup_steps)
+
+
+def _wsd_phases(start: int, end: int, config: OptimizerConfig) -> tuple[int, int]:
+    """(warm-up, cool-down) steps of a wsd cycle: a short cycle keeps its warm-up and at least one cool-down
+    step (its last update is at min_lr); the stable phase is what is left."""
+    length = end - start
+    warmup = min(_warmup_of(start, config), length - 1)
+    decay = max(1, min(round(config.decay_fraction * length), length - warmup))
+    return warmup, decay
+
+
+def lr_at(step: int, config: OptimizerConfig, max_steps: int, milestone_every: int = 0) -> float:
+    """The learning rate of update `step` (the number of updates already done: 0 for the first).
+
+    Per cycle (`cycle_bounds`): a linear warm-up, from 0 over `warmup_steps` in the first cycle and from min_lr
+    over `rewarm_steps` in later ones, then
+      cosine: cosine decay to min_lr at the cycle's end (one cycle, to max_steps, unless `extended_from`);
+      wsd:    the peak lr, then a cool-down to min_lr over the cycle's last `decay_fraction` (1-sqrt or linear),
+              reaching min_lr at the cycle's last update, so the checkpoint at its end is fully decayed.
+    At or past max_steps: min_lr. A pure function of the step and the config: a resumed run needs no scheduler
+    state (`milestone_every`: checkpoint.milestone_every, the ends of wsd's cycles).
     """
-    if config.warmup_steps and step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    decay_steps = max(1, max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    if step >= max_steps:
+        return config.min_lr
+    start, end = cycle_bounds(step, config, max_steps, milestone_every)
+    index, length = step - start, end - start
+    floor = 0.0 if start == 0 else config.min_lr
+    if config.schedule == "wsd":
+        warmup, decay = _wsd_phases(start, end, config)
+        if index < warmup:
+            return floor + (config.lr - floor) * (index + 1) / warmup
+        into_decay = index - (length - decay) + 1
+        if into_decay <= 0:
+            return config.lr
+        progress = into_decay / decay
+        remaining = 1 - math.sqrt(progress) if config.decay_shape == "1-sqrt" else 1 - progress
+        return config.min_lr + (config.lr - config.min_lr) * remaining
+    warmup = _warmup_of(start, config)
+    if warmup and index < warmup:
+        return floor + (config.lr - floor) * (index + 1) / warmup
+    decay_steps = max(1, length - warmup)
+    progress = min(1.0, (index - warmup) / decay_steps)
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def rewarm_at(step: int, config: OptimizerConfig, max_steps: int, milestone_every: int = 0) -> dict | None:
+    """The re-warm-up that starts at `step` (a later cycle's first update), for the trainer's `lr_rewarm` event;
+    None at any other step."""
+    if step == 0 or step >= max_steps:
+        return None
+    start, end = cycle_bounds(step, config, max_steps, milestone_every)
+    if start != step:
+        return None
+    steps = _wsd_phases(start, end, config)[0] if config.schedule == "wsd" else _warmup_of(start, config)
+    return {"schedule": config.schedule, "from_lr": config.min_lr, "to_lr": config.lr, "steps": steps,
+            "cycle_end": end}
+
+
+def check_schedule_continues(saved: dict | None, new: dict, step: int) -> str | None:
+    """Why resuming at `step` a checkpoint trained under config `saved` (its meta's "config") with config `new`
+    would make the LR jump, or None. A jump: the schedule of the steps already done changed (the run was
+    already bending toward another end) and the next update's LR is above the one the checkpoint's schedule
+    had for it. Peak and floor (`lr`, `min_lr`) are taken from `new` for both: changing them is a separate,
+    visible choice; what is compared is the schedule's shape (kind, warm-up, cycles, max_steps)."""
+    if not saved or step <= 0 or step >= int(new["max_steps"]):
+        return None  # nothing done, or nothing left to train
+    try:
+        new_opt = OptimizerConfig.model_validate(new["optimizer"])
+        old_opt = OptimizerConfig.model_validate({**saved.get("optimizer", {}), "lr": new_opt.lr,
+                                                  "min_lr": new_opt.min_lr})
+        old_max, new_max = int(saved["max_steps"]), int(new["max_steps"])
+    except (KeyError, TypeError, ValueError):
+        return None  # a config this version cannot read: nothing to compare
+    old_every = int(saved.get("checkpoint", {}).get("milestone_every", 0))
+    new_every = int(new.get("checkpoint", {}).get("milestone_every", 0))
+
+    def first_difference(opt: OptimizerConfig) -> int | None:
+        for done in range(step):
+            if not math.isclose(lr_at(done, old_opt, old_max, old_every), lr_at(done, opt, new_max, new_every),
+                                rel_tol=1e-9, abs_tol=0.0):
+                return done
+        return None
+
+    differs = first_difference(new_opt)
+    if differs is None:
+        return None
+    before, after = lr_at(step, old_opt, old_max, old_every), lr_at(step, new_opt, new_max, new_every)
+    if after <= before * (1 + 1e-9):
+        return None
+    what = (f"max_steps {old_max} → {new_max}" if new_max != old_max else "the schedule's settings")
+    fix = "restore the checkpoint's optimizer schedule settings"
+    if new_max > old_max:
+        suggested = sorted({*new_opt.extended_from, old_max})
+        if first_difference(new_opt.model_copy(update={"extended_from": suggested})) is None:
+            fix = (f"pass optimizer.extended_from={suggested} to end the trained cycle at step {old_max} and re-warm "
+                   f"from there (logged), or keep max_steps {old_max}")
+    return (f"resuming at step {step} with {what} changes the learning-rate schedule of the steps already done "
+            f"(from step {differs}) and would raise the LR of step {step} from {before:.3g} to {after:.3g} with no "
+            f"warm-up; {fix} (a trunk meant to grow: optimizer.schedule=wsd from its start)")

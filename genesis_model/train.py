@@ -32,6 +32,7 @@ from genesis_model.checkpoint import remove_incomplete
 from genesis_model.distributed import init_distributed, resolve_device_type, shutdown_distributed
 from genesis_model.launch import report_error
 from genesis_model.metrics import MetricsSink, ProgressLine, RunDirSink
+from genesis_model.optim import check_schedule_continues
 from genesis_model.parallelize import plan_parallel, refresh_compute_copies
 
 
@@ -157,6 +158,8 @@ def check_resume_compatible(meta: dict, run_meta: dict, path: Path, reset_data: 
                 f"{path}: the data differs from the checkpoint's (mixture or shards changed); pass --reset-data "
                 f"to continue the trunk on the new data"
             )
+    if (jump := check_schedule_continues(meta.get("config"), run_meta["config"], int(meta["step"]))) is not None:
+        raise CheckpointError(f"{path}: {jump}")  # a longer cosine run re-warms only by choice (extended_from)
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:

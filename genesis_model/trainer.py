@@ -26,7 +26,7 @@ from genesis_model.checkpoint import Checkpointer, CheckpointRef, capture_rng_st
 from genesis_model.distributed import DistInfo, exit_if_longer_than
 from genesis_model.loader import TokenLoader
 from genesis_model.metrics import MetricsSink
-from genesis_model.optim import lr_at
+from genesis_model.optim import lr_at, rewarm_at
 from genesis_model.parallelize import ParallelPlan, compute_copies
 
 # Testing aids (a real fault's stand-in): comma-separated steps at which rank 0's loss is replaced by NaN, or
@@ -143,7 +143,9 @@ class Trainer:
         """One optimizer step over `grad_accum_steps` micro-batches; returns its loss, lr, gradient norm and
         whether the update was skipped."""
         config, plan = self.config, self.plan
-        lr = lr_at(self.step, config.optimizer, config.max_steps)
+        lr = lr_at(self.step, config.optimizer, config.max_steps, config.checkpoint.milestone_every)
+        if (rewarm := rewarm_at(self.step, config.optimizer, config.max_steps, config.checkpoint.milestone_every)):
+            self.event("lr_rewarm", **rewarm)  # a new cycle (after a milestone under wsd, or extended_from)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.dist.device)
