@@ -212,9 +212,22 @@ class Trainer:
 
     @torch.no_grad()
     def weight_norm(self) -> float:
-        """The global L2 norm of the weights (over every rank's shards)."""
-        norm = torch.nn.utils.get_total_norm([p.detach() for p in self.model.parameters()], foreach=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        """The global L2 norm of the weights: squares of sharded parameters summed over the ranks' shards, of
+        unsharded (replicated) ones counted once. NOTE: summed by hand, because FSDP leaves some parameters
+        plain tensors beside the DTensors, and torch's total-norm helpers refuse the mix."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        sharded = torch.zeros((), device=self.dist.device, dtype=torch.float64)
+        replicated = torch.zeros((), device=self.dist.device, dtype=torch.float64)
+        for param in self.model.parameters():
+            if isinstance(param, DTensor) and any(isinstance(p, Shard) for p in param.placements):
+                sharded += param.to_local().double().square().sum()
+            else:
+                local = param.to_local() if isinstance(param, DTensor) else param
+                replicated += local.double().square().sum()
+        if self.dist.world_size > 1:
+            dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
+        return float((sharded + replicated).sqrt())
 
     @torch.no_grad()
     def probe_loss(self) -> float:

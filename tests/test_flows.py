@@ -325,7 +325,7 @@ def test_genesis_flow_grows_a_branch_at_each_milestone_while_the_trunk_trains(ha
         pretrain=PretrainParams(train_config=str(TINY_CPU), run_dir=str(tmp_path / "trunk"), nproc=2, max_steps=60,
                                 overrides=["model.vocab_size=2048", "micro_batch_size=4", "checkpoint.save_every=30",
                                            "checkpoint.milestone_every=30", "eval.every=30", "log_every=10",
-                                           "optimizer.warmup_steps=5"]),
+                                           "optimizer.warmup_steps=5", "optimizer.schedule=wsd"]),
         branch_overrides=QUICK_BRANCH)
     state = genesis_flow(params, return_state=True)
     assert state.is_completed(), state.message
