@@ -133,6 +133,11 @@ class CheckpointConfig(StrictModel):
     keep_last: int = Field(default=3, ge=1, description="rolling checkpoints kept (milestones are never removed)")
     milestone_every: int = Field(default=20_000, ge=0, description="steps between immutable milestones; 0 = none")
     async_save: bool | None = Field(default=None, description="dcp.async_save; None = on for CUDA, off on CPU")
+    archive_weights: bool = Field(
+        default=False,
+        description="also keep every checkpoint's weights as a bf16 weights-only checkpoint in <run_dir>/archive/ "
+                    "(never pruned; loadable by generate, export-hf and serve), written after the checkpoint "
+                    "completes, off the training thread for async saves")
     writer_threads: int = Field(default=8, ge=1, le=64,
                                 description="files each rank writes in parallel per checkpoint (and reads back)")
     save_at_end: bool = True

@@ -48,6 +48,7 @@ METRICS = "metrics.jsonl"
 CURVES = "loss.png"
 EVENTS = "events.jsonl"
 ROLLING_DIR, MILESTONE_DIR = "checkpoints", "milestones"
+ARCHIVE_DIR = "archive"  # weights-only bf16 copies of every checkpoint (`checkpoint.archive_weights`), kept forever
 HF_DIR = "hf"
 BRANCHES_DIR = "branches"
 REGISTRY_LOCK = "registry.lock"
@@ -177,6 +178,11 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointRef]:
     return sorted(refs, key=lambda ref: (ref.step, ref.milestone))
 
 
+def list_archives(run_dir: Path) -> list[Path]:
+    """Complete weights-only archives of a run, oldest first."""
+    return [path for path in sorted((Path(run_dir) / ARCHIVE_DIR).glob("step_*")) if path.is_dir() and is_complete(path)]
+
+
 def latest_checkpoint(run_dir: Path) -> CheckpointRef | None:
     refs = list_checkpoints(run_dir)
     return refs[-1] if refs else None
@@ -274,6 +280,10 @@ class RunDir:
     @property
     def milestones_dir(self) -> Path:
         return self.root / MILESTONE_DIR
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.root / ARCHIVE_DIR
 
     def train_lock(self) -> DirLock:
         return DirLock(self.root / TRAIN_LOCK)

@@ -80,7 +80,8 @@ def build_trainer(config: TrainConfig, dist_info: DistInfo, parts: Parts, sinks:
     checkpoint_group = dist.new_group(backend="gloo", timeout=collective_timeout(config.parallel.nccl_timeout_s))
     checkpointer = Checkpointer(Path(config.run_dir), dist_info.rank, dist_info.world_size,
                                 config.checkpoint.keep_last, async_save, process_group=checkpoint_group,
-                                writer_threads=config.checkpoint.writer_threads)
+                                writer_threads=config.checkpoint.writer_threads,
+                                archive_weights=config.checkpoint.archive_weights)
     # The trainer's own small reductions of host numbers (peak memory over ranks): gloo, so they never wait
     # for the GPU, and a group of their own, so they never interleave with a background save's collectives.
     # NOTE: the same timeout as the world group; new_group's own default would be gloo's 30 minutes.

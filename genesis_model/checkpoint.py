@@ -13,7 +13,8 @@ What a checkpoint holds, listed once:
 How it is written: into `<parent>/.tmp-step_N/`, renamed to `<parent>/step_N/`, then the marker. A crash at
 any point leaves either a complete checkpoint or a directory without a marker, which resume ignores and the
 next start removes. Old rolling checkpoints are renamed to `.trash-*` before deletion, so a half-deleted
-directory never still carries its marker. Milestones live in `milestones/` and are never removed.
+directory never still carries its marker. Milestones live in `milestones/` and are never removed; nor are the
+weights-only bf16 archives in `archive/` (`checkpoint.archive_weights`), each written from a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from genesis.errors import CheckpointError
 from genesis_model.checkpoint_io import (HashingWriter, SafeLoadPlanner, SafeReader, digests_for_marker,
                                          read_metadata_safely, verify_files)
 from genesis.run_dir import (
+    ARCHIVE_DIR,
     MARKER,
     META,
     MILESTONE_DIR,
@@ -86,7 +88,7 @@ def remove_incomplete(run_dir: Path) -> list[Path]:
     removed, complete or not: milestones are immutable, and one without its marker is left for a person to
     look at (resume ignores it, and saving that step again replaces it)."""
     removed = []
-    for sub in (ROLLING_DIR, MILESTONE_DIR):
+    for sub in (ROLLING_DIR, MILESTONE_DIR, ARCHIVE_DIR):
         for path in (Path(run_dir) / sub).glob("*"):
             interrupted = path.name.startswith((".tmp-", ".trash-"))
             unmarked_rolling = sub == ROLLING_DIR and path.is_dir() and not is_complete(path)
@@ -145,13 +147,14 @@ class Checkpointer:
     markers and pruning. At most one asynchronous save is in flight; `wait()` finishes it."""
 
     def __init__(self, run_dir: Path, rank: int, world_size: int, keep_last: int, async_save: bool,
-                 process_group=None, on_saved=None, writer_threads: int = 8):
+                 process_group=None, on_saved=None, writer_threads: int = 8, archive_weights: bool = False):
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = rank, world_size
         self.keep_last = keep_last
         self.async_save = async_save
         self.process_group = process_group
         self.writer_threads = writer_threads
+        self.archive_weights = archive_weights
         self.on_saved = on_saved  # callback(CheckpointRef, seconds) on rank 0 once a checkpoint is complete
         self._pending: tuple[object, threading.Thread | None] | None = None
         self._failure: tuple[int, BaseException] | None = None
@@ -202,6 +205,8 @@ class Checkpointer:
                 self.last_phases = phases
                 if self.on_saved:
                     self.on_saved(CheckpointRef(final, step, milestone), time.perf_counter() - started)
+                if self.archive_weights:
+                    archive_weights(final, self.run_dir / ARCHIVE_DIR / final.name, self.writer_threads)
                 self._prune()  # after: deleting an old 11 GiB checkpoint took seconds that are not this save's
             self.last_saved = CheckpointRef(final, step, milestone)
 
@@ -325,6 +330,35 @@ def write_model_only_checkpoint(model, path: Path, meta: dict) -> Path:
     checkpointer = Checkpointer(path.parent, rank=0, world_size=1, keep_last=10**9, async_save=False)
     checkpointer._finalize(tmp, path, meta)
     return path
+
+
+def archive_weights(checkpoint: Path, target: Path, threads: int = 8) -> Path:
+    """Write the weights of complete `checkpoint` as a bf16 weights-only checkpoint at `target` (one process,
+    from the files on disk, so every rank's shards are included): about a sixth of the full checkpoint for
+    genesis-1b (no optimizer state, half the bytes per weight). Its marker is written last, as for any
+    checkpoint; an existing complete archive is left as it is (archives are never rewritten)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    target = Path(target)
+    if is_complete(target):
+        return target
+    metadata = read_metadata_safely(Path(checkpoint) / ".metadata")
+    weights = {key.removeprefix("model."): torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+               for key, entry in metadata.state_dict_metadata.items()
+               if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
+    dcp.load({"model": weights}, storage_reader=SafeReader(str(checkpoint), threads), planner=SafeLoadPlanner(),
+             no_dist=True)
+    bf16 = {key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in weights.items()}
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dcp.save({"model": bf16}, storage_writer=HashingWriter(tmp, threads), no_dist=True)
+    (tmp / "trainer").mkdir()
+    torch.save({}, tmp / "trainer" / "rank_00000.pt")
+    meta = {**read_meta(checkpoint), "world_size": 1, "has_optimizer": False, "milestone": False,
+            "archive_of": str(Path(checkpoint).resolve()), "weights_dtype": "bfloat16"}
+    Checkpointer(target.parent, rank=0, world_size=1, keep_last=10**9, async_save=False)._finalize(tmp, target, meta)
+    return target
 
 
 def load_model_weights(path: Path, model, verify: bool = True) -> dict:

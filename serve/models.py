@@ -125,7 +125,7 @@ class ModelPool:
 
         started = time.perf_counter()
         try:
-            if entry.kind in ("checkpoint", "milestone"):
+            if entry.kind in ("checkpoint", "milestone", "archive"):
                 loaded = load_checkpoint(entry.location, dtype=self.dtype, device=self.device)
             elif entry.kind == "registry":
                 from lineage.registry import resolve_model_uri

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genesis.errors import GenesisError
-from genesis.run_dir import (BRANCHES_DIR, LATEST, METRICS, MILESTONE_DIR, ROLLING_DIR, MetricsReader, RunDir,
-                             is_complete, stage_complete, step_of)
+from genesis.run_dir import (ARCHIVE_DIR, BRANCHES_DIR, LATEST, METRICS, MILESTONE_DIR, ROLLING_DIR, MetricsReader,
+                             RunDir, is_complete, stage_complete, step_of)
 
 STEP_DIR = r"step_\d{8}"
-MODEL_ID = re.compile(rf"(checkpoint|milestone)/({STEP_DIR})|branch/({STEP_DIR})/(sft|dpo)|registry/([\w.-]+)/(\d+)")
+MODEL_ID = re.compile(rf"(checkpoint|milestone|archive)/({STEP_DIR})|branch/({STEP_DIR})/(sft|dpo)|registry/([\w.-]+)/(\d+)")
 BRANCH_STAGES = ("sft", "dpo")
 CURVE_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 
@@ -36,7 +36,7 @@ class UnknownModel(GenesisError):
 @dataclass(frozen=True)
 class ModelEntry:
     id: str
-    kind: str  # checkpoint | milestone | sft | dpo | registry
+    kind: str  # checkpoint | milestone | archive | sft | dpo | registry
     label: str
     step: int | None
     location: str  # a checkpoint dir, an HF dir, or a models:/ URI; never sent to the browser
@@ -133,7 +133,7 @@ class RunView:
 
     def models(self) -> list[ModelEntry]:
         entries = []
-        for sub, kind in ((ROLLING_DIR, "checkpoint"), (MILESTONE_DIR, "milestone")):
+        for sub, kind in ((ROLLING_DIR, "checkpoint"), (MILESTONE_DIR, "milestone"), (ARCHIVE_DIR, "archive")):
             for path in sorted((self.run_dir / sub).glob("step_*")):
                 if re.fullmatch(STEP_DIR, path.name) and path.is_dir() and is_complete(path):
                     entries.append(ModelEntry(f"{kind}/{path.name}", kind, f"{kind} step {step_of(path.name)}",
@@ -152,7 +152,8 @@ class RunView:
                                       f"models:/{version['name']}/{version['version']}"))
         # NOTE: checkpoints and milestones of the same step share weights; both are listed because a rolling
         # checkpoint disappears with keep-last-K while the milestone stays.
-        kind_order = {kind: index for index, kind in enumerate(("checkpoint", "milestone", "sft", "dpo", "registry"))}
+        kind_order = {kind: index for index, kind in enumerate(("checkpoint", "milestone", "archive", "sft",
+                                                                       "dpo", "registry"))}
         return sorted(entries, key=lambda e: (e.step is None, e.step or 0, kind_order[e.kind], e.id))
 
     def resolve(self, model_id: str) -> ModelEntry:
