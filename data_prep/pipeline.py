@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -37,6 +38,10 @@ class StageMarkers:
     def done(self, name: str, key: str) -> bool:
         marker = self.dir / f"{name}.json"
         return marker.is_file() and json.loads(marker.read_text()).get("key") == key
+
+    def info(self, name: str) -> dict:
+        marker = self.dir / f"{name}.json"
+        return json.loads(marker.read_text()) if marker.is_file() else {}
 
     def mark(self, name: str, key: str, **info) -> None:
         tmp = self.dir / f".{name}.json.tmp"
@@ -109,21 +114,53 @@ def tokenizer_sample(config: CorpusConfig, data_dir: Path) -> list[str]:
     return sample
 
 
-def train_tokenizer(config: CorpusConfig, data_dir: Path) -> Path:
-    from data_prep.tokenizer import train_sentencepiece
+def existing_tokenizer_dir(existing: str | Path) -> Path:
+    """The tokenizer directory `tokenizer.existing` names: the directory itself, the dir of a `tokenizer.model`,
+    or a data directory's `tokenizer/` (a trunk's data_dir)."""
+    path = Path(existing)
+    for candidate in (path.parent if path.suffix == ".model" else path, path / "tokenizer"):
+        if (candidate / "tokenizer.model").is_file():
+            return candidate
+    raise DataError(f"{existing}: tokenizer.existing names no tokenizer (no tokenizer.model there or in its "
+                    f"tokenizer/); name the trunk's data_dir or its tokenizer directory")
+
+
+def train_tokenizer(config: CorpusConfig, data_dir: Path) -> tuple[Path, str]:
+    """The data dir's tokenizer: `tokenizer.existing` copied in; else the one the data dir holds already (a rerun,
+    e.g. with new weights: shards for a trunk must keep its tokenizer, or its resume refuses them); else, or with
+    `tokenizer.retrain`, a new one trained on a sample of the corpus. Returns (tokenizer.model, how: 'existing',
+    'reused' or 'trained')."""
+    from data_prep.tokenizer import SentencePieceTokenizer, train_sentencepiece, write_hf_tokenizer
 
     target = data_dir / "tokenizer"
+    model = target / "tokenizer.model"
     if config.tokenizer.existing:
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(config.tokenizer.existing, target)
-        return target / "tokenizer.model"
+        source = existing_tokenizer_dir(config.tokenizer.existing)
+        if source.resolve() != target.resolve():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+        if not (target / "tokenizer.json").is_file():
+            write_hf_tokenizer(model, target)
+        return model, "existing"
+    if model.is_file() and not config.tokenizer.retrain:
+        vocab_size = SentencePieceTokenizer(model).vocab_size
+        if vocab_size != config.tokenizer.vocab_size:
+            raise DataError(f"{model}: the data dir's tokenizer has vocab {vocab_size}, the corpus config asks "
+                            f"{config.tokenizer.vocab_size}; set tokenizer.vocab_size={vocab_size} to keep it, or "
+                            f"tokenizer.retrain=true to train a new one (a trunk trained on the old one refuses it)")
+        if not (target / "tokenizer.json").is_file():
+            write_hf_tokenizer(model, target)
+        print(f"tokenizer: reusing {model} (sha256 {sha256_file(model)[:12]}); tokenizer.retrain=true trains a new "
+              f"one", file=sys.stderr)
+        return model, "reused"
     return train_sentencepiece(tokenizer_sample(config, data_dir), target, vocab_size=config.tokenizer.vocab_size,
-                               threads=config.workers)
+                               threads=config.workers), "trained"
 
 
 def _keys(config: CorpusConfig) -> tuple[str, str]:
     clean_key = _hash([s.model_dump() for s in config.sources] + [config.clean.model_dump(), config.docs_per_shard])
-    return clean_key, _hash([clean_key, config.tokenizer.model_dump(), config.seed])
+    # `retrain` is an instruction, not a property of the output (it is left out: keys of existing dirs stay).
+    return clean_key, _hash([clean_key, config.tokenizer.model_dump(exclude={"retrain"}), config.seed])
 
 
 def stage_clean(config: CorpusConfig, data_dir: Path) -> dict:
@@ -147,11 +184,13 @@ def stage_tokenizer(config: CorpusConfig, data_dir: Path) -> Path:
     clean_key, tokenizer_key = _keys(config)
     if not markers.done("clean", clean_key):
         raise DataError(f"{data_dir}: the clean stage has not finished for this corpus config; run it first")
-    if not markers.done("tokenizer", tokenizer_key):
-        for source in config.sources:  # shards of another tokenizer must not survive
+    # A tokenizer kept from an earlier run is trained anew only when asked (`tokenizer.retrain`).
+    retrain = config.tokenizer.retrain and markers.info("tokenizer").get("how") in ("reused", "existing")
+    if not markers.done("tokenizer", tokenizer_key) or retrain:
+        model, how = train_tokenizer(config, data_dir)
+        for source in config.sources:  # shards of another tokenizer (or of other clean text) must not survive
             shutil.rmtree(data_dir / source.name, ignore_errors=True)
-        train_tokenizer(config, data_dir)
-        markers.mark("tokenizer", tokenizer_key)
+        markers.mark("tokenizer", tokenizer_key, how=how, sha256=sha256_file(model))
     return data_dir / "tokenizer"
 
 

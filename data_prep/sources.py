@@ -57,7 +57,10 @@ class CleanConfig(StrictModel):
 class TokenizerTrainConfig(StrictModel):
     vocab_size: int = Field(default=49_152, gt=256)
     sample_sentences: int = Field(default=200_000, gt=0)
-    existing: str | None = Field(default=None, description="reuse this tokenizer dir instead of training one")
+    existing: str | None = Field(default=None, description="reuse this tokenizer (its dir, its tokenizer.model, or a "
+                                                           "data dir holding tokenizer/) instead of training one")
+    retrain: bool = Field(default=False, description="train a new tokenizer even though the data dir holds one "
+                                                     "(a trunk trained on the old one then refuses the new shards)")
 
 
 class CorpusConfig(StrictModel):

@@ -48,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="save and exit after this step, keeping the schedule of max_steps (pause a run)")
     parser.add_argument("--reset-data", action="store_true",
-                        help="resume with the loader at the start of (possibly new) data, e.g. a changed mixture")
+                        help="resume on changed data (new weights, sources added or dropped, more shards made with "
+                             "the trunk's tokenizer, another window or seed): each source continues from its own "
+                             "cursor, skipping the documents it has read in its current pass")
     return parser.parse_args(argv)
 
 
@@ -142,9 +144,11 @@ def check_resume_compatible(meta: dict, run_meta: dict, path: Path, reset_data: 
             f"{meta['model_fingerprint']} vs config {run_meta['model_fingerprint']}); use the checkpoint's model config"
         )
     if meta.get("tokenizer_sha256") is not None and meta["tokenizer_sha256"] != run_meta["tokenizer_sha256"]:
+        trunk_tokenizer = Path((meta.get("config") or {}).get("data_dir") or "<the trunk's data_dir>") / "tokenizer"
         raise CheckpointError(
             f"{path}: trained with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]} vs "
-            f"{run_meta['tokenizer_sha256'][:12]}); point data_dir at shards made with the checkpoint's tokenizer"
+            f"{run_meta['tokenizer_sha256'][:12]}); re-prepare the data with the checkpoint's tokenizer "
+            f"(`genesis data prepare ... tokenizer.existing={trunk_tokenizer}`) or point data_dir at shards made with it"
         )
     if not reset_data and meta.get("meaning") is not None:
         for key in ("window", "seed"):
@@ -182,8 +186,10 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_at_step
     `resume`: 'auto' (the run's newest complete checkpoint, if any) or a checkpoint directory;
     `stop_at_step`: save and return after this step, keeping the schedule of max_steps (pause a run);
     `reset_optimizer`: resume the weights with a fresh optimizer (needed for a model-only checkpoint);
-    `reset_data`: resume with the loader at the start of (possibly new) data; `config_source`: where the
-    config came from, noted in the run directory's config.yaml."""
+    `reset_data`: resume on changed data (a new mixture): the data binding is reset, not the position: each
+    source continues from its own cursor (`TokenLoader.continue_from`), so the documents read in its current pass
+    are not read again while unread ones remain; `config_source`: where the config came from, noted in the run
+    directory's config.yaml."""
     os.environ.update(config.env)
     device_type = resolve_device_type(config.device)
     info = init_distributed(device_type, timeout_s=config.parallel.nccl_timeout_s)
@@ -219,9 +225,9 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_at_step
             meta, rank_state = trainer.checkpointer.load(resume_path, parts.model, parts.optimizer,
                                                          reset_optimizer=reset_optimizer)
             refresh_compute_copies(parts.model)  # the loaded fp32 weights, in the bf16 copies (master weights)
-            if reset_data:
-                rank_state.pop("loader", None)
+            carried = rank_state.pop("loader", None) if reset_data else None
             trainer.restore(meta, rank_state)
+            notes = trainer.loader.continue_from(carried) if carried is not None else []
             trainer.event("resumed", path=str(resume_path), step=trainer.step, world_size=info.world_size,
                           saved_world_size=meta["world_size"], **trainer.checkpointer.last_load_s)
             if reset_optimizer:
@@ -230,7 +236,11 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_at_step
                     print(f"WARNING: optimizer reset at step {trainer.step}: AdamW moments restart from zero "
                           f"(--reset-optimizer)", file=sys.stderr)
             if reset_data:
-                trainer.event("data_reset", path=str(resume_path))
+                repetition = {name: round(value, 4) for name, value in trainer.loader.repetition().items()}
+                trainer.event("data_reset", path=str(resume_path), repetition=repetition, notes=notes)
+                if info.is_main:
+                    print(f"data: each source continues where it stopped (passes read: {repetition})"
+                          + "".join(f"; {note}" for note in notes), file=sys.stderr)
             if info.is_main:
                 print(f"resumed from {resume_path} at step {trainer.step}", file=sys.stderr)
         return trainer.fit(stop_at_step=stop_at_step)

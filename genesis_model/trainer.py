@@ -338,7 +338,8 @@ class Trainer:
                 result = self.train_step()
                 elapsed = time.perf_counter() - started
                 just_saved = False
-                metrics = {**result, "tokens_seen": self.tokens_seen, "step_time_s": elapsed}
+                metrics = {**result, "tokens_seen": self.tokens_seen, "step_time_s": elapsed,
+                           **self.loader.repetition_metrics()}  # repetition/<source>: passes over its data
                 self._notify("on_step_metrics", metrics)
                 if self.dist.is_main and self.log_due():
                     logged = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
