@@ -18,6 +18,7 @@ import torch
 from branch.config import DPORecipe, SFTRecipe, StageRecipe
 from genesis.chat import EOS, IM_END, PAD
 from genesis.run_dir import STAGE_MARKER, TRAIN_LOG
+from genesis_model.hf import complete_export_dir
 
 
 
@@ -86,6 +87,10 @@ def _finish(trainer, tokenizer, tmp: Path, out: Path, stage: str, parent: Path, 
     for leftover in ("trainer", "training_args.bin"):
         target = tmp / leftover
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    # The tokenizer as the parent has it (tokenizer.model included), the chat markers special, no BOS added, and
+    # the system prompt the model was tuned with as the chat template's default: complete for transformers 4.x/5.x
+    # and llama.cpp, not only for Genesis (whose stage marker below also names the prompt).
+    complete_export_dir(tmp, tokenizer_source=parent, system_prompt=system_prompt)
     log = [row for row in trainer.state.log_history]
     (tmp / TRAIN_LOG).write_text(json.dumps(log, indent=1))
     # The system prompt the model was tuned with: `genesis generate --chat` uses it unless told otherwise.

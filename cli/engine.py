@@ -1,5 +1,5 @@
-"""Engine commands: `genesis train`, `export-hf`, `import-hf` and `generate`. They import neither Prefect nor
-MLflow (only `generate --model models:/...` reaches the registry), so they run on a bare GPU box."""
+"""Engine commands: `genesis train`, `export-hf`, `export-gguf`, `import-hf` and `generate`. They import neither
+Prefect nor MLflow (only `generate --model models:/...` reaches the registry), so they run on a bare GPU box."""
 
 from __future__ import annotations
 
@@ -44,6 +44,14 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     out = export_checkpoint(args.checkpoint, args.out_dir, dtype=_dtype(args.dtype), tokenizer_dir=args.tokenizer)
     has_tokenizer = (out / "tokenizer.json").is_file()
     print(f"exported {args.checkpoint} → {out}" + ("" if has_tokenizer else " (no tokenizer found; weights only)"))
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from genesis_model.gguf_export import export_gguf
+
+    out = export_gguf(args.src_dir, args.out, args.type, log=lambda line: print(line, file=sys.stderr))
+    print(f"exported {args.src_dir} → {out} ({args.type}, {out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -116,6 +124,14 @@ def register(sub) -> None:
     export.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: the run's data tokenizer)")
     export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     export.set_defaults(handler=cmd_export_hf)
+
+    gguf = sub.add_parser("export-gguf", help="write an exported HF directory (export-hf, a branch's sft/dpo) as a "
+                          "GGUF file for llama.cpp",
+                          epilog="example: genesis export-gguf runs/tree/branches/b1/dpo genesis-dpo.gguf --type q8_0")
+    gguf.add_argument("src_dir", type=Path, help="a Hugging Face model directory written by Genesis")
+    gguf.add_argument("out", type=Path, help="the .gguf file to write")
+    gguf.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0"], help="weight type (default f16)")
+    gguf.set_defaults(handler=cmd_export_gguf)
 
     imp = sub.add_parser("import-hf", help="read a Llama-architecture HF model into the native model")
     imp.add_argument("hf_dir", type=Path)

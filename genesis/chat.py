@@ -29,41 +29,75 @@ TOOLS_HEADER = 'You can call these tools. Reply with <tool_call>{"name": ..., "a
 
 # ChatML with {% generation %} markers around assistant replies (TRL's assistant-only loss reads them) and
 # tool support: tools are listed in the system turn; tool calls and results use the marker tokens above.
-CHAT_TEMPLATE = (
-    "{%- if tools %}"
-    "{{- '<|im_start|>system\\n' }}"
-    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
-    "{{- '" + TOOLS_HEADER.replace("\n", "\\n") + "' }}"
-    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
-    "{{- '\\n</tools><|im_end|>\\n' }}"
-    "{%- elif messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'system' %}"
-    "{%- elif message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}"
-    "{%- if message.get('content') %}{{- message['content'] }}{%- endif %}"
-    "{%- for call in message.get('tool_calls') or [] %}"
-    "{%- set fn = call['function'] if call.get('function') else call %}"
-    "{%- if fn['arguments'] is string %}"
-    "{{- '<tool_call>{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' + fn['arguments'] + '}</tool_call>' }}"
-    "{%- else %}"
-    "{{- '<tool_call>' + ({'name': fn['name'], 'arguments': fn['arguments']} | tojson) + '</tool_call>' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{{- '<|im_end|>' }}"
-    "{%- endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- elif message['role'] == 'tool' %}"
-    "{{- '<|im_start|>user\\n<tool_response>' + message['content'] + '</tool_response><|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# A model tuned with a system prompt carries it as the template's default (`chat_template(prompt)`), so plain
+# transformers and llama.cpp users get the model's real behaviour: a conversation without a system turn gets
+# the default; `apply_chat_template(..., default_system_prompt="")` renders none.
+DEFAULT_SYSTEM_VARIABLE = "default_system_prompt"
+
+
+def _jinja_string(text: str) -> str:
+    """`text` as a single-quoted Jinja string literal (Jinja and llama.cpp's minja read these escapes)."""
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
+    return "'" + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + "'"
+
+
+def chat_template(default_system_prompt: str | None = None) -> str:
+    """The Jinja chat template; with `default_system_prompt`, conversations without a system turn get that one."""
+    default = default_system_prompt is not None
+    return (
+        ("{%- set default_system = " + DEFAULT_SYSTEM_VARIABLE + " if " + DEFAULT_SYSTEM_VARIABLE + " is defined "
+         "else " + _jinja_string(default_system_prompt) + " %}" if default else "")
+        + "{%- if tools %}"
+        "{{- '<|im_start|>system\\n' }}"
+        "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}"
+        + ("{%- elif default_system %}{{- default_system + '\\n\\n' }}" if default else "")
+        + "{%- endif %}"
+        "{{- '" + TOOLS_HEADER.replace("\n", "\\n") + "' }}"
+        "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+        "{{- '\\n</tools><|im_end|>\\n' }}"
+        "{%- elif messages[0]['role'] == 'system' %}"
+        "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+        + ("{%- elif default_system %}{{- '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}"
+           if default else "")
+        + "{%- endif %}"
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'system' %}"
+        "{%- elif message['role'] == 'assistant' %}"
+        "{{- '<|im_start|>assistant\\n' }}"
+        "{%- generation %}"
+        "{%- if message.get('content') %}{{- message['content'] }}{%- endif %}"
+        "{%- for call in message.get('tool_calls') or [] %}"
+        "{%- set fn = call['function'] if call.get('function') else call %}"
+        "{%- if fn['arguments'] is string %}"
+        "{{- '<tool_call>{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' + fn['arguments'] + '}</tool_call>' }}"
+        "{%- else %}"
+        "{{- '<tool_call>' + ({'name': fn['name'], 'arguments': fn['arguments']} | tojson) + '</tool_call>' }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{{- '<|im_end|>' }}"
+        "{%- endgeneration %}"
+        "{{- '\\n' }}"
+        "{%- elif message['role'] == 'tool' %}"
+        "{{- '<|im_start|>user\\n<tool_response>' + message['content'] + '</tool_response><|im_end|>\\n' }}"
+        "{%- else %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+
+
+def is_genesis_chat_template(template: str | None) -> bool:
+    """Whether `template` is this module's (with or without a default system prompt), not someone else's."""
+    if not template:
+        return False
+    if template == CHAT_TEMPLATE:
+        return True
+    prefix = "{%- set default_system = " + DEFAULT_SYSTEM_VARIABLE + " if "
+    return template.startswith(prefix) and template.endswith(CHAT_TEMPLATE[-200:])
+
+
+CHAT_TEMPLATE = chat_template()
 
 
 def tool_call_json(name: str, arguments) -> str:

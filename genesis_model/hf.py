@@ -5,7 +5,9 @@ fused `wqkv` rows are [q | k | v] and the fused `w13` rows are [gate | up]. Both
 exactly, so native → HF → native is bit-exact.
 
 A directory is written under a temporary name and renamed into place when complete, so a crash never
-leaves something that looks like a finished export.
+leaves something that looks like a finished export. Every directory Genesis writes (export-hf, a branch's base,
+SFT, DPO) is finished by `complete_export_dir`, so each consumer reads the same tokenizer the model was trained
+with: transformers (5.x and the 4.56 lower bound), llama.cpp's own converter and `genesis export-gguf`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from genesis.chat import BOS, CHAT_TEMPLATE, IM_END, PAD, UNK, chat_template, is_genesis_chat_template
 from genesis.config import ModelConfig
 from genesis.errors import CheckpointError
 from genesis.run_dir import EXPORT_MARKER
@@ -29,6 +32,11 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "chat_template.jinja",
 )
+
+
+# The tokenizer_config.json keys `complete_export_dir` writes; anything else a library saved is dropped (transformers
+# 5.x writes keys, such as a list-valued `extra_special_tokens`, that 4.x cannot read).
+TOKENIZER_CONFIG_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length")
 
 
 def hf_config_dict(config: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = None) -> dict:
@@ -186,12 +194,111 @@ def export_hf(
     (tmp_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
     (tmp_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    complete_export_dir(tmp_dir)
     metadata = {"genesis_model_config": config.model_dump(), **(extra_metadata or {})}
     if tokenizer_info.get("chat_template"):
         metadata["has_chat_template"] = True
     (tmp_dir / EXPORT_MARKER).write_text(json.dumps(metadata, indent=2, default=str))
     _replace_dir(tmp_dir, out_dir)
     return out_dir
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _chat_template_of(directory: Path) -> str | None:
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text()
+    return _read_json(directory / "tokenizer_config.json").get("chat_template")
+
+
+def sentencepiece_adds_dummy_prefix(model_path: Path) -> bool:
+    """Whether the SentencePiece model prepends a space ("▁") to every text (Genesis's tokenizers do not)."""
+    import sentencepiece as spm
+
+    pieces = spm.SentencePieceProcessor(model_file=str(model_path)).encode("x", out_type=str)
+    return "".join(pieces).startswith("\u2581")
+
+
+def complete_export_dir(directory: str | Path, tokenizer_source: str | Path | None = None,
+                        system_prompt: str | None = None) -> Path:
+    """Make a Hugging Face model directory complete for every consumer, in place (call it on the temporary
+    directory before it is renamed into place):
+
+      * `tokenizer.model` (the SentencePiece model: llama.cpp's scores) and `tokenizer.json`, copied from
+        `tokenizer_source` (the directory the model's tokenizer came from) when it has them;
+      * `tokenizer_config.json` rewritten with only keys every transformers version reads: the class
+        `PreTrainedTokenizerFast`, `added_tokens_decoder` (the chat markers marked special, so llama.cpp's
+        converter makes them control tokens), `add_bos_token`/`add_eos_token` false, `add_prefix_space` as the
+        SentencePiece model has it (false for Genesis's), the special tokens and the chat template;
+      * the chat template (also `chat_template.jinja`) carrying `system_prompt`, the one the model was tuned
+        with, as its default;
+      * `config.json` with `rope_theta` beside `rope_parameters` (transformers 4.x reads only the former and would
+        silently use θ = 10,000).
+
+    A directory without `tokenizer.json` (a weights-only export) gets only the config fix.
+    """
+    directory = Path(directory)
+    source = Path(tokenizer_source) if tokenizer_source is not None else None
+    if source is not None and source.resolve() != directory.resolve():
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (source / name).is_file():
+                shutil.copy2(source / name, directory / name)
+    _complete_model_config(directory)
+    if not (directory / "tokenizer.json").is_file():
+        return directory
+
+    tokenizer_json = json.loads((directory / "tokenizer.json").read_text())
+    added = sorted(tokenizer_json.get("added_tokens", []), key=lambda token: token["id"])
+    added_tokens_decoder = {
+        str(token["id"]): {key: token.get(key, default) for key, default in
+                           (("content", ""), ("lstrip", False), ("normalized", False), ("rstrip", False),
+                            ("single_word", False), ("special", False))}
+        for token in added
+    }
+    previous = _read_json(directory / "tokenizer_config.json") or (
+        _read_json(source / "tokenizer_config.json") if source is not None else {})
+    template = _chat_template_of(directory) or (_chat_template_of(source) if source is not None else None)
+    if system_prompt and (template is None or is_genesis_chat_template(template)):
+        # NOTE: only Genesis's own template gets the default; someone else's cannot take it safely and stays.
+        template = chat_template(system_prompt)
+    if template is None and any(token["content"] == IM_END for token in added):
+        template = CHAT_TEMPLATE
+    spm_model = directory / "tokenizer.model"
+    dummy_prefix = sentencepiece_adds_dummy_prefix(spm_model) if spm_model.is_file() else False
+    defaults = {"bos_token": BOS, "eos_token": IM_END, "unk_token": UNK, "pad_token": PAD,
+                "model_max_length": 1_000_000}
+    config = {key: previous.get(key, defaults[key]) for key in TOKENIZER_CONFIG_KEYS}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        if isinstance(config[key], dict):  # an AddedToken serialised by an older transformers
+            config[key] = config[key].get("content")
+    config |= {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": dummy_prefix,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": added_tokens_decoder,
+    }
+    if template is not None:
+        config["chat_template"] = template
+        (directory / "chat_template.jinja").write_text(template)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    special_map = {key: config[key] for key in ("bos_token", "eos_token", "unk_token", "pad_token") if config[key]}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
+    return directory
+
+
+def _complete_model_config(directory: Path) -> None:
+    path = directory / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and rope.get("rope_theta") is not None:
+        config["rope_theta"] = rope["rope_theta"]
+        path.write_text(json.dumps(config, indent=2))
 
 
 def _special_ids(tokenizer_dir: Path | None) -> tuple[int, int, int | None]:
