@@ -321,8 +321,10 @@ def test_sigkill_of_the_launcher_during_saves_never_leaves_a_checkpoint_resume_w
 
     newest = latest_checkpoint(run_dir)
     assert newest is not None and newest.step >= 10, "the kills should interrupt a run that makes progress"
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # Then it trains on from there (10 steps are enough to show it; the schedule stays that of max_steps).
+    result = subprocess.run([*command, "--stop-at-step", str(newest.step + 10)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {newest.path} at step {newest.step}" in result.stderr
-    assert latest_checkpoint(run_dir).step == target
+    assert latest_checkpoint(run_dir).step == newest.step + 10
     assert not [p for p in (run_dir / "checkpoints").iterdir() if not (p / MARKER).is_file()]
