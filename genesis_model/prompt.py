@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from genesis.chat import IM_END
+from genesis.chat import DEFAULT_SYSTEM_VARIABLE, IM_END
 from genesis.errors import GenesisError
 from genesis.run_dir import read_stage
 
@@ -42,7 +42,10 @@ def prepare_prompt(tokenizer, prompt: str, chat: bool, model_source: str, system
     system_prompt = system_prompt_for(model_source, system)
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
     messages.append({"role": "user", "content": prompt})
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # A directory's template may carry the prompt the model was tuned with as its default; the prompt chosen here
+    # (none included) is the one the user asked for, so that default is switched off.
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        **{DEFAULT_SYSTEM_VARIABLE: ""})
     if hasattr(ids, "input_ids") or isinstance(ids, dict):
         ids = ids["input_ids"]
     stop_ids = {tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id}

@@ -373,3 +373,18 @@ def test_llama_cpp_own_converter_reads_the_directory_as_export_gguf_does(exports
     for t in ours.tensors:
         assert t.tensor_type == theirs_tensors[t.name].tensor_type, t.name
         assert np.array_equal(t.data, theirs_tensors[t.name].data), t.name
+
+
+def test_generate_and_serve_render_the_system_prompt_asked_for_not_the_templates_default(exports):
+    """A DPO directory's template defaults to the prompt it was tuned with; `genesis generate --system ''` and the
+    serve page's 'no system prompt' must still render none, and an explicit prompt replaces the default."""
+    from transformers import AutoTokenizer
+
+    from genesis_model.prompt import prepare_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(exports["dpo"])
+    rendered = lambda system: tokenizer.decode(prepare_prompt(tokenizer, "hi", True, str(exports["dpo"]),  # noqa: E731
+                                                              system=system).ids)
+    assert "system" not in rendered("") and SYSTEM not in rendered("")
+    assert "Be brief." in rendered("Be brief.") and SYSTEM not in rendered("Be brief.")
+    assert SYSTEM in rendered(None)  # unset: the prompt the model was tuned with, as before
