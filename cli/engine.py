@@ -115,7 +115,9 @@ def register(sub) -> None:
     train.add_argument("--resume", default=None, help="auto | CHECKPOINT_DIR")
     train.add_argument("--stop-at-step", type=int, default=None)
     train.add_argument("--reset-optimizer", action="store_true")
-    train.add_argument("--reset-data", action="store_true")
+    train.add_argument("--reset-data", action="store_true",
+                       help="resume on changed data (a new mixture, more shards, new sources): each source continues "
+                            "from its own cursor, so documents already read are not read again while unread ones remain")
     train.set_defaults(handler=cmd_train)
 
     export = sub.add_parser("export-hf", help="write a trainer checkpoint as a transformers LlamaForCausalLM dir")

@@ -328,6 +328,8 @@ class StatusFile(Callback):
             "world_size": trainer.dist.world_size,
             "nonfinite_skipped": trainer.nonfinite_skipped,
             "health": dict(trainer.health),
+            # Passes over each source's documents so far (kept when the run ends, unlike the step's figures).
+            "repetition": {name: round(value, 6) for name, value in trainer.loader.repetition().items()},
             "last_checkpoint": str(last.path) if last else None,
             "last_milestone": str(self._last_milestone) if self._last_milestone else None,
             "val_loss": trainer.last_val,
