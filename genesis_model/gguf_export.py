@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from genesis.errors import CheckpointError
+from genesis_model.hf import read_safetensors_dir
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 # SentencePiece token types as llama.cpp reads them (gguf.TokenType).
@@ -174,18 +175,6 @@ def _chat_template(hf_dir: Path, tokenizer_config: dict) -> str | None:
     return tokenizer_config.get("chat_template")
 
 
-def _load_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    shards = sorted(hf_dir.glob("*.safetensors"))
-    if not shards:
-        raise CheckpointError(f"{hf_dir}: no *.safetensors weights; re-save the model with safe_serialization")
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        state |= load_file(str(shard))
-    return state
-
-
 def export_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16", log=None) -> Path:
     """Write the Llama-architecture HF directory `hf_dir` as one GGUF file for llama.cpp."""
     import gguf
@@ -197,7 +186,7 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16",
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     config = _read_hf_config(hf_dir)
     vocab = read_vocab(hf_dir, config["vocab_size"])
-    state = _load_weights(hf_dir)
+    state = read_safetensors_dir(hf_dir)
     n_layers, n_heads, n_kv = config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config["head_dim"]
     if head_dim * n_heads != config["hidden_size"]:

@@ -309,21 +309,28 @@ def _special_ids(tokenizer_dir: Path | None) -> tuple[int, int, int | None]:
     return 1, 2, None
 
 
+def read_safetensors_dir(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory's safetensors shards, by HF name."""
+    from safetensors.torch import load_file
+
+    shards = sorted(Path(hf_dir).glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{hf_dir}: no *.safetensors weights; re-save the model with safe_serialization")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state |= load_file(str(shard))
+    return state
+
+
 def import_hf(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
     """Read a Llama-architecture HF directory into the native model."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_dir}: no config.json; pass a Hugging Face model directory")
     config = model_config_from_hf(AutoConfig.from_pretrained(hf_dir), str(hf_dir))
-    shards = sorted(hf_dir.glob("*.safetensors"))
-    if not shards:
-        raise CheckpointError(f"{hf_dir}: no *.safetensors weights; re-save the model with safe_serialization")
-    hf_state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        hf_state |= load_file(str(shard))
+    hf_state = read_safetensors_dir(hf_dir)
     try:
         native = hf_to_native_state_dict(hf_state, config)
     except KeyError as missing:

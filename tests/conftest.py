@@ -62,6 +62,20 @@ def run_trainer(run_dir: Path, data_dir: Path, overrides: list[str] = (), flags:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
 
 
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie has ended, only not been reaped)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -14,20 +14,9 @@ import pytest
 
 from genesis.run_dir import MARKER, MetricsReader, RunDir, list_checkpoints
 from genesis_model.launch import trainer_command
-from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, read_jsonl, run_trainer
+from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, alive, assert_ok, read_jsonl, run_trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stderr[-4000:]
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_sigkill_of_the_launchers_process_group_ends_every_rank_and_frees_the_run(token_data, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 
 import pytest
 
@@ -15,7 +14,7 @@ from genesis.config import OptimizerConfig, TrainConfig, load_config
 from genesis.errors import CheckpointError, ConfigError
 from genesis_model.optim import check_schedule_continues, lr_at, rewarm_at
 from genesis_model.train import check_resume_compatible
-from tests.conftest import REPO, TINY_CPU, read_jsonl, run_trainer
+from tests.conftest import REPO, TINY_CPU, assert_ok, read_jsonl, run_trainer
 
 PEAK, FLOOR = 3e-4, 3e-5
 # The reference plan scaled down 100×: milestones every 20k (200), a cycle of 20k extended to 40k (200 → 400).
@@ -215,10 +214,6 @@ def test_the_growing_trunk_configs_use_wsd_and_the_test_config_keeps_cosine():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The real trainer
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def logged_lrs(run_dir) -> dict[int, float]:

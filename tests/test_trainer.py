@@ -27,20 +27,9 @@ from genesis_model.checkpoint import load_model_weights, verify_checkpoint, writ
 from genesis_model.launch import trainer_command
 from genesis_model.model import Transformer
 from genesis.config import TrainConfig, load_config, load_model_config
-from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, losses_by_step, read_jsonl, run_trainer
+from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, alive, assert_ok, losses_by_step, read_jsonl, run_trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stderr[-4000:]
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def full_state(checkpoint: Path, tmp_path: Path) -> dict:
