@@ -96,41 +96,74 @@ class _UnionFind:
             self.parent[max(rx, ry)] = min(rx, ry)  # the earlier document stays the representative
 
 
-def candidate_pairs(signatures: np.ndarray, bands: int, rows: int, offset_bands: bool = True,
-                    max_bucket_comparisons: int = 16) -> set[tuple[int, int]]:
-    """Pairs (i < j) that share a band bucket.
-
-    The `bands` aligned bands cover permutations [0, rows), [rows, 2·rows), …; with `offset_bands` the bands
-    shifted by half a band ([rows/2, 3·rows/2), …) are probed too. They reuse the same signature, so they cost
-    no hashing, and they give a pair near the S-curve's threshold a second set of chances: datasketch-style LSH
-    with 14 × 8 finds only ~77% of pairs at Jaccard 0.75. The extra candidates are safe only because every
-    pair is then verified (see `near_duplicate_clusters`).
-
-    In a bucket, each document is paired with up to `max_bucket_comparisons` earlier members, so a dissimilar
-    document in the middle of a bucket cannot hide two similar ones from each other; huge buckets (boilerplate
-    shared by thousands of pages) stay linear.
-    """
-    n, num_perm = signatures.shape
+def band_starts(num_perm: int, bands: int, rows: int, offset_bands: bool = True) -> list[int]:
+    """First permutation of each band: the `bands` aligned bands [0, rows), [rows, 2·rows), …, and with
+    `offset_bands` the bands shifted by half a band ([rows/2, 3·rows/2), …) that fit in the signature."""
     if bands * rows > num_perm:
         raise ValueError(f"bands × rows = {bands * rows} exceeds the {num_perm} permutations")
     starts = [band * rows for band in range(bands)]
     if offset_bands and rows > 1:
         starts += [rows // 2 + band * rows for band in range(bands) if rows // 2 + (band + 1) * rows <= num_perm]
+    return starts
+
+
+_BAND_MULTIPLIERS = np.random.default_rng(0x6E6573).integers(1, 2**62, size=64, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+def band_keys(signatures: np.ndarray, starts: list[int], rows: int) -> np.ndarray:
+    """(n, len(starts)) uint64: each band's `rows` signature values folded into one 64-bit bucket key.
+
+    Equal bands give equal keys; unequal bands collide with probability ~2^-64, and a collision only proposes a
+    pair that verification then rejects."""
+    n = len(signatures)
+    keys = np.empty((n, len(starts)), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column, start in enumerate(starts):
+            key = np.full(n, np.uint64(0x9E3779B97F4A7C15), dtype=np.uint64)
+            for row in range(rows):
+                key = (key ^ signatures[:, start + row].astype(np.uint64)) * _BAND_MULTIPLIERS[row % 64]
+            keys[:, column] = key ^ (key >> np.uint64(31))
+    return keys
+
+
+def bucket_pairs(keys: np.ndarray, ids: np.ndarray, max_bucket_comparisons: int = 16) -> np.ndarray:
+    """(m, 2) uint64 pairs (earlier id, later id) of documents sharing a bucket; `keys` and `ids` sorted by
+    (key, id). Each document is paired with up to `max_bucket_comparisons` earlier members of its bucket, so a
+    dissimilar document in the middle of a bucket cannot hide two similar ones from each other, and huge buckets
+    (boilerplate shared by thousands of pages) stay linear."""
+    n = len(keys)
+    if n < 2:
+        return np.empty((0, 2), dtype=np.uint64)
+    new_run = np.concatenate([[True], keys[1:] != keys[:-1]])
+    run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
+    position = np.arange(n)
+    pairs = []
+    for back in range(1, max_bucket_comparisons + 1):
+        later = position[position - back >= run_start]
+        if not len(later):
+            break
+        pairs.append(np.stack([ids[later - back], ids[later]], axis=1))
+    return np.concatenate(pairs).astype(np.uint64) if pairs else np.empty((0, 2), dtype=np.uint64)
+
+
+def candidate_pairs(signatures: np.ndarray, bands: int, rows: int, offset_bands: bool = True,
+                    max_bucket_comparisons: int = 16) -> set[tuple[int, int]]:
+    """Pairs (i < j) of an in-memory collection that share a band bucket (`band_starts`, `bucket_pairs`).
+
+    The offset bands reuse the same signature, so they cost no hashing, and they give a pair near the S-curve's
+    threshold a second set of chances: datasketch-style LSH with 14 × 8 finds only ~77% of pairs at Jaccard
+    0.75. The extra candidates are safe only because every pair is then verified (`near_duplicate_clusters`).
+    The corpus-scale stage (`data_prep.dedup_parts`) runs the same functions on hash-range slices from disk.
+    """
+    n, num_perm = signatures.shape
+    starts = band_starts(num_perm, bands, rows, offset_bands)
+    keys = band_keys(signatures, starts, rows)
+    ids = np.arange(n, dtype=np.uint64)
     pairs: set[tuple[int, int]] = set()
-    for start in starts:
-        block = np.ascontiguousarray(signatures[:, start : start + rows])
-        keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        # Runs of equal keys are the buckets; only runs longer than one document need any Python.
-        run_starts = np.concatenate([[0], np.nonzero(sorted_keys[1:] != sorted_keys[:-1])[0] + 1])
-        run_lengths = np.diff(np.concatenate([run_starts, [n]]))
-        for run_start, run_length in zip(run_starts[run_lengths > 1], run_lengths[run_lengths > 1]):
-            members = order[run_start : run_start + run_length]
-            for position in range(1, len(members)):
-                for earlier in members[max(0, position - max_bucket_comparisons) : position]:
-                    first, second = sorted((int(earlier), int(members[position])))
-                    pairs.add((first, second))
+    for column in range(len(starts)):
+        order = np.lexsort((ids, keys[:, column]))
+        found = bucket_pairs(keys[order, column], ids[order], max_bucket_comparisons)
+        pairs.update(zip(found[:, 0].tolist(), found[:, 1].tolist()))
     return pairs
 
 

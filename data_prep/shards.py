@@ -1,56 +1,48 @@
-"""Tokenize cleaned text parts into Arrow token shards, in parallel, resumably.
+"""Tokenize clean parts into Arrow token shards, one job per part, resumably.
 
-Each cleaned part (`clean/<source>/part_NNNNN.arrow`, one `text` column) becomes exactly one token shard
-(`<source>/shard_NNNNN.arrow`). Parts are independent work items, run by a process pool on one machine or
-by a Dask cluster beyond it. A shard's sidecar (`.shard_NNNNN.json`, the manifest entry) is written after
-the shard itself was renamed into place: a rerun skips parts whose shard and sidecar both exist, and redoes
-the rest.
+Each clean part (`clean/<source>/<part>.arrow`) becomes one token shard (`<source>/<part>.arrow`) holding its
+documents that dedup kept. A shard's sidecar (`.<part>.json`, the manifest entry with the shard's path relative
+to the data directory) is written after the shard itself was renamed into place. A rerun skips a part whose
+shard still matches its sidecar (size and sha256: a shard `genesis data verify` found corrupt or truncated is
+rebuilt) and redoes the rest.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
-from genesis.errors import DataError
 from genesis.manifest import ShardEntry, ShardReader, sha256_file, write_shard
 
 _TOKENIZERS: dict[str, object] = {}
-
-
-def write_text_part(path: Path, texts: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    table = pa.table({"text": pa.array(texts, type=pa.large_string())})
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    os.replace(tmp, path)
-
-
-def read_text_part(path: Path) -> list[str]:
-    with pa.memory_map(str(path), "r") as source:
-        return pa.ipc.open_stream(source).read_all().column("text").to_pylist()
 
 
 def sidecar_of(shard_path: Path) -> Path:
     return shard_path.with_name(f".{shard_path.stem}.json")
 
 
-def completed_entry(shard_path: Path) -> ShardEntry | None:
+def completed_entry(shard_path: Path, data_dir: Path | None = None, check_bytes: bool = False) -> ShardEntry | None:
+    """The finished shard's manifest entry (path relative to `data_dir` when given), or None when it must be made.
+    With `check_bytes`, a shard whose bytes no longer match the sidecar's sha256 counts as not finished."""
     sidecar = sidecar_of(shard_path)
-    if shard_path.is_file() and sidecar.is_file():
-        entry = ShardEntry.model_validate_json(sidecar.read_text())
-        if shard_path.stat().st_size and entry.sha256:
-            if entry.max_token_id is None:
-                # A sidecar from before the id was recorded: read it once here so the manifest carries it and
-                # the trainer's start need not read the shard.
-                entry.max_token_id = ShardReader(shard_path).max_token_id()
-            return entry
-    return None
+    if not (shard_path.is_file() and sidecar.is_file()):
+        return None
+    entry = ShardEntry.model_validate_json(sidecar.read_text())
+    if not shard_path.stat().st_size or not entry.sha256:
+        return None
+    if check_bytes and sha256_file(shard_path) != entry.sha256:
+        return None
+    if entry.max_token_id is None:
+        # A sidecar from before the id was recorded: read it once here so the manifest carries it and the
+        # trainer's start need not read the shard.
+        entry.max_token_id = ShardReader(shard_path).max_token_id()
+    if data_dir is not None and Path(entry.path).is_absolute():
+        entry.path = str(Path(entry.path).relative_to(data_dir.resolve()))  # sidecars of older versions
+    return entry
 
 
 def _tokenizer(model_path: str):
@@ -61,67 +53,46 @@ def _tokenizer(model_path: str):
     return _TOKENIZERS[model_path]
 
 
-def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, batch_docs: int = 512) -> dict:
-    """One work item: a text part → a token shard plus its sidecar. Returns the manifest entry as a dict."""
+def encode(processor, texts: list[str]) -> list[list[int]]:
+    """Token ids of documents (one thread per process: parallelism comes from processes or Dask workers)."""
+    try:
+        from data_prep.tokenizer import encode_documents
+    except ImportError:  # NOTE: until the tokenizer module carries marker-aware encoding
+        return processor.encode(texts, num_threads=1)
+    return encode_documents(processor, texts)
+
+
+def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, removed_rows: list[int], data_dir: str,
+                  batch_docs: int = 512) -> dict:
+    """One job: a clean part minus its removed rows → a token shard plus its sidecar. Returns the manifest entry
+    as a dict (`num_docs` 0 and no file when dedup removed every document of the part)."""
+    data_dir_path = Path(data_dir).resolve()
     shard = Path(shard_path)
-    done = completed_entry(shard)
+    done = completed_entry(shard, data_dir_path, check_bytes=True)
     if done is not None:
-        return done.model_dump() | {"skipped": True}
+        return done.model_dump() | {"skipped": True, "docs": done.num_docs, "bytes": 0}
     sp = _tokenizer(tokenizer_model)
     eos = sp.eos_id()
-    texts = read_text_part(Path(part_path))
+    table = pa.ipc.open_file(pa.memory_map(part_path, "r")).read_all()
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[np.asarray(removed_rows, dtype=np.int64)] = False
+    texts = table.column("text").filter(pa.array(keep)).to_pylist()
+    text_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    if not texts:
+        return {"path": str(shard.relative_to(data_dir_path)), "num_docs": 0, "num_tokens": 0, "sha256": "",
+                "skipped": False, "docs": 0, "bytes": 0, "text_bytes": 0}
     documents = []
     for start in range(0, len(texts), batch_docs):
-        # One thread per process: parallelism comes from processes (or Dask workers), one part each.
-        for ids in sp.encode(texts[start : start + batch_docs], num_threads=1):
+        for ids in encode(sp, texts[start : start + batch_docs]):
             ids.append(eos)
             documents.append(ids)
     entry = write_shard(shard, documents, eos_id=eos)
+    entry.path = str(shard.resolve().relative_to(data_dir_path))
     sidecar = sidecar_of(shard)
     tmp = sidecar.with_name(sidecar.name + ".tmp")
     tmp.write_text(entry.model_dump_json())
     os.replace(tmp, sidecar)
-    return entry.model_dump() | {"skipped": False}
-
-
-def run_parallel(function, jobs: list[tuple], workers: int, executor: str = "process", dask_address: str | None = None) -> list:
-    """Run independent jobs: in-process (1 worker), a process pool, or a Dask cluster."""
-    if executor == "dask":
-        from distributed import Client
-
-        with Client(dask_address) if dask_address else Client(n_workers=workers, threads_per_worker=1,
-                                                                processes=True, dashboard_address=None) as client:
-            futures = [client.submit(function, *job, pure=False) for job in jobs]
-            return client.gather(futures)
-    if workers <= 1 or len(jobs) <= 1:
-        return [function(*job) for job in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(function, *zip(*jobs)))
-
-
-def tokenize_parts(data_dir: Path, tokenizer_model: Path, workers: int = 1, executor: str = "process",
-                   dask_address: str | None = None) -> dict[str, list[ShardEntry]]:
-    """Tokenize every cleaned part under data_dir/clean into data_dir/<source>/shard_*.arrow."""
-    jobs, owners = [], []
-    for source_dir in sorted((data_dir / "clean").iterdir()):
-        for part in sorted(source_dir.glob("part_*.arrow")):
-            shard = data_dir / source_dir.name / part.name.replace("part_", "shard_")
-            jobs.append((str(part), str(shard), str(tokenizer_model)))
-            owners.append(source_dir.name)
-    if not jobs:
-        raise DataError(f"{data_dir / 'clean'}: no cleaned text parts; the corpus is empty after filtering")
-    results = run_parallel(tokenize_part, jobs, workers, executor, dask_address)
-    by_source: dict[str, list[ShardEntry]] = {}
-    for owner, result in zip(owners, results):
-        result.pop("skipped", None)
-        entry = ShardEntry.model_validate(result)
-        entry.path = str(Path(entry.path).resolve().relative_to(data_dir.resolve()))
-        by_source.setdefault(owner, []).append(entry)
-    return by_source
-
-
-def shard_checksum_ok(data_dir: Path, entry: ShardEntry) -> bool:
-    return sha256_file(data_dir / entry.path) == entry.sha256
+    return entry.model_dump() | {"skipped": False, "docs": len(texts), "bytes": text_bytes, "text_bytes": text_bytes}
 
 
 def dump_report(path: Path, report: dict) -> None:

@@ -97,6 +97,7 @@ sources:
 tokenizer: {vocab_size: 2048, sample_sentences: 20000}
 docs_per_shard: 200
 workers: 1
+executor: serial
 """
 TINY_TRUNK_OVERRIDES = ["model.vocab_size=2048", "micro_batch_size=8", "max_steps=150", "log_every=10",
                         "checkpoint.save_every=50", "checkpoint.milestone_every=150", "eval.every=75",

@@ -198,6 +198,7 @@ TOKENIZER_CORPUS = {
     "tokenizer": {"vocab_size": 1024, "sample_sentences": 3000},
     "docs_per_shard": 200,
     "workers": 1,
+    "executor": "serial",
 }
 
 

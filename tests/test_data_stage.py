@@ -234,7 +234,7 @@ def small_corpus(**fields) -> CorpusConfig:
         local("chat", [DATA / "sft" / "gsm8k.test.jsonl.gz"], format="chat", weight=0.1, max_docs=200),
     ]
     return CorpusConfig(name="small", sources=sources, tokenizer={"vocab_size": 2048, "sample_sentences": 20_000},
-                        docs_per_shard=150, **fields)
+                        docs_per_shard=150, **({"executor": "serial"} | fields))
 
 
 def test_prepare_writes_verified_shards_and_a_rerun_skips_complete_ones_and_redoes_partial_ones(tmp_path):
@@ -250,7 +250,7 @@ def test_prepare_writes_verified_shards_and_a_rerun_skips_complete_ones_and_redo
         assert counts["docs_out"] == counts["docs_in"] - removed
         assert len(counts["duplicate_examples"]) == min(3, counts["exact_duplicates_removed"] + counts["near_duplicates_removed"])
 
-    shards = sorted((tmp_path / "data").glob("*/shard_*.arrow"))
+    shards = sorted(tmp_path / "data" / shard.path for source in manifest.sources for shard in source.shards)
     mtimes = {p: p.stat().st_mtime_ns for p in shards}
     victim = shards[0]
     victim.unlink()  # a shard lost mid-write: its sidecar says complete, the file is gone
@@ -260,10 +260,13 @@ def test_prepare_writes_verified_shards_and_a_rerun_skips_complete_ones_and_redo
     assert all(p.stat().st_mtime_ns == mtimes[p] for p in shards if p != victim)
 
 
-def test_prepare_on_a_local_dask_cluster_of_two_workers_gives_the_same_manifest(tmp_path):
-    by_process = prepare(small_corpus(workers=2), tmp_path / "process")
+@pytest.mark.slow
+def test_prepare_on_a_local_dask_cluster_of_two_workers_gives_the_same_manifest_as_one_process(tmp_path):
+    one_process = prepare(small_corpus(executor="serial"), tmp_path / "serial")
     by_dask = prepare(small_corpus(workers=2, executor="dask"), tmp_path / "dask")
-    assert by_dask == by_process
+    assert by_dask == one_process
+    assert (tmp_path / "dask" / "dedup" / "removed.parquet").read_bytes() == \
+        (tmp_path / "serial" / "dedup" / "removed.parquet").read_bytes()
 
 
 def test_a_corpus_empty_after_filtering_fails_with_one_line(tmp_path):

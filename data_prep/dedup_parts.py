@@ -1,0 +1,257 @@
+"""Exact and near dedup across the whole corpus and across sources, out of core.
+
+The shape is datatrove's and NeMo-Curator's: signatures per part on disk (written by `data_prep.read`) →
+buckets grouped on disk → candidate pairs → exact-Jaccard verification → connected components → a removal
+list. Each step is a list of jobs with its own output file, so a killed run redoes only unfinished jobs.
+
+    bucket jobs   one per (band, hash range) and per exact-hash range: the slice [r·2^64/R, (r+1)·2^64/R) of
+                  that band's keys from every part (a binary search in each part's sorted keys, memory-mapped),
+                  sorted, and its runs of equal keys turned into pairs (`dedup.bucket_pairs`). R is chosen so a
+                  slice holds about `shuffle_rows` keys: a job's memory is bounded however large the corpus.
+                  → dedup/buckets/<band>_<range>.npy
+    verify jobs   chunks of candidate pairs, sorted by document: both documents' shingle sets from their clean
+                  parts (only those rows are read), linked when their exact Jaccard reaches `near_min_jaccard`.
+                  → dedup/verified/<chunk>.npy
+    components    scipy's connected components over the verified links; each component keeps its earliest
+                  document (earlier sources, then earlier units and rows, win). Exact duplicates are linked to
+                  their group's first document without verification (128-bit hashes of the normalised text).
+                  → dedup/removed.parquet: source, part, row, kind, kept_source, kept_part, kept_row
+
+Documents are numbered gid = part_index << 32 | row, with parts in corpus order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep.dedup import MinHasher, bucket_pairs, jaccard_of_sorted
+from data_prep.executor import Executor
+from data_prep.read import open_clean_part
+
+EXACT = -1  # the "band" index of the exact-hash bucket jobs
+REMOVED_NAME = "removed.parquet"
+
+
+@dataclass(frozen=True)
+class Part:
+    index: int
+    source: str
+    name: str
+
+    def clean_path(self, data_dir: Path) -> Path:
+        return data_dir / "clean" / self.source / f"{self.name}.arrow"
+
+    def sig_path(self, data_dir: Path, kind: str) -> Path:
+        return data_dir / "sig" / self.source / f"{self.name}.{kind}.npy"
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+
+
+def _range_bounds(index: int, count: int) -> tuple[int, int | None]:
+    step = (1 << 64) // count
+    return index * step, (None if index == count - 1 else (index + 1) * step)
+
+
+def bucket_job(band: int, hash_range: int, ranges: int, parts: list[tuple[int, str]], max_bucket_comparisons: int,
+               out: str) -> dict:
+    """One band's (or the exact hashes') keys in one hash range, from every part → pairs sharing a bucket."""
+    target = Path(out)
+    if target.is_file():
+        return {"skipped": True, "docs": 0}
+    low, high = _range_bounds(hash_range, ranges)
+    keys, extra, gids = [], [], []
+    for part_index, path in parts:
+        array = np.load(path, mmap_mode="r")
+        column = array[:, 0] if band == EXACT else array[band, :, 0]
+        start = int(np.searchsorted(column, np.uint64(low), side="left"))
+        stop = len(column) if high is None else int(np.searchsorted(column, np.uint64(high), side="left"))
+        if stop <= start:
+            continue
+        block = np.asarray(array[start:stop] if band == EXACT else array[band, start:stop])
+        keys.append(block[:, 0])
+        if band == EXACT:
+            extra.append(block[:, 1])
+        gids.append((np.uint64(part_index) << np.uint64(32)) | block[:, -1])
+    if not keys:
+        pairs = np.empty((0, 2), dtype=np.uint64)
+    else:
+        key, gid = np.concatenate(keys), np.concatenate(gids)
+        if band == EXACT:
+            low_bits = np.concatenate(extra)
+            order = np.lexsort((gid, low_bits, key))
+            key, low_bits, gid = key[order], low_bits[order], gid[order]
+            # Exact groups: every member paired with the group's first (earliest) document.
+            new_group = np.concatenate([[True], (key[1:] != key[:-1]) | (low_bits[1:] != low_bits[:-1])])
+            first = gid[np.maximum.accumulate(np.where(new_group, np.arange(len(gid)), 0))]
+            pairs = np.stack([first[~new_group], gid[~new_group]], axis=1)
+        else:
+            order = np.lexsort((gid, key))
+            pairs = np.unique(bucket_pairs(key[order], gid[order], max_bucket_comparisons), axis=0)
+    _save(target, pairs.astype(np.uint64))
+    return {"skipped": False, "docs": int(sum(len(k) for k in keys))}
+
+
+def _dedup_texts(data_dir: Path, parts: dict[int, Part], gids: np.ndarray) -> dict[int, str]:
+    """The text near-dedup compares for each gid, reading only those rows of their clean parts."""
+    texts: dict[int, str] = {}
+    part_of = gids >> np.uint64(32)
+    for part_index in np.unique(part_of):
+        wanted = gids[part_of == part_index]
+        rows = (wanted & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        table = open_clean_part(parts[int(part_index)].clean_path(data_dir)).take(pa.array(rows))
+        for gid, text, dedup in zip(wanted.tolist(), table.column("text").to_pylist(), table.column("dedup").to_pylist()):
+            texts[gid] = dedup if dedup is not None else text
+    return texts
+
+
+def verify_job(pairs: np.ndarray, parts: dict[int, Part], data_dir: str, shingle_words: int, min_jaccard: float,
+               out: str) -> dict:
+    """A chunk of candidate pairs → whether each pair's shingle sets reach `min_jaccard`."""
+    target = Path(out)
+    if target.is_file():
+        return {"skipped": True, "docs": 0}
+    hasher = MinHasher(num_perm=8, shingle_words=shingle_words)  # only its shingling is used here
+    texts = _dedup_texts(Path(data_dir), parts, np.unique(pairs))
+    shingles = {gid: hasher.shingles(text) for gid, text in texts.items()}
+    linked = np.fromiter((jaccard_of_sorted(shingles[a], shingles[b]) >= min_jaccard for a, b in pairs.tolist()),
+                         dtype=bool, count=len(pairs))
+    _save(target, linked)
+    return {"skipped": False, "docs": len(texts)}
+
+
+def _components(nodes_from: np.ndarray, nodes_to: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(document, its component's earliest document) for every document on a link."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    nodes, inverse = np.unique(np.concatenate([nodes_from, nodes_to]), return_inverse=True)
+    edges = inverse.reshape(2, -1)
+    graph = coo_matrix((np.ones(edges.shape[1], dtype=np.int8), (edges[0], edges[1])), shape=(len(nodes),) * 2)
+    _, labels = connected_components(graph, directed=False)
+    earliest = np.full(labels.max() + 1 if len(labels) else 0, np.iinfo(np.uint64).max, dtype=np.uint64)
+    np.minimum.at(earliest, labels, nodes)
+    return nodes, earliest[labels]
+
+
+def deduplicate_parts(data_dir: Path, parts: list[Part], clean, executor: Executor, shuffle_rows: int,
+                      verify_pairs_per_job: int, total_docs: int, max_bucket_comparisons: int = 16) -> dict:
+    """Run the dedup phase over `parts` (each job skipped when its output exists); write removed.parquet.
+    Returns counts per source: exact and near removals, and candidate / verified pair totals."""
+    from data_prep.dedup import band_starts
+
+    work = data_dir / "dedup"
+    for folder in ("buckets", "verified"):
+        (work / folder).mkdir(parents=True, exist_ok=True)
+    ranges = max(1, -(-total_docs // shuffle_rows))
+    by_index = {part.index: part for part in parts}
+    bands = band_starts(clean.num_perm, clean.bands, clean.rows, clean.offset_bands) if clean.near_dedup else []
+    jobs = []
+    if clean.exact_dedup:
+        files = [(part.index, str(part.sig_path(data_dir, "exact"))) for part in parts]
+        jobs += [(EXACT, r, ranges, files, max_bucket_comparisons, str(work / "buckets" / f"exact_{r:05d}.npy"))
+                 for r in range(ranges)]
+    files = [(part.index, str(part.sig_path(data_dir, "bands"))) for part in parts]
+    jobs += [(band, r, ranges, files, max_bucket_comparisons, str(work / "buckets" / f"band{band:02d}_{r:05d}.npy"))
+             for band in range(len(bands)) for r in range(ranges)]
+    executor.map(bucket_job, jobs, "dedup: buckets")
+
+    def load(prefix: str) -> np.ndarray:
+        arrays = [np.load(path) for path in sorted((work / "buckets").glob(f"{prefix}*.npy"))]
+        arrays = [a for a in arrays if len(a)]
+        return np.concatenate(arrays) if arrays else np.empty((0, 2), dtype=np.uint64)
+
+    exact = load("exact_")
+    exact_first = dict(zip(exact[:, 1].tolist(), exact[:, 0].tolist()))  # removed → its group's first
+    candidates = load("band")
+    if len(candidates) and len(exact):
+        # A candidate whose document is an exact copy stands for the copy's first (same text, same shingles).
+        members = exact[:, 1]
+        order = np.argsort(members)
+        for column in (0, 1):
+            position = np.searchsorted(members[order], candidates[:, column])
+            position = np.minimum(position, len(members) - 1)
+            hit = members[order][position] == candidates[:, column]
+            candidates[hit, column] = exact[order, 0][position[hit]]
+        candidates = np.sort(candidates, axis=1)
+        candidates = candidates[candidates[:, 0] != candidates[:, 1]]
+    candidates = np.unique(candidates, axis=0) if len(candidates) else candidates
+
+    chunks = [candidates[start : start + verify_pairs_per_job] for start in range(0, len(candidates), verify_pairs_per_job)]
+    used = {int(i) for i in np.unique(candidates >> np.uint64(32))} if len(candidates) else set()
+    needed = {index: part for index, part in by_index.items() if index in used}
+    executor.map(verify_job, [(chunk, needed, str(data_dir), clean.shingle_words, clean.near_min_jaccard,
+                               str(work / "verified" / f"chunk_{number:06d}.npy")) for number, chunk in enumerate(chunks)],
+                 "dedup: verify pairs")
+    linked = (np.concatenate([np.load(work / "verified" / f"chunk_{n:06d}.npy") for n in range(len(chunks))])
+              if chunks else np.zeros(0, dtype=bool))
+    links = candidates[linked]
+
+    removed_gid, kept_gid, kinds = list(exact_first), list(exact_first.values()), ["exact"] * len(exact_first)
+    if len(links):
+        nodes, earliest = _components(links[:, 0], links[:, 1])
+        near = nodes != earliest
+        removed_gid += nodes[near].tolist()
+        kept_gid += earliest[near].tolist()
+        kinds += ["near"] * int(near.sum())
+    order = np.argsort(np.array(removed_gid, dtype=np.uint64), kind="stable")
+    removed = np.array(removed_gid, dtype=np.uint64)[order]
+    kept = np.array(kept_gid, dtype=np.uint64)[order]
+    kinds = [kinds[i] for i in order]
+
+    def describe(gids: np.ndarray) -> tuple[list[str], list[str], list[int]]:
+        owners = [by_index[int(p)] for p in (gids >> np.uint64(32)).tolist()]
+        return ([o.source for o in owners], [o.name for o in owners],
+                (gids & np.uint64(0xFFFFFFFF)).astype(np.int64).tolist())
+
+    source, part, row = describe(removed)
+    kept_source, kept_part, kept_row = describe(kept)
+    table = pa.table({"source": pa.array(source, pa.string()), "part": pa.array(part, pa.string()),
+                      "row": pa.array(row, pa.int64()), "kind": pa.array(kinds, pa.string()),
+                      "kept_source": pa.array(kept_source, pa.string()), "kept_part": pa.array(kept_part, pa.string()),
+                      "kept_row": pa.array(kept_row, pa.int64())})
+    tmp = work / f".{REMOVED_NAME}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, work / REMOVED_NAME)
+    return {"candidate_pairs": int(len(candidates)), "verified_links": int(len(links)),
+            "exact_duplicates": len(exact_first), "near_duplicates": int(sum(k == "near" for k in kinds)),
+            "hash_ranges": ranges, "bands": len(bands)}
+
+
+def read_removed(data_dir: Path) -> pa.Table:
+    return pq.read_table(data_dir / "dedup" / REMOVED_NAME)
+
+
+def removed_rows_by_part(data_dir: Path) -> dict[tuple[str, str], list[int]]:
+    table = read_removed(data_dir)
+    rows: dict[tuple[str, str], list[int]] = {}
+    for source, part, row in zip(table.column("source").to_pylist(), table.column("part").to_pylist(),
+                                 table.column("row").to_pylist()):
+        rows.setdefault((source, part), []).append(row)
+    return rows
+
+
+def reset(data_dir: Path) -> None:
+    shutil.rmtree(data_dir / "dedup", ignore_errors=True)
+
+
+def write_key(data_dir: Path, key: str) -> None:
+    (data_dir / "dedup").mkdir(parents=True, exist_ok=True)
+    (data_dir / "dedup" / "KEY.json").write_text(json.dumps({"key": key}))
+
+
+def has_key(data_dir: Path, key: str) -> bool:
+    path = data_dir / "dedup" / "KEY.json"
+    return path.is_file() and json.loads(path.read_text()).get("key") == key

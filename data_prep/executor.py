@@ -1,0 +1,151 @@
+"""Where the data stage's work items run: one process in order, or a Dask cluster.
+
+Every phase of the stage is a list of independent jobs (a function and its arguments; each writes its own
+output file and returns a small summary), so the phase can run anywhere that maps a function over jobs:
+
+    SerialExecutor()                   in this process, in order (tests, debugging, one-core boxes)
+    DaskExecutor(workers=8)            a Dask LocalCluster of 8 one-thread worker processes on this box
+    DaskExecutor(address="tcp://…")    an existing Dask cluster (its workers must see the data directory)
+
+A flow can pass its own executor (the data flow maps the jobs as Prefect tasks on prefect-dask's runner).
+
+The executor reports progress as jobs finish: documents and bytes done, MB/s and an ETA, as a tqdm bar on a
+terminal and as one log line every `log_every_s` seconds otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+logger = logging.getLogger("genesis.data")
+
+
+class Progress:
+    """Counts what finished jobs report (`docs`, `bytes`) against the phase's expected total bytes."""
+
+    def __init__(self, label: str, total_jobs: int, total_bytes: int | None, log: Callable[[str], None] | None = None,
+                 log_every_s: float = 10.0):
+        self.label, self.total_jobs, self.total_bytes = label, total_jobs, total_bytes
+        self.jobs = self.docs = self.bytes = 0
+        self.started = self.last_log = time.monotonic()
+        self.log, self.log_every_s = log, log_every_s
+        self.bar = None
+        if log is None and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc=label, leave=True,
+                            dynamic_ncols=True)
+
+    def update(self, summary: dict | None) -> None:
+        summary = summary or {}
+        self.jobs += 1
+        self.docs += int(summary.get("docs", 0))
+        done_bytes = int(summary.get("bytes", 0))
+        self.bytes += done_bytes
+        if self.bar is not None:
+            self.bar.update(done_bytes)
+            self.bar.set_postfix_str(f"{self.jobs}/{self.total_jobs} jobs, {self.docs:,} docs")
+        elif time.monotonic() - self.last_log >= self.log_every_s or self.jobs == self.total_jobs:
+            self.last_log = time.monotonic()
+            self._emit(self.line())
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.bytes / elapsed
+        eta = ""
+        if self.total_bytes and rate > 0 and self.bytes < self.total_bytes:
+            eta = f", ETA {(self.total_bytes - self.bytes) / rate:,.0f} s"
+        return (f"{self.label}: {self.jobs}/{self.total_jobs} jobs, {self.docs:,} docs, "
+                f"{self.bytes / 1e6:,.1f} MB at {rate / 1e6:,.1f} MB/s{eta}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def _emit(self, line: str) -> None:
+        (self.log or (lambda text: print(text, file=sys.stderr)))(line)
+
+
+class Executor(Protocol):
+    workers: int
+
+    def map(self, function: Callable, jobs: Sequence[tuple], label: str, sizes: Sequence[int] | None = None) -> list:
+        """`[function(*job) for job in jobs]`, results in job order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SerialExecutor:
+    """Jobs in this process, in order."""
+
+    workers = 1
+
+    def __init__(self, log: Callable[[str], None] | None = None):
+        self.log = log
+
+    def map(self, function, jobs, label, sizes=None):
+        progress = Progress(label, len(jobs), sum(sizes) if sizes else None, self.log)
+        results = []
+        try:
+            for job in jobs:
+                results.append(function(*job))
+                progress.update(results[-1])
+        finally:
+            progress.close()
+        return results
+
+    def close(self) -> None:
+        pass
+
+
+class DaskExecutor:
+    """Jobs on a Dask cluster: a LocalCluster of `workers` one-thread processes, or the one at `address`."""
+
+    def __init__(self, workers: int = 1, address: str | None = None, log: Callable[[str], None] | None = None):
+        from distributed import Client, LocalCluster
+
+        self.log = log
+        self.cluster = None
+        if address:
+            self.client = Client(address)
+        else:
+            # One thread per worker: the jobs are Python- and numpy-bound; processes, not threads, give
+            # parallelism. NOTE: memory_limit=0 leaves memory to the jobs' own bounds (one partition each)
+            # instead of Dask pausing and spilling workers whose RSS its heuristics misjudge.
+            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                        dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR)
+            self.client = Client(self.cluster)
+        self.workers = len(self.client.scheduler_info().get("workers", {})) or workers
+
+    def map(self, function, jobs, label, sizes=None):
+        from distributed import as_completed
+
+        progress = Progress(label, len(jobs), sum(sizes) if sizes else None, self.log)
+        futures = [self.client.submit(function, *job, pure=False, priority=-index) for index, job in enumerate(jobs)]
+        try:
+            for future in as_completed(futures):
+                progress.update(future.result())
+            return [future.result() for future in futures]
+        finally:
+            progress.close()
+            for future in futures:
+                future.release()
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def make_executor(kind: str, workers: int, address: str | None = None,
+                  log: Callable[[str], None] | None = None) -> Executor:
+    if kind == "serial":
+        return SerialExecutor(log)
+    if kind == "dask":
+        return DaskExecutor(workers, address, log)
+    raise ValueError(f"executor {kind!r}: one of serial, dask")

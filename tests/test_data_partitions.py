@@ -1,0 +1,244 @@
+"""Specifications of the data stage at corpus scale: partitioned jobs, dedup across sources and parts from disk,
+resumable after a kill, the same on one process and on a Dask cluster, and honest about budgets and repetition."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from data_prep.pipeline import prepare, tokenizer_sample
+from data_prep.sources import CorpusConfig
+from genesis.errors import DataError
+from genesis.manifest import read_manifest, verify_data_dir
+from tests.conftest import REPO, SHARED
+
+DATA = SHARED / "data"
+GENESIS = [sys.executable, "-m", "cli.main"]
+
+
+def kit_texts(name: str) -> list[str]:
+    with gzip.open(DATA / "pretrain" / name, "rt", encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for line in handle]
+
+
+def edited(text: str, rng: random.Random, fraction: float = 0.03) -> str:
+    """A near-duplicate: a few words replaced."""
+    words = text.split(" ")
+    for position in rng.sample(range(len(words)), max(1, int(len(words) * fraction))):
+        words[position] = "changed"
+    return " ".join(words)
+
+
+def write_jsonl(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> dict:
+    """Two sources of several files each; near-duplicates planted across files and across sources."""
+    root = tmp_path_factory.mktemp("planted")
+    rng = random.Random(7)
+    web = [t for t in kit_texts("c4_web_sample.jsonl.gz") if len(t.split()) > 80]
+    books = [t for t in kit_texts("openstax_textbooks.jsonl.gz") if len(t.split()) > 80][:200]
+    originals = web[:12]
+    copies_in_web = [edited(t, rng) for t in originals[:6]]       # across files of one source
+    copies_in_books = [edited(t, rng) for t in originals[6:12]]   # across sources
+    web_files = [web[0:100], web[100:] + copies_in_web]
+    book_files = [books[:100] + copies_in_books, books[100:]]
+    for number, texts in enumerate(web_files):
+        write_jsonl(root / "web" / f"part{number}.jsonl", texts)
+    for number, texts in enumerate(book_files):
+        write_jsonl(root / "books" / f"part{number}.jsonl", texts)
+    return {"root": root, "copies_in_web": copies_in_web, "copies_in_books": copies_in_books,
+            "docs": sum(len(t) for t in web_files + book_files)}
+
+
+def planted_corpus(root: Path, **fields) -> CorpusConfig:
+    data = {"name": "planted", "docs_per_shard": 40, "executor": "serial", "dedup_shuffle_rows": 50,
+            "tokenizer": {"vocab_size": 1024, "sample_sentences": 4000},
+            "sources": [{"name": "web", "kind": "local", "paths": [str(root / "web" / "*.jsonl")], "weight": 0.7},
+                        {"name": "books", "kind": "local", "paths": [str(root / "books" / "*.jsonl")], "weight": 0.3}]}
+    for key, value in fields.items():
+        data[key] = value
+    return CorpusConfig.model_validate(data)
+
+
+def manifest_bytes(data_dir: Path) -> dict[str, bytes]:
+    manifest = read_manifest(data_dir)
+    return {shard.path: (data_dir / shard.path).read_bytes() for source in manifest.sources for shard in source.shards}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dedup across sources and partitions, from disk
+
+
+def test_near_duplicates_planted_across_files_and_across_sources_are_removed_from_the_later_one(planted, tmp_path):
+    prepare(planted_corpus(planted["root"]), tmp_path / "data")
+    removed = pq.read_table(tmp_path / "data" / "dedup" / "removed.parquet").to_pylist()
+    near = [row for row in removed if row["kind"] == "near"]
+    assert sum(row["source"] == "web" and row["kept_source"] == "web" for row in near) >= 5
+    assert sum(row["source"] == "books" and row["kept_source"] == "web" for row in near) >= 5
+    report = json.loads((tmp_path / "data" / "report.json").read_text())
+    assert report["books"]["near_duplicates_removed"] >= 5
+    assert report["books"]["duplicate_examples"][0]["kept_source"] == "web"
+    # Every removed document's kept twin is a document that survived, in an earlier position.
+    assert all((row["kept_source"], row["kept_part"], row["kept_row"]) < (row["source"], row["part"], row["row"])
+               or row["kept_source"] == "web" and row["source"] == "books" for row in removed)
+    assert report["_dedup_totals"]["hash_ranges"] > 1  # the band keys really were split into hash ranges
+
+
+def test_a_two_worker_dask_local_cluster_and_one_process_write_identical_manifests_and_removal_lists(planted, tmp_path):
+    one = prepare(planted_corpus(planted["root"]), tmp_path / "one")
+    two = prepare(planted_corpus(planted["root"], executor="dask", workers=2), tmp_path / "two")
+    assert one == two
+    assert manifest_bytes(tmp_path / "one") == manifest_bytes(tmp_path / "two")
+    assert (tmp_path / "one" / "dedup" / "removed.parquet").read_bytes() == \
+        (tmp_path / "two" / "dedup" / "removed.parquet").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Killed and rerun
+
+
+def write_corpus_yaml(path: Path, corpus: CorpusConfig) -> Path:
+    path.write_text(yaml.safe_dump(corpus.model_dump(mode="json")))
+    return path
+
+
+@pytest.mark.slow
+def test_a_prepare_killed_during_dedup_redoes_only_unfinished_jobs_and_writes_byte_identical_shards(planted, tmp_path):
+    # Small hash ranges make hundreds of bucket jobs, so the kill lands between them.
+    corpus = planted_corpus(planted["root"], dedup_shuffle_rows=5)
+    config = write_corpus_yaml(tmp_path / "corpus.yaml", corpus)
+    reference = tmp_path / "reference"
+    prepare(corpus, reference)
+
+    data_dir = tmp_path / "killed"
+    buckets = data_dir / "dedup" / "buckets"
+    total = len(list((reference / "dedup" / "buckets").glob("*.npy")))
+    process = subprocess.Popen([*GENESIS, "data", "prepare", "--corpus", str(config), "--out", str(data_dir)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        done = len(list(buckets.glob("*.npy"))) if buckets.is_dir() else 0
+        if done >= 5:
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the kill did not land inside the dedup stage"
+    finished = {path.name: path.stat().st_mtime_ns for path in buckets.glob("*.npy")}
+    assert 5 <= len(finished) < total
+    assert not (data_dir / "manifest.json").exists()
+
+    rerun = subprocess.run([*GENESIS, "data", "prepare", "--corpus", str(config), "--out", str(data_dir)],
+                           cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert {path.name: path.stat().st_mtime_ns for path in buckets.glob("*.npy") if path.name in finished} == finished
+    jobs = json.loads((data_dir / "report.json").read_text())["_jobs"]
+    assert jobs["read + clean"]["skipped"] == jobs["read + clean"]["total"]  # every read unit had finished
+    assert jobs["dedup: buckets"]["skipped"] == len(finished)
+    assert jobs["dedup: buckets"]["run"] == total - len(finished)
+    assert manifest_bytes(data_dir) == manifest_bytes(reference)
+    assert (data_dir / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
+
+
+def test_a_shard_that_verify_finds_corrupt_is_rebuilt_by_the_next_prepare(planted, tmp_path):
+    corpus = planted_corpus(planted["root"])
+    prepare(corpus, tmp_path / "data")
+    original = manifest_bytes(tmp_path / "data")
+    victim = tmp_path / "data" / next(iter(original))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="checksum|sha256"):
+        verify_data_dir(tmp_path / "data")
+    prepare(corpus, tmp_path / "data")
+    verify_data_dir(tmp_path / "data")
+    assert manifest_bytes(tmp_path / "data") == original
+
+
+def test_a_source_file_changed_since_the_last_run_is_read_again_and_the_others_are_not(planted, tmp_path):
+    root = tmp_path / "sources"
+    for path in planted["root"].rglob("*.jsonl"):
+        (root / path.relative_to(planted["root"])).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.relative_to(planted["root"])).write_bytes(path.read_bytes())
+    first = prepare(planted_corpus(root), tmp_path / "data")
+    changed = root / "books" / "part1.jsonl"
+    with changed.open("a") as handle:
+        handle.write(json.dumps({"text": "A brand new document about tide pools. " * 20}) + "\n")
+    second = prepare(planted_corpus(root), tmp_path / "data")
+    assert second.sources[1].num_docs == first.sources[1].num_docs + 1
+    jobs = json.loads((tmp_path / "data" / "report.json").read_text())["_jobs"]["read + clean"]
+    assert (jobs["run"], jobs["skipped"]) == (1, 3)
+
+
+def test_a_moved_data_directory_is_prepared_again_without_redoing_anything(planted, tmp_path):
+    corpus = planted_corpus(planted["root"])
+    first = prepare(corpus, tmp_path / "data")
+    (tmp_path / "data").rename(tmp_path / "moved")
+    again = prepare(corpus, tmp_path / "moved")
+    assert again == first
+    verify_data_dir(tmp_path / "moved")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Budgets, repetition, the tokenizer sample
+
+
+def test_a_token_budget_is_met_in_real_tokens_after_dedup_to_within_one_shard(planted, tmp_path):
+    budget = 20_000
+    corpus = planted_corpus(planted["root"])
+    corpus.sources[0].token_budget = budget
+    manifest = prepare(corpus, tmp_path / "data")
+    web = manifest.sources[0]
+    assert web.num_tokens >= budget
+    assert web.num_tokens - web.shards[-1].num_tokens < budget  # the last shard is the one that crossed it
+
+
+def test_the_report_says_how_often_each_source_repeats_at_the_planned_tokens_and_warns(planted, tmp_path, capsys):
+    corpus = planted_corpus(planted["root"], planned_tokens=2_000_000)
+    manifest = prepare(corpus, tmp_path / "data")
+    mixture = json.loads((tmp_path / "data" / "report.json").read_text())["_mixture"]
+    web_tokens = manifest.sources[0].num_tokens
+    assert mixture["web"]["tokens"] == web_tokens
+    assert mixture["web"]["epochs"] == pytest.approx(0.7 * 2_000_000 / web_tokens, rel=1e-3)
+    assert mixture["web"]["repeats"] is True
+    assert "source 'web' will be seen" in capsys.readouterr().err
+
+
+def test_the_tokenizer_sample_is_bounded_by_its_quota_and_weighted_by_source(planted, tmp_path):
+    corpus = planted_corpus(planted["root"], tokenizer={"vocab_size": 1024, "sample_sentences": 300})
+    prepare(corpus, tmp_path / "data")
+    sample = tokenizer_sample(corpus, tmp_path / "data")
+    assert len(sample) == 300
+    again = tokenizer_sample(corpus, tmp_path / "data")
+    assert again == sample  # seeded: the same data dir gives the same tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference corpus, offline
+
+
+def test_the_reference_corpus_config_runs_unchanged_until_its_first_hub_source_and_fails_in_one_line(tmp_path):
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = tmp_path / "genesis-60b"
+    result = subprocess.run([*GENESIS, "data", "prepare", "--corpus", "configs/corpus/genesis-60b.yaml", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "HuggingFaceFW/fineweb-edu" in lines[0]
+    assert not out.exists()  # nothing half-written
