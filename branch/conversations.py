@@ -26,7 +26,7 @@ from pydantic import Field
 from genesis.chat import TOOLS_HEADER, as_messages, record_to_conversation
 from genesis.config import StrictModel
 from genesis.errors import DataError
-from genesis.records import builder_for, resolve_paths, scan_jsonl_numbered
+from genesis.records import builder_for, glaive_to_conversation, resolve_paths, scan_jsonl_numbered
 
 class BranchSource(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -35,7 +35,8 @@ class BranchSource(StrictModel):
     subset: str | None = None
     split: str = "train"
     paths: list[str] = Field(default_factory=list, description="local files or globs, relative to the repo root")
-    format: Literal["chat", "sharegpt", "function_calling", "xlam", "preference", "rubric", "hedged_rewrite"] = Field(
+    format: Literal["chat", "sharegpt", "function_calling", "xlam", "glaive", "preference", "rubric",
+                    "hedged_rewrite"] = Field(
         default="chat", description="DPO sources: preference (TRL's pairs), rubric (candidate replies ranked by the "
                                     "rubric) or hedged_rewrite (chat records: the final answer against a hedged "
                                     "rewrite of it)")
@@ -230,7 +231,10 @@ def read_conversations(source: BranchSource, on_malformed: str, report: SourceRe
     for location, record in iter_located_records(source, on_malformed, counts):
         report.read += 1
         try:
-            messages, tools = record_to_conversation(record, source.format, source.messages_field)
+            if source.format == "glaive":  # two transcript columns, not a message list
+                messages, tools = glaive_to_conversation(record)
+            else:
+                messages, tools = record_to_conversation(record, source.format, source.messages_field)
             messages = fold_tools(messages, tools)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             if on_malformed == "fail":

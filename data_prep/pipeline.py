@@ -82,12 +82,12 @@ def _read_key(config: CorpusConfig) -> str:
 
 def _local_inputs(config: CorpusConfig) -> list[str]:
     """Name, size and mtime of every local source file: a file changed since the last run is read again."""
-    from genesis.records import resolve_paths
+    from data_prep.sources import source_files
 
     fingerprints = []
     for source in config.sources:
         if source.kind == "local":
-            for path in resolve_paths(source.paths, source.name):
+            for path in source_files(source):
                 stat = path.stat()
                 fingerprints.append(f"{source.name}/{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
     return fingerprints

@@ -38,11 +38,7 @@ import xxhash
 
 from data_prep.clean import normalise, rejection_reason
 from data_prep.dedup import MinHasher, band_keys, band_starts
-from data_prep.sources import CleanConfig, CorpusConfig, SourceConfig, record_to_text
-try:  # TEMP-SHIM until the sources module lands its split reading functions
-    from data_prep.sources import record_to_dedup_text
-except ImportError:
-    record_to_dedup_text = record_to_text
+from data_prep.sources import CleanConfig, CorpusConfig, SourceConfig, record_to_dedup_text, record_to_text
 from genesis.errors import DataError
 
 BYTES_PER_TOKEN = 4  # the budget's estimate before tokenization; shards are cut to the budget in real tokens
@@ -73,7 +69,7 @@ def _file_fingerprint(path: Path) -> str:
 
 def plan_units(config: CorpusConfig) -> list[ReadUnit]:
     """Every source's read units, in source order (earlier sources win ties in dedup)."""
-    from genesis.records import resolve_paths
+    from data_prep.sources import source_files
 
     units: list[ReadUnit] = []
     for index, source in enumerate(config.sources):
@@ -84,7 +80,7 @@ def plan_units(config: CorpusConfig) -> list[ReadUnit]:
             units.append(ReadUnit(**common, unit=0, budget_bytes=budget, max_docs=source.max_docs,
                                   fingerprint=f"builtin:{source.subset or 'all'}"))
         elif source.kind == "local":
-            files = resolve_paths(source.paths, source.name)
+            files = source_files(source)
             fingerprints = [_file_fingerprint(path) for path in files]
             if budget or source.max_docs:
                 units.append(ReadUnit(**common, unit=0, files=tuple(map(str, files)), budget_bytes=budget,
@@ -98,7 +94,7 @@ def plan_units(config: CorpusConfig) -> list[ReadUnit]:
             from data_prep.sources import hub_num_shards
 
             count = min(hub_num_shards(source), config.hub_read_units)
-            identity = f"hub:{source.hub_id}:{source.subset}:{source.split}"
+            identity = f"hub:{source.hub_id}:{source.subset}:{source.data_dir}:{source.split}"
             units += [ReadUnit(**common, unit=number, hub_shard=(number, count),
                                budget_bytes=math.ceil(budget / count) if budget else None,
                                max_docs=math.ceil(source.max_docs / count) if source.max_docs else None,
@@ -113,13 +109,8 @@ def _records(unit: ReadUnit, source: SourceConfig, on_bad: str, counts: dict) ->
 
         yield from ({"text": text} for text in builtin_texts(source.subset or "all"))
     elif source.kind == "local":
-        try:  # TEMP-SHIM
-            from data_prep.sources import iter_file_records
-        except ImportError:
-            from data_prep.sources import iter_local_records
+        from data_prep.sources import iter_file_records
 
-            def iter_file_records(path, source, on_bad, counts):
-                return iter_local_records(source.model_copy(update={"paths": [str(path)]}), on_bad, counts)
         for path in unit.files:
             yield from iter_file_records(Path(path), source, on_bad, counts)
     else:

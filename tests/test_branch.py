@@ -487,3 +487,19 @@ def test_a_branch_off_a_milestone_gives_sft_and_dpo_models_and_dpo_prefers_the_c
                                   recipe.model_copy(update={"replies_per_prompt": 1, "seed": 8}), "cpu")
     assert [own[1] for own in both] == [own[0] for own in second_alone]
     assert [own[0] for own in both] != [own[1] for own in both]
+
+
+def test_the_reference_branch_config_validates_whole_and_reads_glaive_in_its_hub_layout(tmp_path):
+    """configs/branch/genesis-1b.yaml names Glaive as `format: glaive` (columns `system` and `chat`, as on the hub):
+    the branch stage accepts it and reads such a file as tool conversations."""
+    from tests.test_sources import GLAIVE_ROWS
+
+    config = load_config(BranchConfig, REPO_ROOT / "configs" / "branch" / "genesis-1b.yaml")
+    assert any(source.format == "glaive" for source in config.sft_sources)
+    path = tmp_path / "glaive.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in GLAIVE_ROWS))
+    report = SourceReport("glaive")
+    conversations = list(read_conversations(BranchSource(name="glaive", kind="local", format="glaive", paths=[str(path)]),
+                                            "skip", report))
+    assert len(conversations) == 2  # the third row's call arguments are not JSON: malformed, counted
+    assert any("<tool_call>" in message["content"] for _, messages in conversations for message in messages)

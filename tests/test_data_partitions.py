@@ -108,6 +108,34 @@ def test_a_two_worker_dask_local_cluster_and_one_process_write_identical_manifes
         (tmp_path / "two" / "dedup" / "removed.parquet").read_bytes()
 
 
+def test_a_dialogue_that_repeats_a_pretraining_document_is_a_duplicate_across_sources(tmp_path):
+    """GSM8K's test problems as pretraining text and as SFT dialogues: dedup compares the dialogue's turns, not its
+    chat markup, so every dialogue is found as the pretraining document it repeats."""
+    corpus = CorpusConfig.model_validate({
+        "name": "gsm8k-twice", "executor": "serial", "docs_per_shard": 200,
+        "tokenizer": {"vocab_size": 1024, "sample_sentences": 3000},
+        "sources": [{"name": "math", "kind": "local", "paths": [str(DATA / "pretrain" / "gsm8k.test.jsonl.gz")],
+                     "weight": 0.5, "max_docs": 300},
+                    {"name": "chat", "kind": "local", "format": "chat", "weight": 0.5, "max_docs": 300,
+                     "paths": [str(DATA / "sft" / "gsm8k.test.jsonl.gz")]}]})
+    from data_prep.pipeline import stage_clean
+
+    report = stage_clean(corpus, tmp_path / "data")
+    removed = report["chat"]["exact_duplicates_removed"] + report["chat"]["near_duplicates_removed"]
+    assert removed >= 0.95 * report["chat"]["docs_clean"]
+    assert report["math"]["docs_out"] == report["math"]["docs_clean"]
+    assert {example["kept_source"] for example in report["chat"]["duplicate_examples"]} == {"math"}
+
+
+def test_an_existing_dask_cluster_named_by_its_scheduler_address_runs_the_stage(planted, tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        on_cluster = prepare(planted_corpus(planted["root"], executor="dask", dask_address=cluster.scheduler_address),
+                             tmp_path / "cluster")
+    assert on_cluster == prepare(planted_corpus(planted["root"]), tmp_path / "serial")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Killed and rerun
 

@@ -17,8 +17,8 @@ from data_prep.clean import clean_texts
 from data_prep.dedup import deduplicate, near_duplicate_clusters
 from data_prep.pipeline import prepare
 from data_prep.sources import CleanConfig, CorpusConfig, SourceConfig, iter_texts
-from genesis.chat import CHAT_TOKENS, render_chat
-from data_prep.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from genesis.chat import CHAT_TOKENS, MARKER_SENTINELS, render_chat
+from data_prep.tokenizer import SentencePieceTokenizer, encode_documents, train_sentencepiece
 from genesis.errors import DataError
 from genesis.manifest import verify_data_dir
 from tests.conftest import SHARED
@@ -198,8 +198,10 @@ def test_tokenizer_round_trips_and_the_hf_tokenizer_gives_sentencepiece_ids_on_e
     assert len(texts) > 30_000
     sp_total = hf_total = 0
     for text in texts:
+        # Text is text on both paths: the chat markers quoted in these rendered strings are characters too
+        # (conversations get their markers by id through their segments: tests/test_special_tokens.py).
         sp_ids = sp.sp.encode(text)
-        hf_ids = hf.encode(text, add_special_tokens=False)
+        hf_ids = hf.encode(text, add_special_tokens=False, split_special_tokens=True)
         assert sp.decode(sp_ids) == text
         assert hf_ids == sp_ids, text[:200]
         sp_total += len(sp_ids)
@@ -210,8 +212,9 @@ def test_tokenizer_round_trips_and_the_hf_tokenizer_gives_sentencepiece_ids_on_e
 def test_tokenizer_has_the_contracted_special_ids_and_single_token_chat_markers(kit_tokenizer):
     sp = SentencePieceTokenizer(kit_tokenizer / "tokenizer.model").sp
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 3)
-    for marker in CHAT_TOKENS:
-        assert len(sp.encode(marker)) == 1
+    for marker in CHAT_TOKENS:  # one control id where the template writes it, never produced from text
+        assert sp.is_control(sp.piece_to_id(marker)) and sp.id_to_piece(sp.piece_to_id(marker)) == marker
+        assert encode_documents(sp, [MARKER_SENTINELS[marker]]) == [[sp.piece_to_id(marker)]]
     assert sp.encode("1234") == [sp.piece_to_id(d) for d in "1234"]  # digits split
     info = json.loads((kit_tokenizer / "genesis_tokenizer.json").read_text())
     assert info["chat_eos_id"] == sp.piece_to_id("<|im_end|>")
@@ -231,7 +234,7 @@ def small_corpus(**fields) -> CorpusConfig:
     sources = [
         local("web", [DATA / "pretrain" / "c4_web_sample.jsonl.gz"], weight=0.6),
         local("math", [DATA / "pretrain" / "gsm8k.test.jsonl.gz"], weight=0.3, max_docs=400),
-        local("chat", [DATA / "sft" / "gsm8k.test.jsonl.gz"], format="chat", weight=0.1, max_docs=200),
+        local("chat", [DATA / "sft" / "alpaca_gpt4_sample.jsonl.gz"], format="chat", weight=0.1, max_docs=200),
     ]
     return CorpusConfig(name="small", sources=sources, tokenizer={"vocab_size": 2048, "sample_sentences": 20_000},
                         docs_per_shard=150, **({"executor": "serial"} | fields))
