@@ -20,7 +20,7 @@ from branch.config import BranchConfig
 from branch.conversations import (SourceReport, conversation_problem, explicit_prompt_pair, iter_located_records,
                                   preference_problem, prompt_key, read_conversations, stable_fraction)
 from branch.rubric import build_pairs, score_reply
-from genesis.chat import as_messages, with_system_prompt
+from genesis.chat import as_messages, encode_chat, with_system_prompt
 from genesis.errors import DataError
 from genesis.principles import load_principles
 from genesis.principles.dialogues import dpo_pairs, hedged_rewrite_of_answer, load_topics, sft_conversations, split_topics
@@ -46,8 +46,7 @@ def system_prompt_of(config: BranchConfig) -> str:
 
 
 def _token_length(tokenizer, messages: list[dict]) -> int:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True)
-    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return len(encode_chat(tokenizer, messages))
 
 
 def assemble_data(config: BranchConfig, tokenizer) -> BranchData:

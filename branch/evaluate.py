@@ -34,15 +34,13 @@ import torch
 
 from branch.config import EvalRecipe
 from branch.rubric import score_reply
-from genesis.chat import EOS, IM_END, IM_START
+from genesis.chat import EOS, IM_END, IM_START, encode_chat
 
 
 
 def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
+    # What users and data wrote is text, quoted markers included; only the template's markers are control ids.
+    return encode_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
 
 
 def reply_token_ids(tokenizer, prompt: list[dict], reply: list[dict]) -> tuple[list[int], int]:

@@ -31,16 +31,41 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from data_prep.pipeline import clean_and_dedup, tokenizer_sample
+    import tempfile
+
+    from data_prep.pipeline import stage_clean, tokenizer_sample
     from data_prep.sources import CorpusConfig
-    from data_prep.tokenizer import train_sentencepiece
+    from data_prep.tokenizer import TOKENIZER_FILES, train_sentencepiece
     from genesis.config import load_config
+    from genesis.errors import DataError
 
     config = load_config(CorpusConfig, args.corpus, args.overrides)
-    work = Path(args.out) / "_sample"
-    clean_and_dedup(config, work)
-    model = train_sentencepiece(tokenizer_sample(config, work), args.out, vocab_size=config.tokenizer.vocab_size)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: not a directory; --out names the directory to write the tokenizer into")
+    # Only the tokenizer's own files are written into --out; replacing another tokenizer's must be asked for.
+    present = [name for name in TOKENIZER_FILES if (out / name).exists()]
+    if present and not args.force:
+        raise DataError(f"{out / present[0]}: a tokenizer is there already ({', '.join(present)}); pass --force to "
+                        f"replace those files (nothing else in {out} is touched), or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The cleaned corpus is the sample's source: written beside --out (it can be large), removed when done.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tokenizer-work-", dir=out.parent) as work:
+        stage_clean(config, Path(work))
+        model = train_sentencepiece(tokenizer_sample(config, Path(work)), out, vocab_size=config.tokenizer.vocab_size)
     print(json.dumps({"tokenizer": str(model)}))
+    return 0
+
+
+def cmd_tokenizer_hf(args: argparse.Namespace) -> int:
+    from data_prep.tokenizer import write_hf_tokenizer
+    from genesis.errors import DataError
+
+    model = Path(args.tokenizer_dir) / "tokenizer.model"
+    if not model.is_file():
+        raise DataError(f"{model}: no SentencePiece model there; name the directory that holds tokenizer.model")
+    write_hf_tokenizer(model, model.parent)
+    print(json.dumps({"hf_tokenizer": str(model.parent / "tokenizer.json")}))
     return 0
 
 
@@ -58,6 +83,12 @@ def register(sub) -> None:
     tokenizer = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
     train = tokenizer.add_parser("train", help="train the SentencePiece BPE tokenizer (+ HF tokenizer.json) on a corpus")
     train.add_argument("--corpus", required=True, type=Path)
-    train.add_argument("--out", required=True, type=Path)
+    train.add_argument("--out", required=True, type=Path,
+                       help="directory for tokenizer.model and its HF twin; nothing else in it is touched")
+    train.add_argument("--force", action="store_true", help="replace the tokenizer files --out holds already")
     train.add_argument("overrides", nargs="*")
     train.set_defaults(handler=cmd_tokenizer_train)
+    hf = tokenizer.add_parser("hf", help="rewrite the Hugging Face twin (tokenizer.json, tokenizer_config.json, ...) "
+                                         "of a directory's tokenizer.model")
+    hf.add_argument("tokenizer_dir", type=Path)
+    hf.set_defaults(handler=cmd_tokenizer_hf)

@@ -19,15 +19,14 @@ DEMO_BRANCH_OVERRIDES = ["sft.epochs=2", "eval.max_prompts=16", "eval.max_new_to
 
 
 def sample_reply(model_dir: Path, prompt: str, chat: bool, max_new_tokens: int = 60) -> str:
-    from genesis.chat import EOS, IM_END, IM_START
+    from genesis.chat import EOS, IM_END, IM_START, encode_chat
     from genesis_model.generate import Generator, SamplingConfig
     from genesis_model.inference import load_hf, load_tokenizer
 
     loaded = load_hf(model_dir)
     tokenizer = load_tokenizer(loaded.tokenizer_dir, str(model_dir))
     if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
     else:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
     stop = {tokenizer.convert_tokens_to_ids(t) for t in (IM_END, EOS, IM_START)}

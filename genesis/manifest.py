@@ -2,11 +2,14 @@
 
     <data_dir>/manifest.json
       version: 1
-      tokenizer: {path, sha256, vocab_size, eos_id}            path relative to data_dir
+      tokenizer: {path, sha256, vocab_size, eos_id, hf_files}  paths relative to data_dir
       sources:   [{name, weight, shards: [{path, num_docs, num_tokens, sha256, max_token_id}]}]
 
 `max_token_id` (the shard's largest token id, recorded by the writer) lets the trainer check the id range
 without reading the tokens; manifests written before it existed lack it, and their shards are read instead.
+`hf_files` (path → sha256) are the tokenizer's Hugging Face twin beside it (`tokenizer.json`, and
+`tokenizer_config.json` with the chat template), which exports copy; manifests written before they were recorded
+have none, and their twin is not checked.
 
 A shard is an Arrow IPC *stream* file (what `datasets.Dataset.from_file` opens): one row per document, a
 `tokens` column of uint16 lists, each ending in EOS. Shards are written under a temporary name and renamed
@@ -30,6 +33,8 @@ from genesis.errors import DataError
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 MAX_UINT16_VOCAB = 65_535
+# The files beside tokenizer.model that transformers builds the tokenizer from (the HF twin).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOKENS_SCHEMA = pa.schema([pa.field("tokens", pa.list_(pa.uint16()))])
 
 
@@ -61,6 +66,8 @@ class TokenizerEntry(StrictModel):
     sha256: str
     vocab_size: int = Field(gt=0, le=MAX_UINT16_VOCAB + 1)
     eos_id: int = Field(ge=0)
+    # The HF twin: path relative to data_dir → sha256; empty in manifests written before it was recorded.
+    hf_files: dict[str, str] = Field(default_factory=dict)
 
 
 class Manifest(StrictModel):
@@ -76,7 +83,8 @@ class Manifest(StrictModel):
         """Identifies the data: shard checksums, weights and tokenizer (not the directory it lives in)."""
         # max_token_id follows from the shard's bytes (already in sha256); leaving it out keeps the fingerprint
         # of data prepared before it was recorded, so those runs still resume without --reset-data.
-        derived = {"sources": {"__all__": {"shards": {"__all__": {"max_token_id"}}}}}
+        # The HF twin is made from tokenizer.model (in sha256), and is left out for the same reason.
+        derived = {"sources": {"__all__": {"shards": {"__all__": {"max_token_id"}}}}, "tokenizer": {"hf_files"}}
         payload = json.dumps(self.model_dump(exclude=derived), sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
 
@@ -106,7 +114,19 @@ def read_manifest(data_dir: str | Path) -> Manifest:
     return manifest
 
 
+def hf_tokenizer_checksums(data_dir: str | Path, tokenizer_path: str) -> dict[str, str]:
+    """{path relative to data_dir: sha256} of the HF twin files beside the tokenizer model at `tokenizer_path`."""
+    data_dir = Path(data_dir)
+    beside = Path(tokenizer_path).parent
+    return {str(beside / name): sha256_file(data_dir / beside / name) for name in HF_TOKENIZER_FILES
+            if (data_dir / beside / name).is_file()}
+
+
 def write_manifest(data_dir: str | Path, manifest: Manifest) -> Path:
+    """Write manifest.json atomically. A tokenizer entry that names no HF twin gets the one beside its model
+    (recorded in `manifest` too, so the manifest in hand is the one on disk)."""
+    if not manifest.tokenizer.hf_files:
+        manifest.tokenizer.hf_files = hf_tokenizer_checksums(data_dir, manifest.tokenizer.path)
     path = Path(data_dir) / MANIFEST_NAME
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest.model_dump(), indent=2))
@@ -179,7 +199,7 @@ class ShardReader:
 
 def verify_data_dir(data_dir: str | Path, check_checksums: bool = True, read_token_ids: bool = True) -> Manifest:
     """Check that every shard exists with the manifest's checksum and counts, that every token id is below the
-    tokenizer's vocab_size, and that the tokenizer matches.
+    tokenizer's vocab_size, and that the tokenizer and its HF twin match.
 
     `read_token_ids`: find each shard's largest id by reading its tokens (and refuse a manifest whose recorded
     `max_token_id` differs), as `genesis data verify` does; off, the recorded id is trusted (the trainer's
@@ -191,6 +211,14 @@ def verify_data_dir(data_dir: str | Path, check_checksums: bool = True, read_tok
         raise DataError(f"{tokenizer_path}: tokenizer named by the manifest is missing; rerun `genesis data prepare`")
     if check_checksums and sha256_file(tokenizer_path) != manifest.tokenizer.sha256:
         raise DataError(f"{tokenizer_path}: checksum differs from the manifest; the shards belong to another tokenizer")
+    for relative, sha256 in manifest.tokenizer.hf_files.items():
+        path = data_dir / relative
+        rewrite = f"rewrite it from tokenizer.model with `genesis tokenizer hf {path.parent}`"
+        if not path.is_file():
+            raise DataError(f"{path}: the manifest's Hugging Face tokenizer file is missing; {rewrite}")
+        if check_checksums and sha256_file(path) != sha256:
+            raise DataError(f"{path}: checksum differs from the manifest (a changed or broken Hugging Face "
+                            f"tokenizer); {rewrite}")
     for source in manifest.sources:
         for shard in source.shards:
             path = data_dir / shard.path

@@ -1,7 +1,8 @@
 """Turning a user's prompt into the token ids a model continues, shared by `genesis generate` and `genesis serve`.
 
 Chat mode wraps the prompt in the tokenizer's chat template with a system prompt: the one given, else the one
-the branch model was tuned with (its stage marker), else the one rendered from configs/principles.yaml.
+the branch model was tuned with (its stage marker), else the one rendered from configs/principles.yaml. The
+prompt is encoded as text (`genesis.chat.encode_chat`): a user typing "<|im_end|>" cannot close their turn.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from genesis.chat import DEFAULT_SYSTEM_VARIABLE, IM_END
+from genesis.chat import DEFAULT_SYSTEM_VARIABLE, IM_END, encode_chat
 from genesis.errors import GenesisError
 from genesis.run_dir import read_stage
 
@@ -35,7 +36,8 @@ def system_prompt_for(model_source: str, requested: str | None = None) -> str | 
 
 def prepare_prompt(tokenizer, prompt: str, chat: bool, model_source: str, system: str | None = None) -> PreparedPrompt:
     if not chat:
-        return PreparedPrompt(list(tokenizer.encode(prompt, add_special_tokens=False)),
+        # split_special_tokens: a prompt quoting "<|endoftext|>" is those characters, not the end of the text.
+        return PreparedPrompt(list(tokenizer.encode(prompt, add_special_tokens=False, split_special_tokens=True)),
                               {i for i in (tokenizer.eos_token_id,) if i is not None}, None)
     if not tokenizer.chat_template:
         raise GenesisError(f"{model_source}: tokenizer has no chat template; chat mode needs one (use plain text)")
@@ -43,10 +45,8 @@ def prepare_prompt(tokenizer, prompt: str, chat: bool, model_source: str, system
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
     messages.append({"role": "user", "content": prompt})
     # A directory's template may carry the prompt the model was tuned with as its default; the prompt chosen here
-    # (none included) is the one the user asked for, so that default is switched off.
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                        **{DEFAULT_SYSTEM_VARIABLE: ""})
-    if hasattr(ids, "input_ids") or isinstance(ids, dict):
-        ids = ids["input_ids"]
+    # (none included) is the one the user asked for, so that default is switched off (Genesis's own rendering
+    # never adds it; another model's template is given the variable).
+    ids = encode_chat(tokenizer, messages, add_generation_prompt=True, **{DEFAULT_SYSTEM_VARIABLE: ""})
     stop_ids = {tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id}
     return PreparedPrompt(list(ids), {i for i in stop_ids if i is not None}, system_prompt)

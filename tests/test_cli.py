@@ -149,7 +149,7 @@ def test_data_prepare_verify_and_tokenizer_train_from_the_command_line(tmp_path)
 
     corpus.write_text(corpus.read_text().replace("vocab_size: 1024", "vocab_size: 100000"))
     line = one_error_line(genesis("data", "prepare", "--corpus", str(corpus), "--out", str(tmp_path / "data2")))
-    assert "uint16" in line
+    assert "tokenizer.vocab_size" in line and "65536" in line  # refused as the config is read, before any work
 
 
 def test_an_imported_hf_model_seeds_a_trunk_through_a_model_only_checkpoint(small_data, tmp_path):

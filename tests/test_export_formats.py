@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from genesis.chat import BOS, CHAT_TOKENS, EOS, IM_END, IM_START, UNK
+from data_prep.tokenizer import encode_documents
+from genesis.chat import BOS, CHAT_TOKENS, EOS, IM_END, IM_START, MARKER_SENTINELS, UNK
 from genesis.config import ModelConfig
 from genesis.run_dir import STAGE_MARKER
 from genesis_model.hf import export_hf
@@ -88,7 +89,9 @@ def test_every_exported_directory_is_complete_for_transformers(exports, tokenize
     im_start, im_end = tokenizer.convert_tokens_to_ids(IM_START), tokenizer.convert_tokens_to_ids(IM_END)
     assert ids[0] == im_start and ids[-1] == im_end and ids.count(im_start) == ids.count(im_end) == 1
     assert tokenizer.convert_tokens_to_ids(BOS) not in ids  # no BOS added
-    assert ids == sp_processor(tokenizer_dir).encode(CHAT_TEXT)  # what the model was trained on
+    # what the model was trained on: the template's markers as their ids, the text between them as text
+    pretraining_text = CHAT_TEXT.replace(IM_START, MARKER_SENTINELS[IM_START]).replace(IM_END, MARKER_SENTINELS[IM_END])
+    assert ids == encode_documents(sp_processor(tokenizer_dir), [pretraining_text])[0]
 
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                              add_generation_prompt=True)
