@@ -153,6 +153,33 @@ def test_data_flow_records_the_corpus_and_a_rerun_takes_finished_stages_from_the
     assert task_states(third)["tokenize-shards"] == "Completed" and (tmp_path / "data" / "manifest.json").is_file()
 
 
+@pytest.mark.slow
+def test_the_data_flow_runs_each_job_of_the_stage_as_a_prefect_task_on_a_dask_cluster_and_logs_progress(
+        harness, tracking, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    from flows.data import data_flow
+    from flows.params import DataParams
+
+    corpus = tmp_path / "corpus.yaml"
+    corpus.write_text(TINY_CORPUS.replace("executor: serial", "executor: dask").replace("workers: 1", "workers: 2"))
+    state = data_flow(DataParams(corpus=str(corpus), data_dir=str(tmp_path / "data")), return_state=True)
+    assert state.is_completed(), state.message
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    jobs = {}
+    for run in runs:
+        jobs.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+    for kind in ("read-clean", "dedup-buckets", "tokenize"):
+        assert jobs.get(kind) and set(jobs[kind]) == {"Completed"}, (kind, sorted(jobs))
+    messages = [log.message for log in logs]
+    assert any(m.startswith("read + clean: ") and "docs" in m and "MB/s" in m for m in messages), messages
+    assert any(m.startswith("tokenize: ") for m in messages)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Branches and the registry
 
