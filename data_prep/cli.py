@@ -14,9 +14,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     config = load_config(CorpusConfig, args.corpus, args.overrides)
     manifest = prepare(config, args.out)
+    report = json.loads((Path(args.out) / "report.json").read_text())
     for source in manifest.sources:
-        print(f"{source.name:>16}: {source.num_docs:>8,} docs {source.num_tokens:>12,} tokens  weight {source.weight}")
-    print(f"wrote {Path(args.out) / 'manifest.json'} ({manifest.num_tokens:,} tokens)")
+        row = report.get(source.name, {})
+        print(f"{source.name:>16}: {source.num_docs:>8,} docs {source.num_tokens:>12,} tokens  weight {source.weight}"
+              f"  ({row.get('exact_duplicates_removed', 0):,} exact, {row.get('near_duplicates_removed', 0):,} near "
+              f"duplicates removed)")
+    timings = report.get("_timings", {})
+    print("seconds: " + ", ".join(f"{phase} {seconds:,.1f}" for phase, seconds in timings.items()))
+    print(f"wrote {Path(args.out) / 'manifest.json'} ({manifest.num_tokens:,} tokens); per-source counts, duplicates "
+          f"and repetition in {Path(args.out) / 'report.json'}; removed documents in "
+          f"{Path(args.out) / 'dedup' / 'removed.parquet'}")
     return 0
 
 
