@@ -72,7 +72,7 @@ def code_texts(max_bytes: int = CODE_BYTES) -> Iterator[str]:
 def dialog_texts() -> Iterator[str]:
     """The project's principle-shaped dialogues (configs/dialogues/topics.yaml), training topics only, as chat
     text: held-out topics stay out of pretraining so branch evaluation never sees a memorised answer."""
-    from genesis.chat import render_chat
+    from genesis.chat import render_chat_for_pretraining
     from genesis.principles.dialogues import load_topics, sft_conversations, split_topics
     from genesis.principles import load_principles
 
@@ -81,7 +81,7 @@ def dialog_texts() -> Iterator[str]:
     train_topics, _ = split_topics(load_topics())
     system_prompt = load_principles().system_prompt("brief")
     for conversation in sft_conversations(train_topics, system_prompt):
-        yield render_chat(conversation["messages"])
+        yield render_chat_for_pretraining(conversation["messages"])
 
 
 def builtin_texts(subset: str = "all") -> Iterator[str]:

@@ -39,6 +39,7 @@ import xxhash
 from data_prep.clean import normalise, rejection_reason
 from data_prep.dedup import MinHasher, band_keys, band_starts
 from data_prep.sources import CleanConfig, CorpusConfig, SourceConfig, record_to_dedup_text, record_to_text
+from genesis.chat import strip_marker_sentinels
 from genesis.errors import DataError
 
 BYTES_PER_TOKEN = 4  # the budget's estimate before tokenization; shards are cut to the budget in real tokens
@@ -214,8 +215,12 @@ def read_unit(unit: ReadUnit, source: SourceConfig, clean: CleanConfig, docs_per
 
     for index, record in enumerate(_records(unit, source, on_bad, read_counts)):
         try:
-            text = record_to_text(record, source)
-            dedup_text = record_to_dedup_text(record, source)
+            if source.kind == "builtin":  # the project's own text, its dialogues already rendered for pretraining
+                text = record["text"]
+                dedup_text = strip_marker_sentinels(text)
+            else:
+                text = record_to_text(record, source)
+                dedup_text = record_to_dedup_text(record, source)
         except (KeyError, TypeError, ValueError) as err:
             if on_bad == "fail":
                 raise DataError(f"source '{source.name}' record {index + 1}: {err}; fix it or use "

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from data_prep.tokenizer import encode_documents
 from genesis.manifest import ShardEntry, ShardReader, sha256_file, write_shard
 
 _TOKENIZERS: dict[str, object] = {}
@@ -53,15 +54,6 @@ def _tokenizer(model_path: str):
     return _TOKENIZERS[model_path]
 
 
-def encode(processor, texts: list[str]) -> list[list[int]]:
-    """Token ids of documents (one thread per process: parallelism comes from processes or Dask workers)."""
-    try:
-        from data_prep.tokenizer import encode_documents
-    except ImportError:  # NOTE: until the tokenizer module carries marker-aware encoding
-        return processor.encode(texts, num_threads=1)
-    return encode_documents(processor, texts)
-
-
 def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, removed_rows: list[int], data_dir: str,
                   batch_docs: int = 512) -> dict:
     """One job: a clean part minus its removed rows → a token shard plus its sidecar. Returns the manifest entry
@@ -83,7 +75,9 @@ def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, removed
                 "skipped": False, "docs": 0, "bytes": 0, "text_bytes": 0}
     documents = []
     for start in range(0, len(texts), batch_docs):
-        for ids in encode(sp, texts[start : start + batch_docs]):
+        # One thread per process: parallelism comes from processes or Dask workers. Markers are ids only where
+        # the chat renderer put them; any other text, literal "<|im_start|>" included, is text.
+        for ids in encode_documents(sp, texts[start : start + batch_docs], num_threads=1):
             ids.append(eos)
             documents.append(ids)
     entry = write_shard(shard, documents, eos_id=eos)

@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from genesis.chat import record_to_conversation, render_chat
+from genesis.chat import record_to_conversation, render_chat_for_pretraining, strip_marker_sentinels
 from genesis.config import StrictModel
 from genesis.errors import DataError
 from genesis.records import (builder_for, first_json_char, glaive_to_conversation, open_text, read_json_document,
@@ -121,13 +121,15 @@ def record_to_conversation_of(record: dict, source: SourceConfig) -> tuple[list[
 
 
 def record_to_text(record: dict, source: SourceConfig) -> str:
-    """One record as training text; KeyError/TypeError/ValueError mean a malformed record."""
+    """One record as pretraining text; KeyError/TypeError/ValueError mean a malformed record. A conversation's
+    template markers are written as sentinels (`genesis.chat.render_chat_for_pretraining`) that tokenization
+    turns into marker ids; a document's own characters never can (sentinel code points are stripped from it)."""
     if source.format == "text":
         text = record[source.text_field]
         if not isinstance(text, str):
             raise TypeError(f"field '{source.text_field}' is {type(text).__name__}, not text")
-        return text
-    return render_chat(*record_to_conversation_of(record, source))
+        return strip_marker_sentinels(text)
+    return render_chat_for_pretraining(*record_to_conversation_of(record, source))
 
 
 def _arguments_text(arguments) -> str:

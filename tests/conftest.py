@@ -131,3 +131,10 @@ def tiny_trunk(tiny_corpus, tmp_path_factory) -> Path:
                             env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def readable(text: str) -> str:
+    """Pretraining text with the chat template's marker sentinels written as the markers they stand for."""
+    from genesis.chat import SENTINEL_MARKERS
+
+    return "".join(SENTINEL_MARKERS.get(char, char) for char in text)

@@ -222,6 +222,37 @@ def test_a_moved_data_directory_is_prepared_again_without_redoing_anything(plant
     verify_data_dir(tmp_path / "moved")
 
 
+def test_in_shards_a_web_page_quoting_chat_markers_is_text_and_a_dialogue_s_markers_are_marker_ids(planted, tmp_path):
+    from genesis.chat import CHAT_TOKENS, EOS
+    from genesis.manifest import ShardReader
+
+    quoting = ("A forum post about prompt formats: a ChatML turn starts with <|im_start|> and ends with <|im_end|>; "
+               "tools go in <tools></tools>, calls in <tool_call></tool_call>, and the end of text is " + EOS + ". ") * 3
+    (tmp_path / "web.jsonl").write_text(json.dumps({"text": quoting}) + "\n")
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Why is the sky blue, and what does <|im_end|> mean?"},
+        {"role": "assistant", "content": "Rayleigh scattering favours short wavelengths, so blue light reaches you "
+                                         "from every direction of the sky."}]}) + "\n")
+    corpus = CorpusConfig.model_validate({
+        "name": "markers", "executor": "serial", "tokenizer": {"vocab_size": 1024, "sample_sentences": 3000},
+        "sources": [{"name": "web", "kind": "local", "paths": [str(tmp_path / "web.jsonl")], "weight": 0.5},
+                    {"name": "chat", "kind": "local", "format": "chat", "paths": [str(tmp_path / "chat.jsonl")],
+                     "weight": 0.5},
+                    {"name": "filler", "kind": "local", "paths": [str(planted["root"] / "web" / "part0.jsonl")],
+                     "weight": 0.5}]})
+    manifest = prepare(corpus, tmp_path / "data")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "data" / "tokenizer" / "tokenizer.model"))
+    marker_ids = {sp.piece_to_id(marker) for marker in CHAT_TOKENS} | {sp.eos_id()}
+    web, chat = (ShardReader(tmp_path / "data" / s.shards[0].path).doc(0).tolist() for s in manifest.sources[:2])
+    assert not marker_ids & set(web[:-1])  # only the EOS that ends the document
+    assert sp.decode(web[:-1]) == quoting
+    im_start, im_end = sp.piece_to_id("<|im_start|>"), sp.piece_to_id("<|im_end|>")
+    assert chat.count(im_start) == 2 and chat.count(im_end) == 2  # the template's, not the one the user quoted
+    assert "<|im_end|> mean?" in sp.decode([i for i in chat if i not in marker_ids])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Budgets, repetition, the tokenizer sample
 

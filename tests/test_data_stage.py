@@ -21,7 +21,7 @@ from genesis.chat import CHAT_TOKENS, MARKER_SENTINELS, render_chat
 from data_prep.tokenizer import SentencePieceTokenizer, encode_documents, train_sentencepiece
 from genesis.errors import DataError
 from genesis.manifest import verify_data_dir
-from tests.conftest import SHARED
+from tests.conftest import SHARED, readable
 
 DATA = SHARED / "data"
 
@@ -65,10 +65,10 @@ def local(name, paths, **fields) -> SourceConfig:
 def test_local_jsonl_gz_text_chat_and_function_calling_records_are_read_through_datasets():
     text = list(iter_texts(local("web", [DATA / "pretrain" / "c4_web_sample.jsonl.gz"])))
     assert len(text) == 300 and all(isinstance(t, str) and t for t in text)
-    chat = list(iter_texts(local("sft", [DATA / "sft" / "gsm8k.test.jsonl.gz"], format="chat")))
+    chat = [readable(t) for t in iter_texts(local("sft", [DATA / "sft" / "gsm8k.test.jsonl.gz"], format="chat"))]
     assert chat[0].startswith("<|im_start|>user\n") and "<|im_start|>assistant\n" in chat[0]
-    calls = list(iter_texts(local("fc", [DATA / "function_calling" / "glaive_toolcall_sample.jsonl.gz"],
-                                  format="function_calling")))
+    calls = list(map(readable, iter_texts(local("fc", [DATA / "function_calling" / "glaive_toolcall_sample.jsonl.gz"],
+                                  format="function_calling"))))
     assert any("<tool_call>" in t for t in calls) and any("<tools>" in t for t in calls)
 
 
@@ -286,17 +286,17 @@ def test_hub_record_shapes_render_to_chatml(tmp_path):
     sharegpt.write_text(json.dumps({"conversations": [{"from": "system", "value": "Be curious."},
                                                       {"from": "human", "value": "Why is the sky blue?"},
                                                       {"from": "gpt", "value": "Rayleigh scattering."}]}) + "\n")
-    text = next(iter_texts(local("s", [sharegpt], format="sharegpt", messages_field="conversations")))
+    text = readable(next(iter_texts(local("s", [sharegpt], format="sharegpt", messages_field="conversations"))))
     assert text == ("<|im_start|>system\nBe curious.<|im_end|>\n<|im_start|>user\nWhy is the sky blue?<|im_end|>\n"
                     "<|im_start|>assistant\nRayleigh scattering.<|im_end|>\n")
     orca = tmp_path / "orca.jsonl"
     orca.write_text(json.dumps({"messages": json.dumps([{"role": "user", "content": "hi"},
                                                         {"role": "assistant", "content": "hello"}])}) + "\n")
-    assert "hello<|im_end|>" in next(iter_texts(local("o", [orca], format="chat")))
+    assert "hello<|im_end|>" in readable(next(iter_texts(local("o", [orca], format="chat"))))
     xlam = tmp_path / "xlam.jsonl"
     xlam.write_text(json.dumps({"query": "Weather in Oslo?",
                                 "answers": json.dumps([{"name": "weather", "arguments": {"city": "Oslo"}}]),
                                 "tools": json.dumps([{"name": "weather", "description": "forecast",
                                                       "parameters": {"city": {"type": "str"}}}])}) + "\n")
-    text = next(iter_texts(local("x", [xlam], format="xlam")))
+    text = readable(next(iter_texts(local("x", [xlam], format="xlam"))))
     assert '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>' in text and "<tools>" in text

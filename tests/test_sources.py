@@ -17,10 +17,10 @@ import yaml
 from data_prep.dedup import MinHasher, deduplicate, jaccard_of_sorted
 from data_prep.sources import (CorpusConfig, SourceConfig, hub_num_shards, iter_file_records, iter_hub_records,
                                iter_local_records, iter_texts, record_to_dedup_text, record_to_text)
-from genesis.chat import render_chat
+from genesis.chat import render_chat_for_pretraining
 from genesis.config import REPO_ROOT, load_config
 from genesis.errors import DataError
-from tests.conftest import SHARED
+from tests.conftest import SHARED, readable
 
 DATA = SHARED / "data"
 CORPUS_60B = REPO_ROOT / "configs" / "corpus" / "genesis-60b.yaml"
@@ -75,7 +75,7 @@ def test_function_calling_records_are_read_exactly_as_stored():
     source = local("fc", [path], format="function_calling")
     rows = read_jsonl_gz(path)
     texts = list(iter_texts(source))
-    assert texts == [render_chat(row["messages"], row.get("tools")) for row in rows]
+    assert texts == [render_chat_for_pretraining(row["messages"], row.get("tools")) for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,7 +339,8 @@ def test_glaive_records_render_as_tool_conversations(tmp_path):
         assert glaive_to_conversation(row) == expected
     counts: dict = {}
     texts = list(iter_texts(local("glaive", [path], format="glaive"), counts=counts))
-    assert texts == [render_chat(*conversation) for conversation in GLAIVE_CONVERSATIONS]
+    assert texts == [render_chat_for_pretraining(*conversation) for conversation in GLAIVE_CONVERSATIONS]
+    texts = [readable(text) for text in texts]
     assert counts == {"malformed_record": 1}  # the call whose arguments are not JSON
     for text in texts:
         for raw in ("<|endoftext|>", "USER:", "ASSISTANT:", "FUNCTION RESPONSE", "<functioncall>", "SYSTEM:"):
