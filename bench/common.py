@@ -128,3 +128,29 @@ class Stopwatch:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
+
+
+def host_contention() -> dict:
+    """The box's cores and load average (1, 5, 15 min) now: put beside any throughput figure, since a busy box
+    (other engineers' jobs on a shared machine) slows a measurement without any change to the code."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (None, None, None)
+    info = {"cpu_count": os.cpu_count(), "loadavg": [round(x, 2) for x in load if x is not None]}
+    try:
+        import psutil
+
+        info["physical_cores"] = psutil.cpu_count(logical=False)
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    return info
+
+
+def git_dirty(paths: tuple[str, ...] = ()) -> list[str]:
+    """Uncommitted changes (`git status --porcelain` lines, limited to `paths` if given): a run measures the
+    working tree, which git_rev alone does not describe when someone is editing it."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", *paths], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [line for line in out.splitlines() if line.strip()]

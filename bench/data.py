@@ -1,12 +1,41 @@
 """Data-stage speed on the data kit (../shared/data), all in one run on this machine:
 
-* raw SentencePiece encode throughput per process vs tokenize-to-shards on 1 and 2 processes;
-* near-dedup documents/s per core against datasketch's MinHash + MinHashLSH with the same parameters (5-word
-  shingles, 112 permutations, 14 bands × 8 rows), and both methods' recall / precision on planted near-duplicates
-  (copies with 3% of words edited);
-* tokenizer training time for a 49,152 vocab from a 200k-sentence sample.
+* near-dedup, like with like: Genesis's `data_prep.dedup.deduplicate` against datasketch set up as its
+  documentation recommends and against datatrove's MinHash dedup, all with the same shingles (lower-cased
+  whitespace words, 5-grams), 112 hashes in 14 bands × 8 rows; recall, precision and time per method on each
+  planting recipe (below);
+* tokenizer training time for a 49,152 vocab from a 200k-sentence sample, and raw SentencePiece encode speed
+  (one thread). Tokenize-to-shards against that speed is measured at scale by bench/data_scale.py, on the
+  stage's own per-stage timings.
 
-    python bench/data.py --out bench/results/data.json
+    python bench/data.py                       # everything, appended to bench/results/data.json
+    python bench/data.py --dedup-only          # the near-dedup comparison only
+    python bench/data.py --recall-seeds 5      # the comparison over 5 plantings (bench/results/dedup_recall.json)
+
+The corpus: --docs kit documents (a seeded sample of all of ../shared/data/pretrain) plus --copies planted
+copies of documents of ≥ 100 words, each copy appended after the originals, made by one recipe
+(bench/scale_corpus.py's edit functions):
+
+* `subst`: 3% of the words replaced by common English words;
+* `structural`: 5% of the sentences deleted, ~3% of adjacent sentence pairs swapped, 10% re-cased, a
+  boilerplate footer (and half the time a header) added.
+
+The methods (one process each, same documents, same order):
+
+* `genesis`: `deduplicate(texts)` with the stage's defaults: exact pass, then 112-permutation MinHash, the 14
+  aligned bands plus 13 offset ones, candidate pairs verified at exact shingle Jaccard ≥ 0.65;
+* `genesis_aligned_bands_only`: the same without the offset bands;
+* `datasketch`: `MinHash.generator(..., num_perm=112, hashfunc=xxhash.xxh32_intdigest)` (permutations built once
+  and shared by every signature, a fast non-cryptographic hash), `MinHashLSH(num_perm=112, params=(14, 8))`,
+  each document queried, then inserted when it matched nothing (keep the first);
+* `datatrove`: MinhashDedupSignature → Buckets → Cluster (→ Filter) on LocalPipelineExecutor with one worker,
+  in bench/.venv-datatrove (bench/datatrove_run.py: same shingles, 14 × 8, 64-bit xxhash, no verification);
+  its time is the three stages that produce the removal list (the filter pass, which re-reads the corpus, is
+  recorded apart), measured inside its process.
+
+Scoring: a planted pair is found when either document was removed. A removal is right when a document it was
+matched to is its planted partner or has exact 5-gram Jaccard ≥ 0.7 with it (the kit holds real
+near-duplicates, e.g. TheAlgorithms files in several folders, which every method rightly removes).
 """
 
 from __future__ import annotations
@@ -16,6 +45,8 @@ import gzip
 import json
 import random
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,12 +55,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import environment, write_json  # noqa: E402
-from data_prep.dedup import MinHasher, near_duplicate_clusters  # noqa: E402
-from data_prep.shards import tokenize_parts, write_text_part  # noqa: E402
-from data_prep.tokenizer import train_sentencepiece  # noqa: E402
+from bench.common import append_run, environment, git_dirty, git_rev, host_contention  # noqa: E402
+from bench.scale_corpus import edit_structural, edit_subst, jaccard, shingle_set  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
+DATATROVE_PYTHON = REPO / "bench" / ".venv-datatrove" / "bin" / "python"
+RECIPES = ("subst", "structural")
+METHODS = ("genesis", "genesis_aligned_bands_only", "datasketch", "datatrove")
+NUM_PERM, BANDS, ROWS = 112, 14, 8
 
 
 def kit_documents() -> list[str]:
@@ -40,155 +73,231 @@ def kit_documents() -> list[str]:
     return texts
 
 
-def planted(documents: list[str], count: int, edit_fraction: float, seed: int = 0) -> tuple[list[str], set[int]]:
-    """Append `count` edited copies of long documents; returns the corpus and the indices of the copies."""
+def planted(documents: list[str], docs: int, count: int, recipe: str, seed: int = 0) -> tuple[list[str], dict[int, int]]:
+    """`docs` sampled kit documents, then `count` edited copies of those with ≥ 100 words; returns the corpus and
+    copy index → original index."""
     rng = random.Random(seed)
-    sources = [d for d in documents if len(d.split()) >= 100]
-    corpus = list(documents)
-    copies = set()
-    for doc in rng.sample(sources, count):
-        words = doc.split()
-        corpus.append(" ".join("edited" if rng.random() < edit_fraction else w for w in words))
-        copies.add(len(corpus) - 1)
+    corpus = rng.sample(documents, min(docs, len(documents)))
+    candidates = [i for i, d in enumerate(corpus) if len(d.split()) >= 100]
+    copies: dict[int, int] = {}
+    for original in rng.sample(candidates, min(count, len(candidates))):
+        text = corpus[original]
+        corpus.append(edit_subst(text, rng, 0.03) if recipe == "subst" else edit_structural(text, rng))
+        copies[len(corpus) - 1] = original
     return corpus, copies
 
 
-def shingle_set(text: str) -> set[str]:
-    words = text.lower().split()
-    return {" ".join(words[i:i + 5]) for i in range(max(1, len(words) - 4))}
-
-
-def jaccard(a: str, b: str) -> float:
-    x, y = shingle_set(a), shingle_set(b)
-    return len(x & y) / max(1, len(x | y))
-
-
-def score(corpus: list[str], removed: dict[int, list[int]], copies: set[int]) -> tuple[float, float]:
-    """Recall on the planted copies; precision counting a removal as right when it is a planted copy or its
-    exact 5-gram Jaccard with a document it was matched to is ≥ 0.7 (a real near-duplicate of the kit)."""
-    recall = len(set(removed) & copies) / len(copies)
+def score(corpus: list[str], removed: dict[int, list[int]], copies: dict[int, int]) -> tuple[float, float]:
+    """Recall on the planted pairs; precision of the removals (see the module's docstring)."""
+    partner = {**copies, **{o: c for c, o in copies.items()}}
+    found = sum(1 for c, o in copies.items() if c in removed or o in removed)
     right = sum(1 for i, matches in removed.items()
-                if i in copies or max((jaccard(corpus[i], corpus[j]) for j in matches), default=0) >= 0.7)
-    return recall, (right / len(removed) if removed else 1.0)
+                if partner.get(i) in matches or max((jaccard(corpus[i], corpus[j]) for j in matches), default=0) >= 0.7)
+    return found / len(copies), (right / len(removed) if removed else 1.0)
 
 
-def datasketch_dedup(texts: list[str]) -> tuple[dict[int, list[int]], float]:
+# ------------------------------------------------------------------------------------------------------------
+# Methods: each returns (removed index → indices it was matched to, seconds, extra)
+
+
+def genesis_dedup(texts: list[str], offset_bands: bool = True) -> tuple[dict[int, list[int]], float, dict]:
+    from data_prep.dedup import deduplicate
+
+    started = time.perf_counter()
+    _, report = deduplicate(texts, num_perm=NUM_PERM, bands=BANDS, rows=ROWS, shingle_words=5,
+                            offset_bands=offset_bands)
+    seconds = time.perf_counter() - started
+    removed = {int(i): [int(kept)] for i, (kept, _kind) in report["removed_by"].items()}
+    return removed, seconds, {"exact": report["exact_duplicates"], "near": report["near_duplicates"]}
+
+
+def genesis_aligned_bands_only(texts: list[str]):
+    return genesis_dedup(texts, offset_bands=False)
+
+
+def datasketch_dedup(texts: list[str]) -> tuple[dict[int, list[int]], float, dict]:
+    """datasketch as its documentation recommends for many documents: MinHash.generator shares one set of
+    permutations, a fast hash function (xxhash, as in its docs' farmhash/xxhash examples), an LSH index with
+    explicit (bands, rows)."""
+    import xxhash
     from datasketch import MinHash, MinHashLSH
 
     started = time.perf_counter()
-    lsh = MinHashLSH(num_perm=112, params=(14, 8))
+    lsh = MinHashLSH(num_perm=NUM_PERM, params=(BANDS, ROWS))
     removed: dict[int, list[int]] = {}
-    for index, text in enumerate(texts):
-        signature = MinHash(num_perm=112, seed=1)
-        signature.update_batch([s.encode("utf-8") for s in shingle_set(text)])
+    signatures = MinHash.generator(([s.encode("utf-8") for s in shingle_set(t)] for t in texts), num_perm=NUM_PERM, seed=1,
+                                   hashfunc=xxhash.xxh32_intdigest)
+    for index, signature in enumerate(signatures):
         matches = lsh.query(signature)
         if matches:
             removed[index] = [int(m) for m in matches]
         else:
             lsh.insert(str(index), signature)
-    return removed, time.perf_counter() - started
+    return removed, time.perf_counter() - started, {"hashfunc": "xxhash.xxh32_intdigest", "scheme": "affine32"}
 
 
-def genesis_dedup(texts: list[str], offset_bands: bool = True) -> tuple[dict[int, list[int]], float]:
-    """The stage's near-dedup (`offset_bands=False`: the 14 aligned bands alone, still verified)."""
-    started = time.perf_counter()
-    hasher = MinHasher()
-    shingle_sets = [hasher.shingles(text) for text in texts]
-    signatures = hasher.signatures_of(shingle_sets)
-    representative = near_duplicate_clusters(signatures, shingle_sets, 14, 8, offset_bands=offset_bands)
-    seconds = time.perf_counter() - started
-    return {i: [int(r)] for i, r in enumerate(representative) if r != i}, seconds
+def datatrove_dedup(texts: list[str]) -> tuple[dict[int, list[int]], float, dict]:
+    if not DATATROVE_PYTHON.is_file():
+        raise FileNotFoundError(f"{DATATROVE_PYTHON}: python3.11 -m venv bench/.venv-datatrove && "
+                                f"bench/.venv-datatrove/bin/pip install -r bench/requirements-datatrove.txt")
+    work = Path(tempfile.mkdtemp(prefix="genesis-dt-"))
+    try:
+        (work / "input").mkdir()
+        with open(work / "input" / "docs.jsonl", "w", encoding="utf-8") as handle:
+            for index, text in enumerate(texts):
+                handle.write(json.dumps({"text": text, "id": str(index)}, ensure_ascii=False) + "\n")
+        result_path = work / "result.json"
+        completed = subprocess.run([str(DATATROVE_PYTHON), str(REPO / "bench" / "datatrove_run.py"), "dedup",
+                                    "--input", str(work / "input"), "--work", str(work / "run"),
+                                    "--result", str(result_path)], capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise RuntimeError(f"datatrove_run.py failed:\n{completed.stderr[-3000:]}")
+        result = json.loads(result_path.read_text())
+        clusters: dict[int, list[dict]] = {}
+        for line in open(result["clusters_file"], encoding="utf-8"):
+            entry = json.loads(line)
+            clusters.setdefault(entry["cluster"], []).append(entry)
+        removed: dict[int, list[int]] = {}
+        for members in clusters.values():
+            kept = [int(m["id"]) for m in members if not m["removed"]]
+            for member in members:
+                if member["removed"]:
+                    removed[int(member["id"])] = kept
+        timings = result["timings"]
+        seconds = timings["signatures"] + timings["buckets"] + timings["cluster"]
+        return removed, seconds, {"timings": timings, "datatrove": result["datatrove"]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def genesis_aligned_bands_only(texts: list[str]) -> tuple[dict[int, list[int]], float]:
-    return genesis_dedup(texts, offset_bands=False)
+def run_methods(corpus: list[str], copies: dict[int, int], methods: list[str], repeats: int = 1) -> dict:
+    """Each method `repeats` times (the fastest time counts: a shared box only ever slows a run down)."""
+    functions = {"genesis": genesis_dedup, "genesis_aligned_bands_only": genesis_aligned_bands_only,
+                 "datasketch": datasketch_dedup, "datatrove": datatrove_dedup}
+    out = {}
+    for name in methods:
+        times = []
+        for _ in range(max(1, repeats)):
+            removed, seconds, extra = functions[name](corpus)
+            times.append(seconds)
+        seconds = min(times)
+        recall, precision = score(corpus, removed, copies)
+        out[name] = {"recall": round(recall, 4), "precision": round(precision, 4), "seconds": round(seconds, 3),
+                     "seconds_all": [round(t, 3) for t in times], "docs_s": round(len(corpus) / seconds, 1),
+                     "removed": len(removed), **extra}
+        print(name, json.dumps(out[name]), flush=True)
+    if "genesis" in out:
+        for other in ("datasketch", "datatrove"):
+            if other in out:
+                out[f"genesis_vs_{other}_speed"] = round(out["genesis"]["docs_s"] / out[other]["docs_s"], 2)
+    return out
 
 
-def recall_over_seeds(seeds: int, out: Path) -> None:
-    """Recall and precision of both near-dedup methods over several plantings (one planting's recall has a
-    binomial spread of about ±0.014 on 1,000 copies, so one run cannot tell close methods apart)."""
-    import statistics
-
+def dedup_comparison(args) -> dict:
     documents = kit_documents()
-    rows = []
-    for seed in range(seeds):
-        corpus, copies = planted(documents[:6000], 1000, 0.03, seed=seed)
-        row = {"seed": seed}
-        for name, method in (("datasketch", datasketch_dedup), ("genesis", genesis_dedup),
-                             ("genesis_aligned_bands_only", genesis_aligned_bands_only)):
-            removed, _ = method(corpus)
-            row[f"{name}_recall"], row[f"{name}_precision"] = (round(v, 4) for v in score(corpus, removed, copies))
-        rows.append(row)
-        print(row, flush=True)
-    summary = {key: round(statistics.mean(r[key] for r in rows), 4) for key in rows[0] if key != "seed"}
-    write_json(out, {**environment(), "plantings": rows, "mean": summary})
-    print(json.dumps(summary, indent=1))
+    results = {"docs": args.docs, "copies": args.copies, "host_before": host_contention()}
+    for recipe in args.recipes:
+        corpus, copies = planted(documents, args.docs, args.copies, recipe, seed=0)
+        print(f"recipe {recipe}: {len(corpus)} documents, {len(copies)} planted copies", flush=True)
+        mean_j = statistics.mean(jaccard(corpus[c], corpus[o]) for c, o in copies.items())
+        results[recipe] = {"mean_planted_jaccard": round(mean_j, 4),
+                           **run_methods(corpus, copies, args.methods, args.repeats)}
+    results["host_after"] = host_contention()
+    return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "data.json")
-    parser.add_argument("--recall-seeds", type=int, default=0,
-                        help="only compare near-dedup recall over this many plantings (bench/results/dedup_recall.json)")
-    args = parser.parse_args()
-    if args.recall_seeds:
-        recall_over_seeds(args.recall_seeds, REPO / "bench" / "results" / "dedup_recall.json")
-        return
+def recall_over_seeds(args, out: Path) -> None:
+    """Recall and precision of every method over several plantings per recipe (one planting's recall has a
+    binomial spread of about ±0.014 on 1,000 copies, so one run cannot tell close methods apart)."""
+    documents = kit_documents()
+    run = {**environment(), "git_rev": git_rev(), "git_dirty": git_dirty(("data_prep", "bench")),
+           "command": " ".join(["python", *sys.argv]), "host_before": host_contention(), "docs": args.docs, "copies": args.copies, "plantings": []}
+    for recipe in args.recipes:
+        for seed in range(args.recall_seeds):
+            corpus, copies = planted(documents, args.docs, args.copies, recipe, seed=seed)
+            row = {"recipe": recipe, "seed": seed}
+            for name, values in run_methods(corpus, copies, args.methods).items():
+                if isinstance(values, dict):
+                    row[f"{name}_recall"], row[f"{name}_precision"] = values["recall"], values["precision"]
+            run["plantings"].append(row)
+    run["host_after"] = host_contention()
+    mean = {}
+    for recipe in args.recipes:
+        rows = [r for r in run["plantings"] if r["recipe"] == recipe]
+        mean[recipe] = {k: round(statistics.mean(r[k] for r in rows), 4) for k in rows[0] if k not in ("recipe", "seed")}
+    run["mean"] = mean
+    append_run(out, run, {"mean": mean, "git_rev": run["git_rev"], "command": run["command"]})
+    print(json.dumps(mean, indent=1))
+
+
+def tokenizer_figures(documents: list[str]) -> dict:
+    """SentencePiece BPE training (49,152 vocab, 200k-sentence sample, the stage's training function) and raw
+    encode speed with one thread."""
     import sentencepiece as spm
 
-    documents = kit_documents()
-    total_bytes = sum(len(d.encode("utf-8")) for d in documents)
-    results = {**environment(), "machine": environment()["machine"], "documents": len(documents), "bytes": total_bytes}
+    from data_prep.tokenizer import train_sentencepiece
+
+    out = {}
     work = Path(tempfile.mkdtemp(prefix="genesis-bench-"))
     try:
-        # Tokenizer training: 49,152 vocab from a 200k-sentence sample.
         rng = random.Random(0)
         lines = [line for doc in documents for line in doc.split("\n") if line.strip()]
         sample = rng.sample(lines, min(200_000, len(lines)))
         started = time.perf_counter()
         train_sentencepiece(sample, work / "tokenizer", vocab_size=49_152, threads=2)
-        results["tokenizer_train_s"] = round(time.perf_counter() - started, 2)
-        model = work / "tokenizer" / "tokenizer.model"
-        print("tokenizer", results["tokenizer_train_s"], flush=True)
-
-        # Raw encode throughput, one process.
-        sp = spm.SentencePieceProcessor(model_file=str(model))
+        out["tokenizer_train_s"] = round(time.perf_counter() - started, 2)
+        sp = spm.SentencePieceProcessor(model_file=str(work / "tokenizer" / "tokenizer.model"))
+        total_bytes = sum(len(d.encode("utf-8")) for d in documents)
         started = time.perf_counter()
         for start in range(0, len(documents), 512):
             sp.encode(documents[start:start + 512], num_threads=1)
-        results["spm_encode_mb_s"] = round(total_bytes / 1e6 / (time.perf_counter() - started), 2)
-        print("spm", results["spm_encode_mb_s"], flush=True)
-
-        # Tokenize to shards: the stage's own code, 1 and 2 processes, 16 parts.
-        parts = 16
-        for index in range(parts):
-            write_text_part(work / "data" / "clean" / "kit" / f"part_{index:05d}.arrow", documents[index::parts])
-        for workers in (1, 2):
-            shutil.rmtree(work / "data" / "kit", ignore_errors=True)
-            started = time.perf_counter()
-            tokenize_parts(work / "data", model, workers=workers)
-            results[f"shards_mb_s_{workers}proc"] = round(total_bytes / 1e6 / (time.perf_counter() - started), 2)
-            print("shards", workers, results[f"shards_mb_s_{workers}proc"], flush=True)
-
-        # Near-dedup against datasketch on planted near-duplicates.
-        corpus, copies = planted(documents[:6000], 1000, 0.03)
-        removed_ds, seconds_ds = datasketch_dedup(corpus)
-        removed_ours, seconds_ours = genesis_dedup(corpus)
-        results["datasketch_docs_s"] = round(len(corpus) / seconds_ds, 1)
-        results["dedup_docs_s"] = round(len(corpus) / seconds_ours, 1)
-        results["dedup_recall"], results["dedup_precision"] = (round(v, 4) for v in score(corpus, removed_ours, copies))
-        results["datasketch_recall"], results["datasketch_precision"] = (round(v, 4) for v in score(corpus, removed_ds, copies))
-        removed_aligned, _ = genesis_aligned_bands_only(corpus)
-        results["dedup_recall_aligned_bands_only"], results["dedup_precision_aligned_bands_only"] = (
-            round(v, 4) for v in score(corpus, removed_aligned, copies))
-        results["dedup_note"] = ("6,000 kit documents + 1,000 planted copies with 3% of words edited; one process; "
-                                 "precision counts a removal right if planted or exact 5-gram Jaccard ≥ 0.7 with its match; "
-                                 "Genesis probes the 14 aligned bands plus 13 offset ones and verifies each candidate pair "
-                                 "by exact Jaccard ≥ 0.65")
-        write_json(args.out, results)
-        print(json.dumps(results, indent=1))
+        out["spm_encode_mb_s"] = round(total_bytes / 1e6 / (time.perf_counter() - started), 2)
+        print("tokenizer", out, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "data.json")
+    parser.add_argument("--dedup-only", action="store_true", help="only the near-dedup comparison")
+    parser.add_argument("--docs", type=int, default=6000, help="kit documents in the dedup corpus")
+    parser.add_argument("--copies", type=int, default=1000, help="planted copies")
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (the fastest counts)")
+    parser.add_argument("--recall-seeds", type=int, default=0,
+                        help="only compare recall/precision over this many plantings per recipe "
+                             "(appended to bench/results/dedup_recall.json)")
+    args = parser.parse_args()
+    if args.recall_seeds:
+        recall_over_seeds(args, args.out.parent / "dedup_recall.json")
+        return
+    documents = kit_documents()
+    run = {**environment(), "git_rev": git_rev(), "git_dirty": git_dirty(("data_prep", "bench")),
+           "command": " ".join(["python", *sys.argv]), "documents": len(documents), "bytes": sum(len(d.encode("utf-8")) for d in documents)}
+    if not args.dedup_only:
+        run.update(tokenizer_figures(documents))
+    run["dedup"] = dedup_comparison(args)
+    run["dedup_note"] = (f"{args.docs:,} kit documents (seeded sample) + {args.copies:,} planted copies per recipe; "
+                         "one process per method; same shingles (lower-cased whitespace 5-grams), 112 hashes, 14 bands "
+                         "× 8 rows; a pair is found when either document was removed; a removal is right when matched "
+                         "to its planted partner or at exact 5-gram Jaccard ≥ 0.7")
+    latest = {"git_rev": run["git_rev"], "command": run["command"]}
+    for key in ("tokenizer_train_s", "spm_encode_mb_s"):
+        if key in run:
+            latest[key] = run[key]
+    for recipe in args.recipes:
+        for method in args.methods:
+            figures = run["dedup"][recipe][method]
+            for field in ("recall", "precision", "docs_s"):
+                latest[f"dedup_{recipe}_{method}_{field}"] = figures[field]
+        for other in ("datasketch", "datatrove"):
+            if f"genesis_vs_{other}_speed" in run["dedup"][recipe]:
+                latest[f"dedup_{recipe}_genesis_vs_{other}_speed"] = run["dedup"][recipe][f"genesis_vs_{other}_speed"]
+    append_run(args.out, run, latest)
+    print(json.dumps(latest, indent=1))
 
 
 if __name__ == "__main__":
