@@ -173,18 +173,16 @@ def deduplicate_parts(data_dir: Path, parts: list[Part], clean, executor: Execut
         arrays = [a for a in arrays if len(a)]
         return np.concatenate(arrays) if arrays else np.empty((0, 2), dtype=np.uint64)
 
-    exact = load("exact_")
-    exact_first = dict(zip(exact[:, 1].tolist(), exact[:, 0].tolist()))  # removed → its group's first
+    exact = load("exact_")  # (group's first, member) for every exact copy
     candidates = load("band")
     if len(candidates) and len(exact):
         # A candidate whose document is an exact copy stands for the copy's first (same text, same shingles).
-        members = exact[:, 1]
-        order = np.argsort(members)
+        order = np.argsort(exact[:, 1])
+        members, firsts = exact[order, 1], exact[order, 0]
         for column in (0, 1):
-            position = np.searchsorted(members[order], candidates[:, column])
-            position = np.minimum(position, len(members) - 1)
-            hit = members[order][position] == candidates[:, column]
-            candidates[hit, column] = exact[order, 0][position[hit]]
+            position = np.minimum(np.searchsorted(members, candidates[:, column]), len(members) - 1)
+            hit = members[position] == candidates[:, column]
+            candidates[hit, column] = firsts[position[hit]]
         candidates = np.sort(candidates, axis=1)
         candidates = candidates[candidates[:, 0] != candidates[:, 1]]
     candidates = np.unique(candidates, axis=0) if len(candidates) else candidates
@@ -199,48 +197,64 @@ def deduplicate_parts(data_dir: Path, parts: list[Part], clean, executor: Execut
               if chunks else np.zeros(0, dtype=bool))
     links = candidates[linked]
 
-    removed_gid, kept_gid, kinds = list(exact_first), list(exact_first.values()), ["exact"] * len(exact_first)
+    # The driver holds arrays the size of the duplicates found, never of the corpus.
+    removed, kept, is_near = exact[:, 1], exact[:, 0], np.zeros(len(exact), dtype=bool)
     if len(links):
         nodes, earliest = _components(links[:, 0], links[:, 1])
         near = nodes != earliest
-        removed_gid += nodes[near].tolist()
-        kept_gid += earliest[near].tolist()
-        kinds += ["near"] * int(near.sum())
-    order = np.argsort(np.array(removed_gid, dtype=np.uint64), kind="stable")
-    removed = np.array(removed_gid, dtype=np.uint64)[order]
-    kept = np.array(kept_gid, dtype=np.uint64)[order]
-    kinds = [kinds[i] for i in order]
+        removed = np.concatenate([removed, nodes[near]])
+        kept = np.concatenate([kept, earliest[near]])
+        is_near = np.concatenate([is_near, np.ones(int(near.sum()), dtype=bool)])
+    order = np.argsort(removed, kind="stable")
+    removed, kept, is_near = removed[order], kept[order], is_near[order]
+    _write_removed(work, parts, removed, kept, is_near)
+    return {"candidate_pairs": int(len(candidates)), "verified_links": int(len(links)),
+            "exact_duplicates": int((~is_near).sum()), "near_duplicates": int(is_near.sum()),
+            "hash_ranges": ranges, "bands": len(bands)}
 
-    def describe(gids: np.ndarray) -> tuple[list[str], list[str], list[int]]:
-        owners = [by_index[int(p)] for p in (gids >> np.uint64(32)).tolist()]
-        return ([o.source for o in owners], [o.name for o in owners],
-                (gids & np.uint64(0xFFFFFFFF)).astype(np.int64).tolist())
+
+def _write_removed(work: Path, parts: list[Part], removed: np.ndarray, kept: np.ndarray, is_near: np.ndarray) -> None:
+    """removed.parquet (every removed document and the one kept for it) and, per part with removals,
+    removed/<part index>.npy (its removed rows, sorted), which the tokenize job of that part reads alone."""
+    sources = pa.array([part.source for part in parts], pa.string())
+    names = pa.array([part.name for part in parts], pa.string())
+
+    def describe(gids: np.ndarray) -> tuple[pa.Array, pa.Array, np.ndarray]:
+        owner = pa.array((gids >> np.uint64(32)).astype(np.int64))
+        return sources.take(owner), names.take(owner), (gids & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
     source, part, row = describe(removed)
     kept_source, kept_part, kept_row = describe(kept)
-    table = pa.table({"source": pa.array(source, pa.string()), "part": pa.array(part, pa.string()),
-                      "row": pa.array(row, pa.int64()), "kind": pa.array(kinds, pa.string()),
-                      "kept_source": pa.array(kept_source, pa.string()), "kept_part": pa.array(kept_part, pa.string()),
-                      "kept_row": pa.array(kept_row, pa.int64())})
+    table = pa.table({"source": source, "part": part, "row": row,
+                      "kind": pa.array(np.where(is_near, "near", "exact").tolist() if len(is_near) else [], pa.string()),
+                      "kept_source": kept_source, "kept_part": kept_part, "kept_row": kept_row})
     tmp = work / f".{REMOVED_NAME}.tmp"
     pq.write_table(table, tmp)
+    by_part = work / "removed"
+    shutil.rmtree(by_part, ignore_errors=True)
+    by_part.mkdir()
+    owners = removed >> np.uint64(32)
+    boundaries = np.flatnonzero(np.diff(owners)) + 1
+    for rows in np.split(removed, boundaries) if len(removed) else []:
+        _save(by_part / f"{int(rows[0] >> np.uint64(32)):07d}.npy", (rows & np.uint64(0xFFFFFFFF)).astype(np.int64))
     os.replace(tmp, work / REMOVED_NAME)
-    return {"candidate_pairs": int(len(candidates)), "verified_links": int(len(links)),
-            "exact_duplicates": len(exact_first), "near_duplicates": int(sum(k == "near" for k in kinds)),
-            "hash_ranges": ranges, "bands": len(bands)}
 
 
 def read_removed(data_dir: Path) -> pa.Table:
     return pq.read_table(data_dir / "dedup" / REMOVED_NAME)
 
 
-def removed_rows_by_part(data_dir: Path) -> dict[tuple[str, str], list[int]]:
-    table = read_removed(data_dir)
-    rows: dict[tuple[str, str], list[int]] = {}
-    for source, part, row in zip(table.column("source").to_pylist(), table.column("part").to_pylist(),
-                                 table.column("row").to_pylist()):
-        rows.setdefault((source, part), []).append(row)
-    return rows
+def removed_rows(data_dir: Path, part: Part) -> np.ndarray:
+    """The rows of `part` that dedup removed (sorted), from the part's own small file."""
+    path = data_dir / "dedup" / "removed" / f"{part.index:07d}.npy"
+    return np.load(path) if path.is_file() else np.empty(0, dtype=np.int64)
+
+
+def removed_counts(data_dir: Path) -> dict[tuple[str, str], int]:
+    """(source, kind) → documents removed, counted by Arrow without a Python object per row."""
+    counts = read_removed(data_dir).group_by(["source", "kind"]).aggregate([("row", "count")])
+    return {(s, k): n for s, k, n in zip(counts.column("source").to_pylist(), counts.column("kind").to_pylist(),
+                                         counts.column("row_count").to_pylist())}
 
 
 def reset(data_dir: Path) -> None:

@@ -31,10 +31,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-from data_prep.dedup_parts import Part, deduplicate_parts, has_key, read_removed, removed_rows_by_part, write_key
+from data_prep.dedup_parts import (Part, deduplicate_parts, has_key, read_removed, removed_counts, removed_rows,
+                                   write_key)
 from data_prep.dedup_parts import reset as reset_dedup
 from data_prep.executor import Executor, make_executor
-from data_prep.read import open_clean_part, plan_units, read_unit, unit_marker
+from data_prep.read import open_clean_part, plan_units, read_unit
 from data_prep.shards import dump_report, sidecar_of, tokenize_part
 from data_prep.sources import CorpusConfig
 from genesis.errors import DataError
@@ -136,13 +137,15 @@ def _say(log: Log | None, line: str) -> None:
 # read + clean, dedup
 
 
-def corpus_parts(config: CorpusConfig, data_dir: Path, units) -> list[Part]:
-    """Every clean part in corpus order (source, unit, part): the order in which duplicates are kept."""
-    parts = []
-    for unit in units:
-        info = json.loads(unit_marker(data_dir, unit).read_text())
-        for name in info["parts"]:
-            parts.append(Part(index=len(parts), source=unit.source, name=name))
+def corpus_parts(config: CorpusConfig, data_dir: Path) -> list[Part]:
+    """Every clean part in corpus order (source, unit, part), from the read units' markers: the order in which
+    duplicates are kept, and the numbering dedup's per-part files use."""
+    parts: list[Part] = []
+    for source in config.sources:
+        folder = data_dir / "units" / source.name
+        for marker in sorted(folder.glob("u*.json")) if folder.is_dir() else []:
+            for name in json.loads(marker.read_text())["parts"]:
+                parts.append(Part(index=len(parts), source=source.name, name=name))
     return parts
 
 
@@ -185,7 +188,7 @@ def stage_clean(config: CorpusConfig, data_dir: Path, executor: Executor | None 
         timings["read_clean"] = time.monotonic() - started
 
         started = time.monotonic()
-        parts = corpus_parts(config, data_dir, units)
+        parts = corpus_parts(config, data_dir)
         total_docs = sum(info["docs_clean"] for info in infos)
         if total_docs == 0:
             raise DataError(f"{config.name}: no document survived filtering; check the sources and filters "
@@ -228,16 +231,18 @@ def _clean_report(config: CorpusConfig, data_dir: Path, units, infos: list[dict]
                                               "docs_clean": docs_clean, "bytes_clean": bytes_clean,
                                               "exact_duplicates_removed": 0, "near_duplicates_removed": 0,
                                               "duplicate_examples": []}
+    for (source, kind), count in removed_counts(data_dir).items():
+        report[source][f"{kind}_duplicates_removed"] = count
+    import pyarrow.compute as pc
+
     removed = read_removed(data_dir)
     names = {(p.source, p.name): p for p in parts}
-    for row in removed.to_pylist():
-        entry = report[row["source"]]
-        entry[f"{row['kind']}_duplicates_removed"] += 1
-        if len(entry["duplicate_examples"]) < 3:
+    for source in config.sources:
+        for row in removed.filter(pc.equal(removed.column("source"), source.name)).slice(0, 3).to_pylist():
             removed_text = _text_at(data_dir, names[(row["source"], row["part"])], row["row"])
             kept_text = _text_at(data_dir, names[(row["kept_source"], row["kept_part"])], row["kept_row"])
-            entry["duplicate_examples"].append({"kind": row["kind"], "removed": removed_text[:300],
-                                                "kept": kept_text[:300], "kept_source": row["kept_source"]})
+            report[source.name]["duplicate_examples"].append({"kind": row["kind"], "removed": removed_text[:300],
+                                                              "kept": kept_text[:300], "kept_source": row["kept_source"]})
     for source in config.sources:
         entry = report[source.name]
         entry["docs_out"] = entry["docs_clean"] - entry["exact_duplicates_removed"] - entry["near_duplicates_removed"]
@@ -254,16 +259,10 @@ def _text_at(data_dir: Path, part: Part, row: int) -> str:
 # tokenizer
 
 
-def _kept_parts(config: CorpusConfig, data_dir: Path) -> dict[str, list[Part]]:
-    """Each source's clean parts, in corpus order, from the read units' markers."""
+def _parts_by_source(config: CorpusConfig, data_dir: Path) -> dict[str, list[Part]]:
     by_source: dict[str, list[Part]] = {s.name: [] for s in config.sources}
-    index = 0
-    for source in config.sources:
-        folder = data_dir / "units" / source.name
-        for marker in sorted(folder.glob("u*.json")) if folder.is_dir() else []:
-            for name in json.loads(marker.read_text())["parts"]:
-                by_source[source.name].append(Part(index=index, source=source.name, name=name))
-                index += 1
+    for part in corpus_parts(config, data_dir):
+        by_source[part.source].append(part)
     return by_source
 
 
@@ -274,9 +273,8 @@ def tokenizer_sample(config: CorpusConfig, data_dir: Path) -> list[str]:
     soon as the quota is met, however large the corpus."""
     rng = random.Random(config.seed)
     total_weight = sum(s.weight for s in config.sources)
-    removed = removed_rows_by_part(data_dir)
     sample: list[str] = []
-    for source, parts in _kept_parts(config, data_dir).items():
+    for source, parts in _parts_by_source(config, data_dir).items():
         weight = next(s.weight for s in config.sources if s.name == source)
         want = max(1, int(config.tokenizer.sample_sentences * weight / total_weight))
         per_part = max(1, -(-want // 16))
@@ -285,7 +283,7 @@ def tokenizer_sample(config: CorpusConfig, data_dir: Path) -> list[str]:
         lines: list[str] = []
         for part in order:
             table = open_clean_part(part.clean_path(data_dir))
-            dropped = set(removed.get((part.source, part.name), []))
+            dropped = set(removed_rows(data_dir, part).tolist())
             rows = [row for row in range(table.num_rows) if row not in dropped]
             rng.shuffle(rows)
             taken = 0
@@ -396,14 +394,12 @@ def stage_shards(config: CorpusConfig, data_dir: Path, executor: Executor | None
     if not StageMarkers(data_dir).done("tokenizer", tokenizer_key):
         raise DataError(f"{data_dir}: the tokenizer stage has not finished for this corpus config; run it first")
     tokenizer_model = data_dir / "tokenizer" / "tokenizer.model"
-    removed = removed_rows_by_part(data_dir)
-    parts = _kept_parts(config, data_dir)
     jobs, owners, sizes = [], [], []
-    for source, source_parts in parts.items():
+    for source, source_parts in _parts_by_source(config, data_dir).items():
         for part in source_parts:
             clean_path = part.clean_path(data_dir)
             jobs.append((str(clean_path), str(data_dir / source / f"{part.name}.arrow"), str(tokenizer_model),
-                         removed.get((source, part.name), []), str(data_dir)))
+                         str(data_dir / "dedup" / "removed" / f"{part.index:07d}.npy"), str(data_dir)))
             owners.append(source)
             sizes.append(clean_path.stat().st_size)
     if not jobs:

@@ -54,10 +54,11 @@ def _tokenizer(model_path: str):
     return _TOKENIZERS[model_path]
 
 
-def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, removed_rows: list[int], data_dir: str,
+def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, removed_rows_path: str, data_dir: str,
                   batch_docs: int = 512) -> dict:
-    """One job: a clean part minus its removed rows → a token shard plus its sidecar. Returns the manifest entry
-    as a dict (`num_docs` 0 and no file when dedup removed every document of the part)."""
+    """One job: a clean part minus the rows dedup removed (`removed_rows_path`, absent when none) → a token shard
+    plus its sidecar. Returns the manifest entry as a dict (`num_docs` 0 and no file when every document of the
+    part was removed)."""
     data_dir_path = Path(data_dir).resolve()
     shard = Path(shard_path)
     done = completed_entry(shard, data_dir_path, check_bytes=True)
@@ -67,7 +68,8 @@ def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, removed
     eos = sp.eos_id()
     table = pa.ipc.open_file(pa.memory_map(part_path, "r")).read_all()
     keep = np.ones(table.num_rows, dtype=bool)
-    keep[np.asarray(removed_rows, dtype=np.int64)] = False
+    if Path(removed_rows_path).is_file():
+        keep[np.load(removed_rows_path)] = False
     texts = table.column("text").filter(pa.array(keep)).to_pylist()
     text_bytes = sum(len(text.encode("utf-8")) for text in texts)
     if not texts:
