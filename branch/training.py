@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from branch.config import DPORecipe, SFTRecipe, StageRecipe
-from genesis.chat import EOS, IM_END, PAD
+from genesis.chat import EOS, IM_END, PAD, encode_chat
+from genesis.errors import DataError
 from genesis.run_dir import STAGE_MARKER, TRAIN_LOG
 from genesis_model.hf import complete_export_dir
 
@@ -103,9 +105,52 @@ def _finish(trainer, tokenizer, tmp: Path, out: Path, stage: str, parent: Path, 
     return out
 
 
+def sft_examples(tokenizer, rows: list[dict]) -> list[dict]:
+    """SFT rows tokenized the Genesis way (`genesis.chat.encode_chat`): the template's markers by id, what users
+    and assistants wrote as text (a quoted "<|im_end|>" is its characters, as in pretraining), and the mask of
+    the assistant tokens the loss is taken on. TRL takes `input_ids` as already processed."""
+    examples = []
+    for row in rows:
+        ids, mask = encode_chat(tokenizer, row["messages"], assistant_mask=True)
+        examples.append({"input_ids": ids, "assistant_masks": mask})
+    return examples
+
+
+def dpo_examples(tokenizer, rows: list[dict]) -> list[dict]:
+    """DPO pairs tokenized the Genesis way: the prompt with the generation prompt, and each reply as the tokens
+    that follow it in the whole conversation (TRL's own split, with markers from text never possible)."""
+    examples = []
+    for row in rows:
+        prompt = encode_chat(tokenizer, row["prompt"], add_generation_prompt=True)
+        example = {"prompt_ids": prompt}
+        for key in ("chosen", "rejected"):
+            whole = encode_chat(tokenizer, row["prompt"] + row[key])
+            if whole[: len(prompt)] != prompt:
+                raise DataError(f"DPO pair from {row.get('source', 'a source')}: the prompt's tokens are not a prefix "
+                                f"of the conversation's; the chat template renders them differently")
+            example[f"{key}_ids"] = whole[len(prompt):]
+        examples.append(example)
+    return examples
+
+
+def _pretokenized_dpo_trainer():
+    """TRL's DPOTrainer for a dataset already holding prompt_ids / chosen_ids / rejected_ids."""
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                # As TRL does: a prompt that fills max_length alone would leave no completion token to learn from.
+                dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
+            return dataset
+
+    return PretokenizedDPOTrainer
+
+
 def run_sft(base_dir: Path, rows: list[dict], out: Path, recipe: SFTRecipe, device: str, seed: int,
-            system_prompt: str | None = None) -> Path:
-    """Supervised fine-tuning on conversations ({"messages": [...]}) with assistant-only loss."""
+            system_prompt: str | None = None, callbacks: Sequence = ()) -> Path:
+    """Supervised fine-tuning on conversations ({"messages": [...]}) with assistant-only loss. `callbacks`:
+    transformers TrainerCallbacks (the stage's recorder logs metrics as it trains)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -121,18 +166,19 @@ def run_sft(base_dir: Path, rows: list[dict], out: Path, recipe: SFTRecipe, devi
         packing=recipe.packing,
         dataset_num_proc=None,
     )
-    dataset = Dataset.from_list([{"messages": row["messages"]} for row in rows])
+    dataset = Dataset.from_list(sft_examples(tokenizer, rows))
     trainer = SFTTrainer(model=_load_model(base_dir, device), args=args, train_dataset=dataset,
-                         processing_class=tokenizer)
+                         processing_class=tokenizer, callbacks=list(callbacks) or None)
     trainer.train()
     return _finish(trainer, tokenizer, tmp, out, "sft", base_dir, len(rows), system_prompt)
 
 
 def run_dpo(sft_dir: Path, rows: list[dict], out: Path, recipe: DPORecipe, device: str, seed: int,
-            system_prompt: str | None = None) -> Path:
-    """Direct preference optimisation from the SFT model; the reference model is the SFT directory."""
+            system_prompt: str | None = None, callbacks: Sequence = ()) -> Path:
+    """Direct preference optimisation from the SFT model; the reference model is the SFT directory. `callbacks`:
+    as for run_sft."""
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -143,10 +189,10 @@ def run_dpo(sft_dir: Path, rows: list[dict], out: Path, recipe: DPORecipe, devic
         loss_type=recipe.loss_type,
         precompute_ref_log_probs=recipe.precompute_ref_log_probs,
     )
-    dataset = Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows])
+    dataset = Dataset.from_list(dpo_examples(tokenizer, rows))
     # NOTE: the reference is loaded from the saved SFT directory explicitly (TRL would otherwise reload it
     # from the policy's `_name_or_path`, which is the same directory but implicit).
-    trainer = DPOTrainer(model=_load_model(sft_dir, device), ref_model=_load_model(sft_dir, device), args=args,
-                         train_dataset=dataset, processing_class=tokenizer)
+    trainer = _pretokenized_dpo_trainer()(model=_load_model(sft_dir, device), ref_model=_load_model(sft_dir, device), args=args,
+                         train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks) or None)
     trainer.train()
     return _finish(trainer, tokenizer, tmp, out, "dpo", sft_dir, len(rows), system_prompt)

@@ -255,3 +255,25 @@ def test_a_tokenizer_trained_with_user_defined_markers_still_encodes_literal_mar
     texts = [INJECTED, render_chat_for_pretraining(messages, tools), "An ordinary page."]
     assert encode_documents(legacy, texts) == encode_documents(sp, texts)
     assert encode_documents(legacy, ["An ordinary page."]) == [legacy.encode("An ordinary page.")]
+
+
+def test_sft_and_dpo_training_examples_carry_a_quoted_marker_in_a_user_turn_as_text(sp, hf):
+    """What TRL trains on: the examples branch.training hands it, already tokenized (TRL's own chat templating
+    would turn a user's quoted "<|im_end|>" into the marker)."""
+    from branch.training import dpo_examples, sft_examples
+    from genesis.chat import encode_chat
+
+    im_start, im_end = sp.piece_to_id(IM_START), sp.piece_to_id(IM_END)
+    conversation = [{"role": "user", "content": INJECTED}, {"role": "assistant", "content": "It is a marker name."}]
+    (sft,) = sft_examples(hf, [{"messages": conversation}])
+    assert sft["input_ids"].count(im_start) == 2 and sft["input_ids"].count(im_end) == 2
+    assert not set(sft["input_ids"]) & (special_ids(sp) - {im_start, im_end})
+    reply = [i for i, m in zip(sft["input_ids"], sft["assistant_masks"]) if m]
+    assert hf.decode(reply) == "It is a marker name.<|im_end|>"
+
+    (pair,) = dpo_examples(hf, [{"prompt": conversation[:1], "chosen": conversation[1:],
+                                 "rejected": [{"role": "assistant", "content": "I cannot say."}]}])
+    assert pair["prompt_ids"] == encode_chat(hf, conversation[:1], add_generation_prompt=True)
+    assert pair["prompt_ids"].count(im_end) == 1
+    assert hf.decode(pair["chosen_ids"]).startswith("It is a marker name.")
+    assert hf.decode(pair["rejected_ids"]) == "I cannot say.<|im_end|>\n" and pair["rejected_ids"].count(im_end) == 1
