@@ -7,9 +7,18 @@ on synthetic token shards:
   resume  of that run: process launch → first resumed step logged (verification included), with the first
           step's time (compilation) and the load's verify/read seconds reported separately;
   anchor  the same async run and resume with the code of `--anchor` (a source tree of an earlier revision),
-          in the same call.
+          in the same call; or, cheaper, `--resume-anchor`: the earlier code resumes this run's checkpoint
+          (same files, same compile cache), after the current code did;
+  cold    `--cold-resume`: the current code resumes once more with the checkpoint's files dropped from the page
+          cache (posix_fadvise DONTNEED), so verification reads them from the disk.
+
+Every trainer process is launched through bench/compile_probe.py, which records when the process started, when
+its imports were done, and what torch.compile did (cache hits, seconds per phase): a resume is split into
+launcher, imports, build, verification, reading (preparing the state dicts, DCP's read, applying them), and the
+first step (compilation), with the compile counters beside it.
 
     python bench/checkpoint.py --workdir /tmp/ckbench --anchor bench/.anchor
+    python bench/checkpoint.py --workdir /tmp/ckbench --saves 2 --resume-anchor bench/.anchor --cold-resume
 
 Appends the run to bench/results/checkpoint.json (`runs`) and sets the top-level figures of the latest call.
 """
@@ -34,6 +43,7 @@ from genesis.run_dir import MetricsReader, RunDir  # noqa: E402
 
 CONFIG = Path("configs") / "train" / "genesis-1b-h100.yaml"
 MICRO_BATCH = 8
+PROBE = REPO / "bench" / "compile_probe.py"
 
 
 def make_data(data_dir: Path, tokens: int) -> None:
@@ -78,30 +88,139 @@ def disk_write_gb_s(directory: Path, threads: int = 8, gib_per_thread: int = 1) 
     return round(threads * gib_per_thread * 2**30 / 1e9 / seconds, 3)
 
 
+def disk_read_gb_s(directory: Path, threads: int = 8, gib_per_thread: int = 1) -> float:
+    """What the disk gives back: `threads` files of `gib_per_thread` GiB written and fsynced, dropped from the page
+    cache, then read at once in 16 MiB reads (the bound for reading a checkpoint that is not cached)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(1 << 26)
+    for index in range(threads):
+        with open(directory / f"probe-{index}", "wb") as handle:
+            for _ in range(gib_per_thread * 16):
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+    drop_from_page_cache(directory)
+
+    def read(index: int) -> None:
+        with open(directory / f"probe-{index}", "rb", buffering=0) as handle:
+            while handle.read(1 << 24):
+                pass
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(read, range(threads)))
+    seconds = time.perf_counter() - started
+    shutil.rmtree(directory)
+    return round(threads * gib_per_thread * 2**30 / 1e9 / seconds, 3)
+
+
+def drop_from_page_cache(directory: Path) -> None:
+    """Evict the (clean, fsynced) files under `directory` from the page cache: the next read comes from the disk."""
+    for file in directory.rglob("*"):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def reader_check(directory: Path) -> dict:
+    """DCP's read path alone, in this process, on the GPU: a ~2 GiB state dict (genesis-1b-sized matrices, one
+    400 MB tensor, bf16 tensors, CPU step counters, pickled hyper-parameters) saved with HashingWriter, then read
+    into GPU tensors by torch's FileSystemReader (DCP's own path), by SafeReader with the files in the page cache,
+    and by SafeReader with them dropped from it; every read must give back the saved tensors bit for bit."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from genesis_model.checkpoint_io import HashingWriter, SafeLoadPlanner, SafeReader
+
+    shutil.rmtree(directory, ignore_errors=True)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    state = {"embedding": torch.randn(49152 * 2048, device="cuda", generator=generator)}
+    state |= {f"w{i}": torch.randn(2048, 5632, device="cuda", generator=generator) for i in range(30)}
+    state |= {f"b{i}": torch.randn(2048, 2048, device="cuda", generator=generator).bfloat16() for i in range(8)}
+    state |= {f"step{i}": torch.tensor(float(i)) for i in range(8)}
+    state["hyper"] = {"lr": 3e-4, "betas": (0.9, 0.95)}
+    size = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    dcp.save(state, storage_writer=HashingWriter(directory, 8), no_dist=True)
+    result = {"gb": round(size / 1e9, 3)}
+
+    def read(name: str, reader) -> None:
+        target = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else {"lr": 0.0, "betas": (0.0, 0.0)}
+                  for k, v in state.items()}
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        dcp.load(target, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        equal = all(torch.equal(target[k], v) if isinstance(v, torch.Tensor) else target[k] == v
+                    for k, v in state.items())
+        result[name] = {"s": round(seconds, 3), "gb_s": round(size / 1e9 / seconds, 3), "equal": equal}
+
+    read("dcp_filesystem_reader", FileSystemReader(str(directory)))
+    read("safe_reader_cached", SafeReader(directory))
+    drop_from_page_cache(directory)
+    read("safe_reader_from_disk", SafeReader(directory))
+    shutil.rmtree(directory)
+    del state
+    torch.cuda.empty_cache()
+    return result
+
+
 def command_for(tree: Path, run_dir: Path, data_dir: Path, overrides: list[str], resume: bool) -> list[str]:
-    """The torchrun command of the trainer in source tree `tree` (this one or the anchor)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
-            "genesis_model.train", "--config", str(tree / CONFIG), f"data_dir={data_dir}", f"run_dir={run_dir}",
+    """The torchrun command of the trainer in source tree `tree` (this one or the anchor), through the probe."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(PROBE),
+            "--config", str(tree / CONFIG), f"data_dir={data_dir}", f"run_dir={run_dir}",
             f"micro_batch_size={MICRO_BATCH}", "grad_accum_steps=1", "eval.every=0", "log_every=1",
             "verify_data_checksums=false", *overrides, *(["--resume", "auto"] if resume else [])]
 
 
-def env_for(tree: Path, workdir: Path) -> dict:
+def env_for(tree: Path, workdir: Path, stats: Path | None = None) -> dict:
     # One inductor cache for every run: the anchor and the current model compile to the same graphs.
     pythonpath = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH", "")]))
-    return {**os.environ, "PYTHONPATH": pythonpath, "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor")}
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor")}
+    if stats is not None:
+        env["GENESIS_COMPILE_STATS"] = str(stats)
+    return env
+
+
+def compile_summary(stats_file: Path) -> dict:
+    """The probe's record, boiled down: cache hits and misses, Dynamo frames compiled, seconds per phase."""
+    if not stats_file.is_file():
+        return {}
+    stats = json.loads(stats_file.read_text())
+    counters = stats.get("counters", {})
+    wanted = {"inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
+              "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass"),
+              "stats": ("unique_graphs", "calls_captured"), "frames": ("total", "ok")}
+    summary = {f"{group}.{key}": counters.get(group, {}).get(key) for group, keys in wanted.items() for key in keys}
+    summary = {key: value for key, value in summary.items() if value is not None}
+    phases = stats.get("compile_phase_s", {})
+    top = sorted(phases.items(), key=lambda item: -item[1][0])[:12]
+    frames = [{key: row.get(key) for key in ("co_name", "entire_frame_compile_time_s", "backend_compile_time_s",
+                                               "inductor_compile_time_s", "code_gen_time_s", "graph_op_count",
+                                               "cache_size", "fail_type") if row.get(key) is not None}
+              for row in stats.get("frames", [])]
+    return {"process_started": stats.get("process_started"), "imported": stats.get("imported"),
+            "counters": summary, "phase_s": dict(top), "frames": frames, "error": stats.get("error")}
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def train(tree: Path, workdir: Path, run_dir: Path, data_dir: Path, overrides: list[str]) -> tuple[list[dict], list[dict]]:
+def train(tree: Path, workdir: Path, run_dir: Path, data_dir: Path,
+          overrides: list[str]) -> tuple[list[dict], list[dict], dict]:
+    stats = workdir / f"compile-{run_dir.name}-train.json"
     result = subprocess.run(command_for(tree, run_dir, data_dir, overrides, False), cwd=tree, capture_output=True,
-                            text=True, env=env_for(tree, workdir))
+                            text=True, env=env_for(tree, workdir, stats))
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
-    return MetricsReader(RunDir(run_dir).metrics).all_rows(), read_jsonl(RunDir(run_dir).events)
+    return MetricsReader(RunDir(run_dir).metrics).all_rows(), read_jsonl(RunDir(run_dir).events), compile_summary(stats)
 
 
 def save_figures(events: list[dict], checkpoint: Path) -> dict:
@@ -127,43 +246,95 @@ def save_figures(events: list[dict], checkpoint: Path) -> dict:
     }
 
 
-def time_resume(tree: Path, workdir: Path, run_dir: Path, data_dir: Path, first_new_step: int) -> dict:
+def time_resume(tree: Path, workdir: Path, run_dir: Path, data_dir: Path, first_new_step: int, label: str = "resume",
+                cold: bool = False) -> dict:
     """Process launch → the first resumed step logged; that step's own time (it compiles) and what the load
-    spent verifying and reading, from the trainer's `resumed` event (absent in older code)."""
+    spent verifying and reading, from the trainer's `resumed` event (absent in older code), and the rest split
+    by the probe's timestamps: launcher (torchrun until the trainer's interpreter runs), imports, build (process
+    group, checks, model and optimizer, until the load starts), after_load (until the first step starts).
+    Several resumes of one run each wait for a step row of their own. `cold`: the checkpoint's files are
+    dropped from the page cache first."""
+    checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    if cold:
+        drop_from_page_cache(checkpoint)
+    reader = MetricsReader(RunDir(run_dir).metrics)
+    seen = sum(1 for m in reader.all_rows() if m["step"] == first_new_step)
+    stats = workdir / f"compile-{run_dir.name}-{label}.json"
+    stats.unlink(missing_ok=True)
+    launched = time.time()
     started = time.monotonic()
     process = subprocess.Popen(command_for(tree, run_dir, data_dir, [f"max_steps={first_new_step + 1}",
                                                                     "checkpoint.save_every=0",
                                                                     "checkpoint.save_at_end=false"], True),
-                               cwd=tree, env=env_for(tree, workdir), stdout=subprocess.DEVNULL,
+                               cwd=tree, env=env_for(tree, workdir, stats), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    reader = MetricsReader(RunDir(run_dir).metrics)
     while process.poll() is None:
         rows = [m for m in reader.all_rows() if m["step"] == first_new_step]
-        if rows:
+        if len(rows) > seen:
             elapsed = time.monotonic() - started
             process.wait()
             resumed = [e for e in read_jsonl(RunDir(run_dir).events) if e["event"] == "resumed"][-1]
             first_step = rows[-1]["step_time_s"]
-            return {"resume_s": round(elapsed, 1), "first_step_s": round(first_step, 1),
-                    "resume_s_without_first_step": round(elapsed - first_step, 1),
-                    "verify_s": resumed.get("verify_s"), "read_s": resumed.get("read_s")}
+            figures = {"resume_s": round(elapsed, 1), "first_step_s": round(first_step, 1),
+                       "resume_s_without_first_step": round(elapsed - first_step, 1),
+                       **{key: resumed.get(key) for key in ("verify_s", "read_s", "prepare_s", "dcp_read_s", "apply_s")
+                          if key in resumed}}
+            compiled = compile_summary(stats)
+            if compiled.get("process_started") and compiled.get("imported"):
+                load_s = (resumed.get("verify_s") or 0) + (resumed.get("read_s") or 0)
+                load_started = resumed["time"] - load_s
+                step_started = launched + elapsed - first_step
+                figures["parts_s"] = {
+                    "launcher": round(compiled["process_started"] - launched, 1),
+                    "imports": round(compiled["imported"] - compiled["process_started"], 1),
+                    "build": round(load_started - compiled["imported"], 1),
+                    "load": round(load_s, 1),
+                    "after_load": round(step_started - resumed["time"], 1),
+                    "first_step": round(first_step, 1),
+                }
+            figures["compile"] = {key: compiled.get(key) for key in ("counters", "phase_s", "frames", "error")
+                                  if compiled.get(key)}
+            return figures
         time.sleep(0.05)
     raise RuntimeError(process.stderr.read()[-3000:])
 
 
 def async_run(tree: Path, workdir: Path, data_dir: Path, name: str, saves: int, save_every: int,
-              extra: list[str] = ()) -> dict:
+              extra: list[str] = (), more_resumes=(), on_progress=None) -> dict:
+    """Train with async saves, resume once with the same code; then each of `more_resumes` ((label, tree, cold,
+    start_only_before) tuples: the seconds on the `time.monotonic()` clock after which it is skipped) resumes the
+    same checkpoint. `on_progress(figures)` is called after each part, so a call cut short keeps what it measured."""
     run_dir = workdir / name
     steps = saves * save_every
     overrides = [f"max_steps={steps}", f"checkpoint.save_every={save_every}", "checkpoint.milestone_every=0",
                  "checkpoint.keep_last=1", "checkpoint.async_save=true", "checkpoint.save_at_end=false", *extra]
-    metrics, events = train(tree, workdir, run_dir, data_dir, overrides)
+    metrics, events, compiled = train(tree, workdir, run_dir, data_dir, overrides)
     checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     figures = save_figures(events, checkpoint)
     steady = [m["tokens_per_s"] for m in metrics if m["step"] % save_every not in (0, 1) and m["step"] >= 4]
     figures["trainer_tok_s"] = round(statistics.median(steady), 1)
-    figures |= time_resume(tree, workdir, run_dir, data_dir, steps + 1)
-    shutil.rmtree(run_dir)  # 12 GB per checkpoint; the device's disk is 64 GB
+    first = [m["step_time_s"] for m in metrics if m["step"] == 1]
+    figures["train_first_step_s"] = round(first[0], 1) if first else None  # the compile from an empty cache
+    figures["train_compile"] = {key: compiled.get(key) for key in ("counters", "phase_s") if compiled.get(key)}
+    if on_progress:
+        on_progress(figures)
+    try:
+        figures |= time_resume(tree, workdir, run_dir, data_dir, steps + 1)
+        if on_progress:
+            on_progress(figures)
+        for label, resume_tree, cold, start_only_before in more_resumes:
+            if time.monotonic() > start_only_before:
+                figures[label] = {"skipped": "not enough of the call's time left"}
+                continue
+            try:
+                figures[label] = time_resume(resume_tree, workdir, run_dir, data_dir, steps + 1, label, cold)
+            except Exception as err:  # noqa: BLE001 - one failed resume keeps the others' figures
+                figures[label] = {"error": str(err)[-1500:]}
+            print(label, json.dumps(figures[label]), flush=True)
+            if on_progress:
+                on_progress(figures)
+    finally:
+        shutil.rmtree(run_dir)  # 12 GB per checkpoint; the device's disk is 64 GB
     return figures
 
 
@@ -179,6 +350,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "checkpoint.json")
     parser.add_argument("--anchor-budget-s", type=float, default=1e9,
                         help="run the anchor only if the call is younger than this (a device call is capped)")
+    parser.add_argument("--resume-anchor", type=Path, default=None,
+                        help="source tree of earlier code that resumes this run's checkpoint after the current code")
+    parser.add_argument("--cold-resume", action="store_true",
+                        help="resume once more with the current code, the checkpoint dropped from the page cache")
+    parser.add_argument("--resume-budget-s", type=float, default=1e9,
+                        help="start an extra resume only if the call is younger than this")
+    parser.add_argument("--no-disk-probe", action="store_true")
+    parser.add_argument("--no-reader-check", action="store_true", help="skip the in-process DCP read check (GPU)")
     args = parser.parse_args()
     call_started = time.monotonic()
     import torch
@@ -188,9 +367,34 @@ def main() -> None:
     run = {**environment(), "git_rev": git_rev(), "command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(0),
            "micro_batch": MICRO_BATCH, "save_every": args.save_every}
 
-    run["disk_write_gb_s"] = disk_write_gb_s(args.workdir / "probe")
-    print("disk", run["disk_write_gb_s"], flush=True)
-    current = async_run(REPO, args.workdir, data_dir, "async", args.saves, args.save_every)
+    if not args.no_reader_check:
+        run["reader_check"] = reader_check(args.workdir / "reader-check")
+        print("reader", json.dumps(run["reader_check"]), flush=True)
+    if not args.no_disk_probe:
+        run["disk_write_gb_s"] = disk_write_gb_s(args.workdir / "probe")
+        run["disk_read_gb_s"] = disk_read_gb_s(args.workdir / "probe")
+        print("disk write", run["disk_write_gb_s"], "read", run["disk_read_gb_s"], flush=True)
+    more = []
+    deadline = call_started + args.resume_budget_s
+    if args.resume_anchor:
+        run["resume_anchor_rev"] = args.anchor_rev
+        more.append(("resume_anchor", args.resume_anchor.resolve(), False, deadline))
+    if args.cold_resume:
+        more.append(("resume_cold", REPO, True, deadline))
+    partial = {"written": False}
+
+    def keep(figures: dict) -> None:  # the call's entry, rewritten as each part is measured
+        run["current"] = figures
+        if not partial["written"]:
+            append_run(args.out, run, {})
+            partial["written"] = True
+        else:
+            data = json.loads(args.out.read_text())
+            data["runs"][-1] = run
+            args.out.write_text(json.dumps(data, indent=2))
+
+    current = async_run(REPO, args.workdir, data_dir, "async", args.saves, args.save_every, more_resumes=more,
+                        on_progress=keep)
     run["current"] = current
     print(json.dumps(current), flush=True)
     for threads in args.writer_threads:
@@ -200,6 +404,10 @@ def main() -> None:
     latest = {key: current[key] for key in ("steady_blocked_s", "save_complete_s", "save_gb_s", "resume_s")}
     latest |= {"resume_first_step_s": current["first_step_s"], "gpu": run["gpu"], "command": run["command"],
                "git_rev": run["git_rev"]}
+    if partial["written"]:  # this call's entry is already the last run: replace it, with the latest figures
+        data = json.loads(args.out.read_text())
+        data["runs"] = data["runs"][:-1]
+        args.out.write_text(json.dumps(data, indent=2))
     append_run(args.out, run, latest)  # kept even if the anchor below runs out of time
     if args.anchor and time.monotonic() - call_started > args.anchor_budget_s:
         run["anchor"] = {"git_rev": args.anchor_rev, "skipped": "not enough of the call's time left"}
