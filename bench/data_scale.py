@@ -529,7 +529,7 @@ def main() -> None:
     parser.add_argument("--build-processes", type=int, default=None)
     parser.add_argument("--genesis", type=Path, default=GENESIS if GENESIS.is_file() else Path(shutil.which("genesis") or GENESIS),
                         help="the genesis command (default: the repo's .venv, else PATH)")
-    parser.add_argument("--executor", choices=("dask", "process"), default="dask")
+    parser.add_argument("--executor", choices=("dask", "serial"), default="dask")
     parser.add_argument("--dask-address", default=None,
                         help="an existing Dask scheduler (its workers are not under this process: no worker RSS)")
     parser.add_argument("--genesis-override", action="append", default=[], help="extra dotted override, repeatable")
