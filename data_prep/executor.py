@@ -117,8 +117,10 @@ class DaskExecutor:
             # One thread per worker: the jobs are Python- and numpy-bound; processes, not threads, give
             # parallelism. NOTE: memory_limit=0 leaves memory to the jobs' own bounds (one partition each)
             # instead of Dask pausing and spilling workers whose RSS its heuristics misjudge.
+            # silence_logs: a job's error (e.g. one bad record) reaches the caller as its exception, said in one
+            # line there; the workers' own "compute failed" log with its traceback would only repeat it.
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR)
+                                        dashboard_address=None, memory_limit=0, silence_logs=logging.CRITICAL)
             self.client = Client(self.cluster)
         self.workers = len(self.client.scheduler_info().get("workers", {})) or workers
 

@@ -482,8 +482,16 @@ def finished(config: CorpusConfig, data_dir: str | Path, step: str) -> bool:
 
 
 def prepare(config: CorpusConfig, data_dir: str | Path, executor: Executor | None = None, log: Log | None = None) -> Manifest:
+    """All three steps. A data directory this call created is removed again when the input is bad (a DataError):
+    nothing half-written is left. One that held work before keeps it, every finished job resumable."""
     data_dir = Path(data_dir)
-    with _executor(config, executor, log) as runner:
-        stage_clean(config, data_dir, runner, log)
-        stage_tokenizer(config, data_dir)
-        return stage_shards(config, data_dir, runner, log)
+    fresh = not data_dir.exists()
+    try:
+        with _executor(config, executor, log) as runner:
+            stage_clean(config, data_dir, runner, log)
+            stage_tokenizer(config, data_dir)
+            return stage_shards(config, data_dir, runner, log)
+    except DataError:
+        if fresh:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        raise

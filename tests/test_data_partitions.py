@@ -301,3 +301,21 @@ def test_the_reference_corpus_config_runs_unchanged_until_its_first_hub_source_a
     assert len(lines) == 1, result.stderr
     assert "HuggingFaceFW/fineweb-edu" in lines[0]
     assert not out.exists()  # nothing half-written
+
+
+def test_a_bad_record_met_by_a_dask_worker_is_one_line_a_non_zero_exit_and_no_data_directory(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "a document long enough for the default filters, " * 3}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "another document long enough for the filters " * 3}) + "\n"
+                                      + "{bad json\n")
+    corpus = CorpusConfig.model_validate({
+        "name": "bad", "executor": "dask", "workers": 2, "on_bad_record": "fail",
+        "sources": [{"name": "web", "kind": "local", "paths": [str(tmp_path / "*.jsonl")], "weight": 1.0}]})
+    config = write_corpus_yaml(tmp_path / "corpus.yaml", corpus)
+    out = tmp_path / "data"
+    result = subprocess.run([*GENESIS, "data", "prepare", "--corpus", str(config), "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: {tmp_path / 'b.jsonl'}:2: invalid JSON (Expecting property name enclosed in double "
+                     f"quotes); fix the line or use on_bad_record: skip"], result.stderr
+    assert not out.exists()
