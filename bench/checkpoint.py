@@ -179,12 +179,14 @@ def command_for(tree: Path, run_dir: Path, data_dir: Path, overrides: list[str],
             "verify_data_checksums=false", *overrides, *(["--resume", "auto"] if resume else [])]
 
 
-def env_for(tree: Path, workdir: Path, stats: Path | None = None) -> dict:
+def env_for(tree: Path, workdir: Path, stats: Path | None = None, eager: bool = False) -> dict:
     # One inductor cache for every run: the anchor and the current model compile to the same graphs.
     pythonpath = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH", "")]))
     env = {**os.environ, "PYTHONPATH": pythonpath, "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor")}
     if stats is not None:
         env["GENESIS_COMPILE_STATS"] = str(stats)
+    if eager:
+        env["TORCH_COMPILE_DISABLE"] = "1"  # every torch.compile'd function runs eagerly
     return env
 
 
@@ -299,6 +301,66 @@ def time_resume(tree: Path, workdir: Path, run_dir: Path, data_dir: Path, first_
     raise RuntimeError(process.stderr.read()[-3000:])
 
 
+def time_load(tree: Path, workdir: Path, run_dir: Path, data_dir: Path, steps: int, label: str,
+              cold: bool = False) -> dict:
+    """A resume that trains no step: the run's max_steps is the checkpoint's step, so the trainer starts, loads
+    the checkpoint (verification included), logs `resumed` and ends. Launch → `resumed` logged is the resume
+    without its first step, measured with the run's real compile settings (whatever the load itself compiles is
+    in it); split as in `time_resume`."""
+    checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    if cold:
+        drop_from_page_cache(checkpoint)
+    stats = workdir / f"compile-{run_dir.name}-{label}.json"
+    stats.unlink(missing_ok=True)
+    launched = time.time()
+    result = subprocess.run(command_for(tree, run_dir, data_dir, [f"max_steps={steps}", "checkpoint.save_every=0",
+                                                                 "checkpoint.save_at_end=false"], True),
+                            cwd=tree, env=env_for(tree, workdir, stats), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, timeout=400)
+    exited = time.time()
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    resumed = [e for e in read_jsonl(RunDir(run_dir).events) if e["event"] == "resumed"][-1]
+    figures = {"to_loaded_s": round(resumed["time"] - launched, 1), "process_s": round(exited - launched, 1),
+               **{key: resumed.get(key) for key in ("verify_s", "read_s", "prepare_s", "dcp_read_s", "apply_s")
+                  if key in resumed}}
+    compiled = compile_summary(stats)
+    if compiled.get("process_started") and compiled.get("imported"):
+        load_s = (resumed.get("verify_s") or 0) + (resumed.get("read_s") or 0)
+        figures["parts_s"] = {"launcher": round(compiled["process_started"] - launched, 1),
+                              "imports": round(compiled["imported"] - compiled["process_started"], 1),
+                              "build": round(resumed["time"] - load_s - compiled["imported"], 1),
+                              "load": round(load_s, 1)}
+    figures["compile"] = {key: compiled.get(key) for key in ("counters", "phase_s", "frames", "error")
+                          if compiled.get(key)}
+    return figures
+
+
+def load_only_run(workdir: Path, data_dir: Path, loads, steps: int = 2) -> dict:
+    """A genesis-1b checkpoint made quickly (every torch.compile'd function eager, `steps` steps, one synchronous
+    save at the end), then each of `loads` ((label, tree, cold) tuples) resumes it without training a step."""
+    run_dir = workdir / "load-only"
+    stats = workdir / "compile-load-only-train.json"
+    overrides = [f"max_steps={steps}", "checkpoint.save_every=0", "checkpoint.milestone_every=0",
+                 "checkpoint.keep_last=1", "checkpoint.async_save=false", "checkpoint.save_at_end=true"]
+    started = time.monotonic()
+    result = subprocess.run(command_for(REPO, run_dir, data_dir, overrides, False), cwd=REPO, capture_output=True,
+                            text=True, env=env_for(REPO, workdir, stats, eager=True))
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    figures = {"checkpoint_made_s": round(time.monotonic() - started, 1)}
+    try:
+        for label, tree, cold in loads:
+            try:
+                figures[label] = time_load(tree, workdir, run_dir, data_dir, steps, label, cold)
+            except Exception as err:  # noqa: BLE001 - one failed load keeps the others' figures
+                figures[label] = {"error": str(err)[-1500:]}
+            print(label, json.dumps(figures[label]), flush=True)
+    finally:
+        shutil.rmtree(run_dir)
+    return figures
+
+
 def async_run(tree: Path, workdir: Path, data_dir: Path, name: str, saves: int, save_every: int,
               extra: list[str] = (), more_resumes=(), on_progress=None) -> dict:
     """Train with async saves, resume once with the same code; then each of `more_resumes` ((label, tree, cold,
@@ -357,6 +419,9 @@ def main() -> None:
     parser.add_argument("--resume-budget-s", type=float, default=1e9,
                         help="start an extra resume only if the call is younger than this")
     parser.add_argument("--no-disk-probe", action="store_true")
+    parser.add_argument("--load-only", action="store_true",
+                        help="only: make a checkpoint eagerly, then resume it without a step with this code, "
+                             "--resume-anchor's, and (--cold-resume) this code from the disk; no save figures")
     parser.add_argument("--no-reader-check", action="store_true", help="skip the in-process DCP read check (GPU)")
     args = parser.parse_args()
     call_started = time.monotonic()
@@ -367,6 +432,17 @@ def main() -> None:
     run = {**environment(), "git_rev": git_rev(), "command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(0),
            "micro_batch": MICRO_BATCH, "save_every": args.save_every}
 
+    if args.load_only:
+        loads = [("load", REPO, False)]
+        if args.resume_anchor:
+            run["resume_anchor_rev"] = args.anchor_rev
+            loads.append(("load_anchor", args.resume_anchor.resolve(), False))
+        if args.cold_resume:
+            loads.append(("load_cold", REPO, True))
+        run["load_only"] = load_only_run(args.workdir, data_dir, loads)
+        append_run(args.out, run, {})
+        print(json.dumps(run["load_only"], indent=1))
+        return
     if not args.no_reader_check:
         run["reader_check"] = reader_check(args.workdir / "reader-check")
         print("reader", json.dumps(run["reader_check"]), flush=True)
