@@ -394,7 +394,7 @@ def per_core(docs: int, seconds: float | None, workers: int) -> float | None:
     return round(docs / (seconds * workers), 1) if seconds and seconds > 0 else None
 
 
-def run_size(size: float, args, middle: bool, log_dir: Path) -> dict:
+def run_size(size: float, args, middle: bool, log_dir: Path, largest: bool = True) -> dict:
     root = scale_corpus.build(size, args.work, args.seed, args.plant_fraction, args.compression, args.build_processes)
     built = scale_corpus.read_info(root)
     truth = Truth(root)
@@ -458,7 +458,9 @@ def run_size(size: float, args, middle: bool, log_dir: Path) -> dict:
                                                                        genesis["wall_s"] - (training or 0))
             if not args.keep:
                 shutil.rmtree(out1, ignore_errors=True)
-    if not args.skip_datatrove:
+    if args.datatrove_largest_only and not largest:
+        record["datatrove"] = {"skipped": "--datatrove-largest-only"}
+    elif not args.skip_datatrove:
         if not tokenizer_json or not Path(tokenizer_json).is_file():
             record["datatrove"] = {"skipped": "no tokenizer.json (Genesis's run failed and no --datatrove-tokenizer)"}
         else:
@@ -536,6 +538,8 @@ def main() -> None:
     parser.add_argument("--spm-sample-mb", type=float, default=256.0)
     parser.add_argument("--skip-genesis", action="store_true", help="corpus + datatrove only (needs --datatrove-tokenizer)")
     parser.add_argument("--skip-datatrove", action="store_true")
+    parser.add_argument("--datatrove-largest-only", action="store_true",
+                        help="run datatrove at the largest size only (where vs_datatrove and its recall are read)")
     parser.add_argument("--skip-spm", action="store_true")
     parser.add_argument("--datatrove-python", type=Path, default=DATATROVE_PYTHON)
     parser.add_argument("--datatrove-tokenizer", type=Path, default=None,
@@ -559,7 +563,7 @@ def main() -> None:
                  "plant_fraction": args.plant_fraction, "sizes": {}}
     started = time.perf_counter()
     for size in sizes:
-        run["sizes"][f"{size:g}"] = run_size(size, args, size == middle, log_dir)
+        run["sizes"][f"{size:g}"] = run_size(size, args, size == middle, log_dir, largest=size == sizes[-1])
     run["host_end"] = host_contention()
     run["bench_s"] = round(time.perf_counter() - started, 1)
 

@@ -15,7 +15,7 @@ printf '#!/bin/sh\nexec python3 -m cli.main "$@"\n' > /tmp/genesis
 printf '#!/bin/sh\nPYTHONPATH=/tmp/dt:/tmp/site exec python3 "$@"\n' > /tmp/datatrove-python
 chmod +x /tmp/genesis /tmp/datatrove-python
 python3 bench/data_scale.py --sizes "$@" --workers 2 --work /tmp/data-scale --genesis /tmp/genesis \
-    --datatrove-python /tmp/datatrove-python --run-timeout 420 || status=$?
+    --datatrove-python /tmp/datatrove-python --run-timeout 420 --datatrove-largest-only || status=$?
 cp bench/results/data_scale.json "${OUT:-/tmp}/" 2>/dev/null || true
 cp -r /tmp/data-scale/logs "${OUT:-/tmp}/" 2>/dev/null || true
 exit "${status:-0}"
