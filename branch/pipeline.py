@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from branch.base import check_milestone, export_milestone, exported_from
@@ -28,6 +30,24 @@ from genesis.run_dir import BranchDir, read_meta, stage_complete
 FAIL_STAGE_ENV = "GENESIS_BRANCH_FAIL_STAGE"
 DATA_FILES = ("sft", "dpo_train", "dpo_heldout", "heldout_prompts")
 HEADLINE = ("preference_accuracy", "format_adherence", "hedging_score")
+
+
+# Who records a training stage while it runs: a callable (stage, branch) → context manager entered around SFT's or
+# DPO's training, yielding the transformers TrainerCallbacks to train with. lineage's connect() installs MLflow's (a
+# run per stage that spans its training, lineage/stages.py); without one a stage records nothing but its directory.
+StageRecorder = Callable[[str, BranchDir], AbstractContextManager[list]]
+_stage_recorder: StageRecorder | None = None
+
+
+def set_stage_recorder(recorder: StageRecorder | None) -> StageRecorder | None:
+    """Install the recorder of training stages (None: none); returns the one it replaces."""
+    global _stage_recorder
+    previous, _stage_recorder = _stage_recorder, recorder
+    return previous
+
+
+def _recording(stage: str, branch: BranchDir) -> AbstractContextManager[list]:
+    return _stage_recorder(stage, branch) if _stage_recorder is not None else nullcontext([])
 
 
 def fail_if_injected(stage: str) -> None:
@@ -94,7 +114,9 @@ def train_sft(base: Path, branch: BranchDir, config: BranchConfig, log=print) ->
     _threads(config)
     rows = branch.read_data("sft")
     log(f"[branch 3/5] SFT on {len(rows)} conversations → {branch.sft_dir}")
-    return run_sft(base, rows, branch.sft_dir, config.sft, _device(config), config.seed, _system_prompt(branch))
+    with _recording("sft", branch) as callbacks:
+        return run_sft(base, rows, branch.sft_dir, config.sft, _device(config), config.seed, _system_prompt(branch),
+                       callbacks)
 
 
 def train_dpo(sft: Path, branch: BranchDir, config: BranchConfig, log=print) -> Path:
@@ -108,7 +130,9 @@ def train_dpo(sft: Path, branch: BranchDir, config: BranchConfig, log=print) -> 
     _threads(config)
     rows = branch.read_data("dpo_train")
     log(f"[branch 4/5] DPO on {len(rows)} pairs → {branch.dpo_dir}")
-    return run_dpo(sft, rows, branch.dpo_dir, config.dpo, _device(config), config.seed, _system_prompt(branch))
+    with _recording("dpo", branch) as callbacks:
+        return run_dpo(sft, rows, branch.dpo_dir, config.dpo, _device(config), config.seed, _system_prompt(branch),
+                       callbacks)
 
 
 def evaluate(base: Path, sft: Path, dpo: Path, branch: BranchDir, config: BranchConfig, log=print) -> dict:

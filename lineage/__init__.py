@@ -1,6 +1,10 @@
 """Lineage: every stage a run in MLflow, every milestone and branch a registered model version.
 
-  registry.py  the tracking store, runs, the model registry and the lineage tree read back from it
+  tracking.py  the Tracker and runs: nested (mlflow.parentRunId), open for as long as their work, system metrics,
+               params, datasets with local sources
+  models.py    a Hugging Face directory logged as an MLflow model (transformers flavor, chat task and signature)
+  stages.py    the SFT and DPO runs, opened by branch/pipeline.py's stage recorder while they train
+  registry.py  connect(), the model registry (versions, descriptions, aliases, promote) and the lineage tree
   record.py    what each stage records: record_data, record_milestone, record_branch
   trunk.py     follow_trunk: the trainer launched and followed, metrics forwarded, milestones registered
 

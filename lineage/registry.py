@@ -2,14 +2,24 @@
 
 Tracking defaults to SQLite in the project's home (`$GENESIS_HOME`, default `<repo>/runs/mlflow`):
 `mlflow ui --backend-store-uri sqlite:///<home>/mlflow.db` browses it. `MLFLOW_TRACKING_URI` or a flow's
-`tracking_uri` parameter points anywhere else.
+`tracking_uri` parameter points anywhere else. The `genesis` experiment is a model-training one (tag
+mlflow.experimentKind = custom_model_development), so the UI opens it on its runs, not on GenAI traces.
 
-The tree lives in the registry:
+Runs nest as the tree grows (lineage/tracking.py opens them, each for as long as the work it records):
+  data <corpus>                 the corpus's sources as inputs, token counts, report and manifest
+  pretrain <trunk>              the manifest and each source's shards as inputs; loss, lr, val_loss/*; system metrics
+  └── milestone step N          the milestone's export, logged as an MLflow model; val_loss/* at N
+      └── sft step N            sft.jsonl as input; train/* as it trains; the SFT model; eval metrics
+          └── dpo step N        dpo_train.jsonl as input; train/*; the DPO model; eval metrics
+
+The registry holds the models, logged as MLflow models (transformers flavor, lineage/models.py), so
+`mlflow.pyfunc.load_model("models:/genesis-dpo@champion")` and `mlflow models serve` work on any version:
   genesis-base  one version per milestone   tags: run_dir, milestone_step, milestone_path, data_digest, code_version
   genesis-sft   one version per branch      tags: parent_model=genesis-base, parent_version, milestone_step, ...
   genesis-dpo   one version per branch      tags: parent_model=genesis-sft, parent_version, milestone_step, ...
-Aliases: `step-<N>` on every version. MLflow reserves the alias `latest`, so `models:/NAME@latest` is resolved
-here to the newest version (MLflow's own `models:/NAME/latest` means the same).
+Each version's description links its parent version and the run that made it.
+Aliases: `step-<N>` on every version; `latest` is MLflow's own (the newest version, `models:/NAME@latest`);
+`champion` starts on a model's first version and moves only with `genesis promote NAME VERSION|ALIAS`.
 
 Registration is idempotent: a milestone or branch already registered (same milestone path) returns its
 existing version, so a branch triggered twice (event and watcher) registers once.
@@ -19,17 +29,19 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from genesis.config import REPO_ROOT
 from genesis.errors import GenesisError
-from genesis.run_dir import MetricsReader
+from lineage.models import model_dir_of
+from lineage.stages import BranchStageRecorder
+from lineage.tracking import (BASE, DPO, EXPERIMENT, MODEL_NAMES, SFT, MetricsFollower, Tracker,  # noqa: F401
+                              code_version)
 
-EXPERIMENT = "genesis"
-BASE, SFT, DPO = "genesis-base", "genesis-sft", "genesis-dpo"
-MODEL_NAMES = (BASE, SFT, DPO)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"  # MLflow 3's "Machine learning" experiment type (vs genai_development)
+CHAMPION = "champion"
+LATEST = "latest"  # MLflow's reserved alias: always the newest version
 
 
 class RegistryError(GenesisError):
@@ -48,34 +60,11 @@ def tracking_uri(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def code_version() -> str:
-    """The git commit the code runs from (with `-dirty` if it has local changes), or `unknown`."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (commit + ("-dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-@dataclass
-class Tracker:
-    """A connected MLflow client for one tracking URI and the `genesis` experiment."""
-
-    uri: str
-    experiment_id: str
-
-    @property
-    def client(self):
-        from mlflow import MlflowClient
-
-        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-
-
 def connect(uri: str | None = None) -> Tracker:
-    """Check the tracking URI is usable and return a Tracker; one-line RegistryError if not."""
+    """Check the tracking URI is usable and return a Tracker; one-line RegistryError if not.
+
+    The process's lineage then goes there: MLflow's fluent URI is set to it, and a branch grown in this process
+    (branch/pipeline.py) records its SFT and DPO stages as runs while they train (lineage/stages.py)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -93,13 +82,21 @@ def connect(uri: str | None = None) -> Tracker:
             location = None
             if uri.startswith("sqlite:///"):
                 location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-            experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
+            experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location,
+                                                     tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         else:
             experiment_id = experiment.experiment_id
+            kind = experiment.tags.get(EXPERIMENT_KIND_TAG, "")
+            if not kind or kind.endswith("_inferred") or kind == "no_inferred_type":
+                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     except Exception as err:  # noqa: BLE001 - any store failure becomes one actionable line
         raise RegistryError(f"MLflow tracking URI {uri}: unusable ({str(err).splitlines()[0][:160]}); "
                             f"fix tracking_uri or MLFLOW_TRACKING_URI") from None
-    return Tracker(uri, experiment_id)
+    tracker = Tracker(uri, experiment_id)
+    from branch.pipeline import set_stage_recorder
+
+    set_stage_recorder(BranchStageRecorder(tracker))
+    return tracker
 
 
 def _check_http(uri: str) -> None:
@@ -114,78 +111,6 @@ def _check_http(uri: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Runs
-
-
-def start_run(tracker: Tracker, name: str, tags: dict | None = None, parent_run_id: str | None = None):
-    """A run in the genesis experiment. Cross-process lineage goes through tags (MLflow nests runs only
-    within one process), so every run carries `genesis.stage` and, when known, `genesis.parent_run_id`."""
-    import mlflow
-
-    all_tags = {"genesis.code_version": code_version(), **(tags or {})}
-    if parent_run_id:
-        all_tags["genesis.parent_run_id"] = parent_run_id
-    return mlflow.start_run(experiment_id=tracker.experiment_id, run_name=name, tags=all_tags)
-
-
-def create_run(tracker: Tracker, name: str, tags: dict | None = None, parent_run_id: str | None = None) -> str:
-    """A run driven through the client, not MLflow's fluent (thread-bound, one-active-run) API: the trunk's
-    run stays open for hours while milestone and branch runs come and go in the same thread."""
-    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
-    all_tags = {"genesis.code_version": code_version(), MLFLOW_RUN_NAME: name, **(tags or {})}
-    if parent_run_id:
-        all_tags["genesis.parent_run_id"] = parent_run_id
-    return tracker.client.create_run(tracker.experiment_id, tags=all_tags, run_name=name).info.run_id
-
-
-def log_dataset_input(name: str, source_uri: str, digest: str, context: str) -> None:
-    import mlflow
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
-    from mlflow.data.meta_dataset import MetaDataset
-
-    mlflow.log_input(MetaDataset(source=HTTPDatasetSource(source_uri), name=name, digest=digest[:36]), context=context)
-
-
-class MetricsFollower:
-    """Forward the trainer's metrics.jsonl (its metrics sink) to an MLflow run as it grows."""
-
-    def __init__(self, metrics_path: Path, run_id: str, tracker: Tracker, from_end: bool = False):
-        """`from_end`: forward only what is appended from now on (an earlier cycle's rows are logged already)."""
-        self.reader = MetricsReader(metrics_path, from_end=from_end)
-        self.run_id, self.tracker = run_id, tracker
-
-    def poll(self) -> int:
-        from mlflow.entities import Metric
-
-        rows, _ = self.reader.read_new()
-        metrics = []
-        for row in rows:
-            step = int(row["step"])
-            timestamp = int(float(row.get("time", 0)) * 1000) or 0
-            for key, value in _flatten(row).items():
-                if key not in ("step", "time") and isinstance(value, (int, float)) and value == value:
-                    metrics.append(Metric(key=_metric_name(key), value=float(value), timestamp=timestamp, step=step))
-        for start in range(0, len(metrics), 900):
-            self.tracker.client.log_batch(self.run_id, metrics=metrics[start : start + 900])
-        return len(metrics)
-
-
-def _flatten(row: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in row.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _metric_name(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", key)
-
-
-# -------------------------------------------------------------------------------------------------------------
 # Registry
 
 
@@ -194,9 +119,11 @@ def existing_version(tracker: Tracker, name: str, milestone_path: str):
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def register_model(tracker: Tracker, name: str, model_dir: Path, run_id: str, tags: dict) -> tuple[str, bool]:
-    """Register `model_dir` (already logged as the run's `model` artifact) as a version of `name`.
-    Returns (version, created); a version for the same milestone path is reused, never duplicated."""
+def register_model(tracker: Tracker, name: str, model_id: str, run_id: str, tags: dict,
+                   description: str = "") -> tuple[str, bool]:
+    """Register the MLflow model `model_id` (logged by `run_id`) as a version of `name`, aliased `step-<N>` (and
+    `champion` if the model has none yet). Returns (version, created); a version for the same milestone path is
+    reused, never duplicated."""
     from mlflow.exceptions import MlflowException
 
     client = tracker.client
@@ -208,45 +135,100 @@ def register_model(tracker: Tracker, name: str, model_dir: Path, run_id: str, ta
     except MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
-    artifact_uri = client.get_run(run_id).info.artifact_uri
-    version = client.create_model_version(name, source=f"{artifact_uri}/model", run_id=run_id,
-                                          tags={k: str(v) for k, v in tags.items()})
+    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
+                                          tags={k: str(v) for k, v in tags.items()}, description=description)
     client.set_registered_model_alias(name, f"step-{tags['milestone_step']}", version.version)
+    if CHAMPION not in aliases_of(tracker, name):
+        client.set_registered_model_alias(name, CHAMPION, version.version)
     return str(version.version), True
 
 
 _DESCRIPTIONS = {
-    BASE: "Pretrained trunk milestones (Hugging Face Llama directories). Tags name the step, run and data digest.",
-    SFT: "Supervised fine-tunes branching off genesis-base milestones, shaped by configs/principles.yaml.",
-    DPO: "DPO children of genesis-sft versions, preferring curious answers over hedging ones.",
+    BASE: "Pretrained trunk milestones (Hugging Face Llama directories logged as MLflow transformers models). "
+          "Tags name the step, run and data digest.",
+    SFT: "Supervised fine-tunes branching off genesis-base milestones, shaped by configs/principles.yaml. "
+         "Chat models: mlflow.pyfunc takes {'messages': [...]}.",
+    DPO: "DPO children of genesis-sft versions, preferring curious answers over hedging ones. "
+         "Chat models: mlflow.pyfunc takes {'messages': [...]}.",
 }
 
 
-def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
-    """`models:/NAME@ALIAS`, `models:/NAME/VERSION` or `models:/NAME@latest` → a local HF model directory."""
-    import mlflow
+def version_description(tracker: Tracker, what: str, run_id: str, run_name: str,
+                        parent: tuple[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    """A version's description (markdown the MLflow UI renders): what it is, its parent version and the run that
+    made it, as links, and the same as plain URIs for whoever reads it elsewhere."""
+    lines = [what, ""]
+    if parent:
+        name, version = parent
+        lines.append(f"- Parent: [{name} v{version}](#/models/{name}/versions/{version}) (`models:/{name}/{version}`)")
+    lines.append(f"- Run: [{run_name}]({tracker.run_link(run_id)}) (run id `{run_id}`)")
+    if parent_run_id:
+        lines.append(f"- Parent run: [{parent_run_id}]({tracker.run_link(parent_run_id)})")
+    return "\n".join(lines)
+
+
+def model_name(name: str) -> str:
+    """genesis-dpo, or its short form dpo / sft / base."""
+    full = name if name.startswith("genesis-") else f"genesis-{name}"
+    if full not in MODEL_NAMES:
+        raise RegistryError(f"{name}: not a Genesis model; choose one of {', '.join(MODEL_NAMES)}")
+    return full
+
+
+def aliases_of(tracker: Tracker, name: str) -> dict[str, str]:
+    """alias → version of one registered model ({} if it is not registered); `latest` included (MLflow's own)."""
     from mlflow.exceptions import MlflowException
+
+    try:
+        model = tracker.client.get_registered_model(name)
+    except MlflowException:
+        return {}
+    aliases = {alias: str(version) for alias, version in (model.aliases or {}).items()}
+    versions = tracker.client.search_model_versions(f"name='{name}'")
+    if versions:
+        aliases[LATEST] = str(max(int(v.version) for v in versions))
+    return aliases
+
+
+def find_version(tracker: Tracker, name: str, version_or_alias: str):
+    """A ModelVersion by number (`3`, `v3`) or alias (`step-150`, `latest`, `champion`); one-line error if none."""
+    from mlflow.exceptions import MlflowException
+
+    target = version_or_alias.removeprefix("v") if re.fullmatch(r"v?\d+", version_or_alias) else version_or_alias
+    try:
+        if target.isdigit():
+            return tracker.client.get_model_version(name, target)
+        return tracker.client.get_model_version_by_alias(name, target)
+    except MlflowException as err:
+        raise RegistryError(f"{name} {version_or_alias}: not found in {tracker.uri} ({str(err).splitlines()[0][:120]}); "
+                            f"`genesis lineage` lists versions and aliases") from None
+
+
+def promote(tracker: Tracker, name: str, version_or_alias: str, alias: str = CHAMPION) -> tuple[str, str | None]:
+    """Point `alias` (champion) of model `name` at a version given by number or alias; returns (version, the
+    version it pointed at before or None)."""
+    name = model_name(name)
+    if alias.lower() == LATEST:
+        raise RegistryError("latest always points at the newest version (MLflow reserves it); promote to another alias")
+    version = str(find_version(tracker, name, version_or_alias).version)
+    before = aliases_of(tracker, name).get(alias)
+    tracker.client.set_registered_model_alias(name, alias, version)
+    return version, before
+
+
+def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
+    """`models:/NAME@ALIAS` (champion, latest, step-N), `models:/NAME/VERSION` or `models:/NAME/latest` → the
+    local Hugging Face directory of that version (the MLflow model downloaded; its `model/` folder)."""
+    import mlflow
 
     match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+|latest))", uri or "")
     if not match:
         raise RegistryError(f"{uri}: not a model URI; use models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME@latest")
     name, alias, version = match.groups()
     tracker = connect(tracking)
-    client = tracker.client
-    try:
-        if alias == "latest" or version == "latest":
-            versions = client.search_model_versions(f"name='{name}'")
-            if not versions:
-                raise RegistryError(f"{uri}: model {name} has no versions in {tracker.uri}")
-            model_version = max(versions, key=lambda v: int(v.version))
-        elif alias:
-            model_version = client.get_model_version_by_alias(name, alias)
-        else:
-            model_version = client.get_model_version(name, version)
-    except MlflowException as err:
-        raise RegistryError(f"{uri}: not found in {tracker.uri} ({str(err).splitlines()[0][:120]}); "
-                            f"`genesis lineage` lists what is registered") from None
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_version.source, tracking_uri=tracker.uri))
+    model_version = find_version(tracker, name, alias or version)
+    return model_dir_of(Path(mlflow.artifacts.download_artifacts(artifact_uri=model_version.source,
+                                                                 tracking_uri=tracker.uri)))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -254,7 +236,8 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> Path:
 
 
 def lineage(tracker: Tracker) -> list[dict]:
-    """Milestones (genesis-base versions) with their branches, metrics from the registering runs."""
+    """Milestones (genesis-base versions) with their branches: metrics from the registering runs, and the aliases
+    (step-N, latest, champion) that point at each version."""
     client = tracker.client
 
     def versions(name):
@@ -266,6 +249,15 @@ def lineage(tracker: Tracker) -> list[dict]:
     def metrics(version) -> dict:
         return client.get_run(version.run_id).data.metrics if version.run_id else {}
 
+    aliases = {}
+    for name in MODEL_NAMES:
+        for alias, version in aliases_of(tracker, name).items():
+            aliases.setdefault((name, version), []).append(alias)
+
+    def node_of(name, version) -> dict:
+        return {"version": version.version, "metrics": metrics(version), "run_id": version.run_id,
+                "aliases": sorted(aliases.get((name, str(version.version)), []), key=_alias_order)}
+
     sft_by_parent, dpo_by_parent = {}, {}
     for version in versions(SFT):
         sft_by_parent.setdefault(str(version.tags.get("parent_version")), []).append(version)
@@ -273,17 +265,20 @@ def lineage(tracker: Tracker) -> list[dict]:
         dpo_by_parent.setdefault(str(version.tags.get("parent_version")), []).append(version)
     tree = []
     for base in sorted(versions(BASE), key=lambda v: int(v.tags.get("milestone_step", 0))):
-        node = {"name": BASE, "version": base.version, "step": int(base.tags.get("milestone_step", 0)),
-                "run_dir": base.tags.get("run_dir"), "metrics": metrics(base), "branches": []}
+        node = {"name": BASE, **node_of(BASE, base), "step": int(base.tags.get("milestone_step", 0)),
+                "run_dir": base.tags.get("run_dir"), "branches": []}
         for sft in sorted(sft_by_parent.get(str(base.version), []), key=lambda v: int(v.version)):
-            branch = {"sft": {"version": sft.version, "metrics": metrics(sft)}, "dpo": None}
+            branch = {"sft": node_of(SFT, sft), "dpo": None}
             children = dpo_by_parent.get(str(sft.version), [])
             if children:
-                dpo = min(children, key=lambda v: int(v.version))
-                branch["dpo"] = {"version": dpo.version, "metrics": metrics(dpo)}
+                branch["dpo"] = node_of(DPO, min(children, key=lambda v: int(v.version)))
             node["branches"].append(branch)
         tree.append(node)
     return tree
+
+
+def _alias_order(alias: str) -> tuple:
+    return ({CHAMPION: 0, LATEST: 1}.get(alias, 2), alias)
 
 
 def format_lineage(tree: list[dict]) -> str:
@@ -298,14 +293,32 @@ def format_lineage(tree: list[dict]) -> str:
             last = index == len(nodes) - 1
             val = node["metrics"].get("val_loss/all")
             lines.append(f"{'└──' if last else '├──'} step {node['step']:>7}  {BASE} v{node['version']}"
-                         + (f"  val_loss {val:.3f}" if val is not None else ""))
+                         + (f"  val_loss {val:.3f}" if val is not None else "") + _aliases(node))
             pad = "    " if last else "│   "
             for branch in node["branches"]:
                 sft, dpo = branch["sft"], branch["dpo"]
-                lines.append(f"{pad}└── {SFT} v{sft['version']}{_branch_metrics(sft['metrics'])}")
+                lines.append(f"{pad}└── {SFT} v{sft['version']}{_branch_metrics(sft['metrics'])}{_aliases(sft)}")
                 if dpo:
-                    lines.append(f"{pad}    └── {DPO} v{dpo['version']}{_branch_metrics(dpo['metrics'])}")
+                    lines.append(f"{pad}    └── {DPO} v{dpo['version']}{_branch_metrics(dpo['metrics'])}{_aliases(dpo)}")
+    lines.append("")
+    lines.append("aliases (models:/NAME@ALIAS; `genesis promote NAME VERSION` moves champion):")
+    for name in MODEL_NAMES:
+        pointing = sorted({(alias, node["version"]) for node in _nodes_of(tree, name) for alias in node["aliases"]
+                           if not alias.startswith("step-")}, key=lambda pair: _alias_order(pair[0]))
+        if pointing:
+            lines.append(f"  {name:<13} " + "  ".join(f"@{alias} → v{version}" for alias, version in pointing))
     return "\n".join(lines)
+
+
+def _nodes_of(tree: list[dict], name: str) -> list[dict]:
+    if name == BASE:
+        return tree
+    stage = "sft" if name == SFT else "dpo"
+    return [branch[stage] for node in tree for branch in node["branches"] if branch[stage]]
+
+
+def _aliases(node: dict) -> str:
+    return f"  [{', '.join(node['aliases'])}]" if node.get("aliases") else ""
 
 
 def _branch_metrics(metrics: dict) -> str:

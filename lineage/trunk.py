@@ -19,7 +19,8 @@ from genesis.errors import GenesisError
 from genesis.run_dir import RunDir
 from genesis_model.launch import StopOnSignals, TrainerProcess, trainer_command
 from lineage.record import params_batch, record_milestone
-from lineage.registry import MetricsFollower, Tracker, create_run
+from lineage.tracking import (MetricsFollower, SystemMetrics, Tracker, create_run, find_run, log_dataset,
+                              manifest_datasets)
 
 POLL_SECONDS = 2.0
 
@@ -44,10 +45,21 @@ def follow_trunk(config_path: Path, overrides: Sequence[str], nproc: int, tracke
             pass
     earlier = {path.resolve() for path in run.milestones()}  # made by earlier cycles: registered already
     handled, registered = set(earlier), {}
-    run_id = create_run(tracker, f"pretrain {run.root.name}", {"genesis.stage": "pretrain", "genesis.run_dir": str(run.root)})
-    status = "FAILED"
+    previous = find_run(tracker, stage="pretrain", run_dir=str(run.root))
+    tags = {"genesis.stage": "pretrain", "genesis.run_dir": str(run.root)}
+    if previous is not None:  # a later cycle of the same trunk: its own run, linked to the one before
+        tags["genesis.previous_cycle_run_id"] = previous.info.run_id
+    run_id = create_run(tracker, f"pretrain {run.root.name}", tags)
+    sampler = SystemMetrics(tracker, run_id)
+    status = "KILLED"
     try:
-        tracker.client.log_batch(run_id, params=params_batch(config.model_dump(mode="json")))
+        params = params_batch(config.model_dump(mode="json"))
+        for start in range(0, len(params), 90):
+            tracker.client.log_batch(run_id, params=params[start : start + 90])
+        data_dir = Path(config.data_dir).resolve()
+        if (data_dir / "manifest.json").is_file():  # the trunk reads the manifest and each source's shards
+            for dataset in manifest_datasets(data_dir):
+                log_dataset(tracker, run_id, context="pretraining", **dataset)
         follower = MetricsFollower(run.metrics, run_id, tracker, from_end=True)
         for milestone in sorted(earlier):  # a resumed trunk: make sure earlier milestones are in the registry
             register(tracker, milestone, run_id)
@@ -83,7 +95,11 @@ def follow_trunk(config_path: Path, overrides: Sequence[str], nproc: int, tracke
         if image is not None:
             tracker.client.log_artifact(run_id, str(image))
         status = "FINISHED"
+    except Exception:
+        status = "FAILED"
+        raise
     finally:
+        sampler.stop()
         tracker.client.set_terminated(run_id, status)
     latest = run.read_latest()
     return {"run_dir": str(run.root), "step": latest.get("step"), "val_loss": latest.get("val_loss", {}),

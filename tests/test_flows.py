@@ -223,6 +223,8 @@ def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_regi
     import mlflow
 
     source = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered.source, tracking_uri=tracking))
+    assert (source / "MLmodel").is_file()  # an MLflow model (transformers flavor): its model/ folder is the export
+    source = source / "model"
     assert (source / "genesis.json").read_text() == (base / "genesis.json").read_text()
     assert json.loads((source / "config.json").read_text())["torch_dtype"] == "float32"
 
