@@ -226,7 +226,9 @@ def test_versions_link_their_parent_and_run_and_the_experiment_is_a_training_one
 
 
 @pytest.mark.slow
-def test_step_latest_and_champion_aliases(tree):
+def test_step_latest_and_champion_aliases_and_promote_moves_champion(tree, capsys):
+    from cli.main import main
+
     client = tree.client
 
     def alias(name, alias):
@@ -236,6 +238,21 @@ def test_step_latest_and_champion_aliases(tree):
     assert alias("genesis-base", "latest") == "2"
     assert alias("genesis-base", "champion") == "1"  # the first version, until promoted
     assert alias("genesis-dpo", "champion") == tree.versions["dpo"] == alias("genesis-dpo", "step-4")
+
+    assert main(["promote", "base", "step-4", "--tracking-uri", tree.uri]) == 0
+    assert "genesis-base@champion moved from v1 to v2" in capsys.readouterr().out
+    assert alias("genesis-base", "champion") == "2"
+    assert main(["lineage", "--tracking-uri", tree.uri]) == 0
+    shown = capsys.readouterr().out
+    assert "genesis-base v2  val_loss" in shown and "[champion, latest, step-4]" in shown
+    assert "genesis-base  @champion → v2  @latest → v2" in shown
+    assert "genesis-dpo   @champion → v1  @latest → v1" in shown
+
+    assert main(["promote", "genesis-dpo", "7", "--tracking-uri", tree.uri]) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "genesis lineage" in error[0]
+    assert main(["promote", "dpo", "1", "--alias", "latest", "--tracking-uri", tree.uri]) != 0
+    assert "latest" in capsys.readouterr().err
 
 
 def free_port() -> int:
