@@ -171,12 +171,13 @@ def reader_check(directory: Path) -> dict:
     return result
 
 
-def command_for(tree: Path, run_dir: Path, data_dir: Path, overrides: list[str], resume: bool) -> list[str]:
+def command_for(tree: Path, run_dir: Path, data_dir: Path, overrides: list[str], resume: bool,
+                extra: tuple[str, ...] = ()) -> list[str]:
     """The torchrun command of the trainer in source tree `tree` (this one or the anchor), through the probe."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(PROBE),
             "--config", str(tree / CONFIG), f"data_dir={data_dir}", f"run_dir={run_dir}",
             f"micro_batch_size={MICRO_BATCH}", "grad_accum_steps=1", "eval.every=0", "log_every=1",
-            "verify_data_checksums=false", *overrides, *(["--resume", "auto"] if resume else [])]
+            "verify_data_checksums=false", *overrides, *(["--resume", "auto"] if resume else []), *extra]
 
 
 def env_for(tree: Path, workdir: Path, stats: Path | None = None, eager: bool = False) -> dict:
@@ -215,11 +216,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def train(tree: Path, workdir: Path, run_dir: Path, data_dir: Path,
-          overrides: list[str]) -> tuple[list[dict], list[dict], dict]:
+def train(tree: Path, workdir: Path, run_dir: Path, data_dir: Path, overrides: list[str],
+          extra: tuple[str, ...] = ()) -> tuple[list[dict], list[dict], dict]:
     stats = workdir / f"compile-{run_dir.name}-train.json"
-    result = subprocess.run(command_for(tree, run_dir, data_dir, overrides, False), cwd=tree, capture_output=True,
-                            text=True, env=env_for(tree, workdir, stats))
+    result = subprocess.run(command_for(tree, run_dir, data_dir, overrides, False, extra), cwd=tree,
+                            capture_output=True, text=True, env=env_for(tree, workdir, stats))
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     return MetricsReader(RunDir(run_dir).metrics).all_rows(), read_jsonl(RunDir(run_dir).events), compile_summary(stats)
@@ -368,9 +369,12 @@ def async_run(tree: Path, workdir: Path, data_dir: Path, name: str, saves: int, 
     same checkpoint. `on_progress(figures)` is called after each part, so a call cut short keeps what it measured."""
     run_dir = workdir / name
     steps = saves * save_every
-    overrides = [f"max_steps={steps}", f"checkpoint.save_every={save_every}", "checkpoint.milestone_every=0",
+    # NOTE: paused at `steps` of a run planned to steps + 2, the steps its resumes train: resuming with a larger
+    # max_steps would change the schedule of the steps already done, which the trainer refuses (WSD ends its
+    # cycle at max_steps).
+    overrides = [f"max_steps={steps + 2}", f"checkpoint.save_every={save_every}", "checkpoint.milestone_every=0",
                  "checkpoint.keep_last=1", "checkpoint.async_save=true", "checkpoint.save_at_end=false", *extra]
-    metrics, events, compiled = train(tree, workdir, run_dir, data_dir, overrides)
+    metrics, events, compiled = train(tree, workdir, run_dir, data_dir, overrides, ("--stop-at-step", str(steps)))
     checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     figures = save_figures(events, checkpoint)
     steady = [m["tokens_per_s"] for m in metrics if m["step"] % save_every not in (0, 1) and m["step"] >= 4]
