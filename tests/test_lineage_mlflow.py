@@ -82,8 +82,6 @@ def test_a_logged_chat_model_is_an_mlflow_model_that_pyfunc_loads_and_chats_with
     assert answer["usage"]["prompt_tokens"] == len(rendered["input_ids"])
     assert SYSTEM in tokenizer.apply_chat_template(CHAT["messages"], add_generation_prompt=True, tokenize=False)
 
-    pipeline = mlflow.transformers.load_model(f"models:/{SFT}@champion")
-    assert pipeline.task == "text-generation" and "<|im_start|>" in pipeline.tokenizer.chat_template
     # Genesis's own loaders get the whole Hugging Face directory (its stage marker included) from the version.
     local = resolve_model_uri(f"models:/{SFT}/1", tracker.uri)
     assert json.loads((local / "genesis_stage.json").read_text())["stage"] == "sft"
@@ -223,6 +221,9 @@ def test_versions_link_their_parent_and_run_and_the_experiment_is_a_training_one
     assert reply_of(completion)["object"] == "text_completion"
     chat = mlflow.pyfunc.load_model("models:/genesis-dpo@latest").predict(CHAT)
     assert reply_of(chat)["usage"]["completion_tokens"] > 0
+    pipeline = mlflow.transformers.load_model("models:/genesis-dpo@champion")
+    assert pipeline.task == "text-generation" and "<|im_start|>" in pipeline.tokenizer.chat_template
+    assert pipeline("The sky is", max_new_tokens=3)[0]["generated_text"].startswith("The sky is")
 
 
 @pytest.mark.slow
