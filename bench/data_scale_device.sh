@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # bench/data_scale.py on a lent GPU machine's CPUs (16 cores, an otherwise idle box), from a bare Python 3.12 with
 # numpy, pyarrow, tqdm and tokenizers: the wheels it lacks travel in the git-ignored .whl/ (pydantic, xxhash) and
-# .whl-data/ (dask + distributed + scipy + sentencepiece; datatrove and its pure-Python dependencies), e.g.
+# .whl-data/ (dask + distributed and what they need beyond the image; datatrove and its pure-Python
+# dependencies), e.g.
 #   run(command="bash bench/data_scale_device.sh 0.05 0.15 0.45", carry=[".whl", ".whl-data"])
 # Results go to bench/results/data_scale.json and are copied to $OUT.
 set -euo pipefail
+# The data kit the scale corpus is cut from, where bench/scale_corpus.py looks for it (../shared/data), when the
+# copy of the tree has no ../shared beside it: carried as .whl-data/kit (a transport copy, never committed).
+if [ ! -d ../shared/data/pretrain ] && [ -d .whl-data/kit ]; then
+    mkdir -p ../shared/data/pretrain && cp .whl-data/kit/*.jsonl.gz ../shared/data/pretrain/
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl .whl-data/dask/*.whl
 mkdir -p /tmp/dt
