@@ -4,7 +4,7 @@
     pretrain.py  pretrain_flow      the trunk task
     branches.py  branch_flow        one branch off a milestone, registered
     tree.py      genesis_flow       all of it; milestone_watcher, the safety net for missed branches
-    params.py    the typed parameters (forms in the Prefect UI)
+    params.py    shared defaults and parameter types; arguments resolved into what the tasks take
     demo.py      `genesis demo`: genesis_flow on a fresh CPU machine
 
 NOTE: no file here is named like a top-level package (genesis.py, branch.py, lineage.py, ...): Prefect loads a

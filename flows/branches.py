@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.params import BranchParams
+from flows.params import BRANCH_CONFIG, Overrides, absolute, branch_dir, recipe
 from genesis.errors import RunDirError
 from genesis.run_dir import BranchDir
 from lineage.registry import connect
@@ -17,10 +17,21 @@ from tasks.branch import data_task, dpo_task, eval_task, export_task, sft_task
 from tasks.lineage import register_branch_task, register_milestone_task
 
 
-@flow(name="branch-flow", log_prints=False, flow_run_name="branch {params.milestone}")
-def branch_flow(params: BranchParams, tracking_uri: str | None = None) -> dict:
+@flow(name="branch-flow", log_prints=False, flow_run_name="branch {milestone}")
+def branch_flow(milestone: str, branch_config: str = BRANCH_CONFIG, out: str | None = None, overrides: Overrides = (),
+                tracking_uri: str | None = None) -> dict:
+    """One branch off a milestone (SFT, then DPO, evaluated), registered in MLflow.
+
+    Args:
+        milestone: a complete milestone checkpoint, <run_dir>/milestones/step_N
+        branch_config: branch recipe, configs/branch/*.yaml (relative to the repository, or absolute)
+        out: the branch directory; empty: <run_dir>/branches/step_N
+        overrides: dotted.key=value overrides of the recipe, e.g. sft.max_steps=100
+        tracking_uri: MLflow tracking URI; if empty, $MLFLOW_TRACKING_URI, else SQLite in $GENESIS_HOME
+            (default runs/mlflow/ in the repository)
+    """
     tracker = connect(tracking_uri)  # fail before any work if lineage cannot be recorded
-    milestone, config, out = params.milestone_path(), params.recipe(), params.branch_dir()
+    milestone, config, out = absolute(milestone), recipe(branch_config, overrides), branch_dir(milestone, out)
 
     base = export_task(milestone)  # a milestone that cannot grow a branch fails here, before its directory exists
     lock = BranchDir(out).lock()

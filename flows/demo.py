@@ -52,15 +52,12 @@ def demo(workdir: Path, nproc: int = 2) -> dict:
     os.environ.setdefault("GENESIS_HOME", str(workdir / "mlflow"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from the embedded server
     from flows.tree import genesis_flow
-    from flows.params import DataParams, GenesisParams, PretrainParams
     from lineage.registry import BASE, DPO, SFT, connect, default_tracking_uri, lineage, resolve_model_uri
 
     started = time.time()
-    params = GenesisParams(
-        data=DataParams(corpus="configs/corpus/builtin.yaml", data_dir=str(workdir / "data")),
-        pretrain=PretrainParams(train_config="configs/train/tiny-demo.yaml", run_dir=str(workdir / "trunk"), nproc=nproc),
-        branch_config="configs/branch/tiny.yaml", branch_overrides=DEMO_BRANCH_OVERRIDES)
-    result = genesis_flow(params)
+    result = genesis_flow(corpus="configs/corpus/builtin.yaml", data_dir=str(workdir / "data"),
+                          train_config="configs/train/tiny-demo.yaml", run_dir=str(workdir / "trunk"), nproc=nproc,
+                          branch_config="configs/branch/tiny.yaml", branch_overrides=DEMO_BRANCH_OVERRIDES)
     tracker = connect()
     tree = lineage(tracker)
 

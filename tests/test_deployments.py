@@ -1,5 +1,6 @@
-"""The real thing: `prefect server start`, a process worker, `prefect deploy --all` from the repository's
-prefect.yaml, and a deployment run to completion through the API, checked in MLflow."""
+"""The real thing: `prefect server start`, `prefect deploy --all` from the repository's prefect.yaml, a process
+worker, and deployment runs to completion through the API. The deploying shell and the worker have a bare
+environment (PATH and a fresh HOME whose Prefect profile names the server): nothing Genesis-specific is set."""
 
 from __future__ import annotations
 
@@ -14,16 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TINY_CORPUS
 
 from genesis_model.launch import free_port
 
 QUICK_BRANCH = ["sft.max_steps=3", "dpo.max_steps=2", "eval.max_prompts=2", "eval.max_pairs=8", "eval.max_new_tokens=12"]
-
-
-def _prefect(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -32,6 +28,89 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+class Server:
+    """A Prefect server on a free port, read and driven over its REST API."""
+
+    def __init__(self, root: Path):
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        env = {**os.environ, "PREFECT_HOME": str(root / "server"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        self.process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                         "--port", str(self.port)], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.api}/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(1)
+        _stop(self.process)
+        pytest.fail("prefect server did not start")
+
+    def call(self, method: str, path: str, body: dict | None = None):
+        request = urllib.request.Request(f"{self.api}{path}", method=method,
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"null")
+
+    def deployment(self, name: str) -> dict:
+        return self.call("GET", f"/deployments/name/{name}")
+
+    def run(self, name: str, parameters: dict, timeout: float) -> dict:
+        """Start a run of deployment `name` and wait for a final state; returns the flow run."""
+        flow_run = self.call("POST", f"/deployments/{self.deployment(name)['id']}/create_flow_run",
+                             {"parameters": parameters})
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            flow_run = self.call("GET", f"/flow_runs/{flow_run['id']}")
+            if flow_run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return flow_run
+            time.sleep(2)
+        return flow_run
+
+    def logs(self, flow_run_id: str) -> str:
+        logs = self.call("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
+        return "\n".join(log["message"] for log in logs)
+
+
+def bare_env(home: Path, api: str) -> dict:
+    """PATH and a HOME whose Prefect profile names the server, as a person's shell would have after
+    `prefect config set PREFECT_API_URL=...`: no GENESIS_REPO, no MLFLOW_TRACKING_URI, nothing else."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {"PATH": os.environ["PATH"], "HOME": str(home)}
+    configured = subprocess.run([sys.executable, "-m", "prefect", "config", "set", f"PREFECT_API_URL={api}"],
+                                cwd=home, env=env, capture_output=True, text=True, timeout=120)
+    assert configured.returncode == 0, configured.stderr[-2000:]
+    return env
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """A server with `prefect deploy --all` done from this checkout and a process worker on genesis-process,
+    the deploying shell and the worker both with a bare environment."""
+    root = tmp_path_factory.mktemp("prefect")
+    server = Server(root)
+    worker = None
+    try:
+        env = bare_env(root / "home", server.api)
+        for command in ([sys.executable, "deployments/bootstrap.py"], [sys.executable, "-m", "prefect", "--no-prompt",
+                                                                        "deploy", "--all"]):
+            done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        server.worker_log = root / "worker.log"
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "genesis-process"],
+                                  cwd=root / "home", env=env, stdout=open(server.worker_log, "w"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        yield server
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(server.process)
 
 
 def test_every_deployment_entrypoint_loads_as_a_worker_loads_it():
@@ -51,57 +130,50 @@ def test_every_deployment_entrypoint_loads_as_a_worker_loads_it():
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_deployed_branch_flow_runs_on_a_process_worker_and_lands_in_mlflow(tiny_trunk, tmp_path):
+def test_a_deployed_data_flow_runs_on_a_process_worker_with_a_bare_environment(deployed, tmp_path):
     from mlflow import MlflowClient
 
-    port = free_port()
+    for name in ("pretrain-flow/pretrain", "branch-flow/branch", "genesis-flow/genesis",
+                 "milestone-watcher/milestone-watcher"):
+        assert deployed.deployment(name)["work_pool_name"] == "genesis-process"
+    # The milestone trigger starts branch-flow/branch with parameters its form has.
+    automations = deployed.call("POST", "/automations/filter", {})
+    (action,) = [a for automation in automations for a in automation["actions"] if a["type"] == "run-deployment"]
+    assert action["parameters"] == {"milestone": "{{ event.payload.milestone }}"}
+    assert "milestone" in deployed.deployment("branch-flow/branch")["parameter_openapi_schema"]["properties"]
+    data = deployed.deployment("data-flow/data")
+    fields = data["parameter_openapi_schema"]["properties"]  # the run form: typed fields, defaults, descriptions
+    assert set(fields) == {"corpus", "data_dir", "overrides", "tracking_uri"}
+    assert fields["corpus"]["type"] == "string" and fields["corpus"]["default"] == "configs/corpus/builtin.yaml"
+    assert all(spec.get("description") for spec in fields.values()), fields
+    assert data["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+
+    corpus = tmp_path / "corpus.yaml"
+    corpus.write_text(TINY_CORPUS)
+    tracking = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    run = deployed.run("data-flow/data", {"corpus": str(corpus), "data_dir": str(tmp_path / "data"),
+                                          "tracking_uri": tracking}, timeout=240)
+    assert run["state"]["type"] == "COMPLETED", (run["state"], deployed.logs(run["id"])[-3000:],
+                                                 deployed.worker_log.read_text()[-3000:])
+    assert (tmp_path / "data" / "manifest.json").is_file()
+    client = MlflowClient(tracking_uri=tracking)
+    recorded = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`genesis.stage` = 'data'")
+    assert len(recorded) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_deployed_branch_flow_runs_on_a_process_worker_and_lands_in_mlflow(deployed, tiny_trunk, tmp_path):
+    from mlflow import MlflowClient
+
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GENESIS_REPO": str(REPO), "MLFLOW_TRACKING_URI": tracking,
-           "COLUMNS": "250"}  # rich tables: no truncated names
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    worker = None
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("prefect server did not start")
-        bootstrap = subprocess.run([sys.executable, "deployments/bootstrap.py"], cwd=REPO, env=env, capture_output=True,
-                                   text=True, timeout=120)
-        assert bootstrap.returncode == 0, bootstrap.stderr[-2000:]
-        deployed = _prefect(["--no-prompt", "deploy", "--all"], env)
-        assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
-        listed = _prefect(["deployment", "ls"], env)
-        for name in ("data-flow/data", "pretrain-flow/pretrain", "branch-flow/branch", "genesis-flow/genesis",
-                     "milestone-watcher/milestone-watcher"):
-            assert name in listed.stdout, listed.stdout
+    parameters = {"milestone": str(tiny_trunk / "milestones" / "step_00000150"), "out": str(tmp_path / "branch"),
+                  "overrides": QUICK_BRANCH, "tracking_uri": tracking}
+    run = deployed.run("branch-flow/branch", parameters, timeout=600)
+    assert run["state"]["type"] == "COMPLETED", (run["state"], deployed.logs(run["id"])[-3000:],
+                                                 deployed.worker_log.read_text()[-3000:])
 
-        worker_log = open(tmp_path / "worker.log", "w")
-        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "genesis-process"],
-                                  cwd=REPO, env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
-        parameters = {"params": {"milestone": str(tiny_trunk / "milestones" / "step_00000150"),
-                                 "out": str(tmp_path / "branch"), "overrides": QUICK_BRANCH}}
-        script = ("import json, sys\nfrom prefect.deployments import run_deployment\n"
-                  f"run = run_deployment('branch-flow/branch', parameters={parameters!r}, timeout=600)\n"
-                  "print(json.dumps({'state': run.state.type.value, 'message': run.state.message}))\n")
-        waited = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=700)
-        assert waited.returncode == 0, waited.stderr[-2000:]
-        state = json.loads(waited.stdout.strip().splitlines()[-1])
-        assert state["state"] == "COMPLETED", (state, (tmp_path / "worker.log").read_text()[-3000:])
-
-        client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
-        (dpo,) = client.search_model_versions("name='genesis-dpo'")
-        assert dpo.tags["milestone_step"] == "150"
-        assert (tmp_path / "branch" / "eval.json").is_file()
-    finally:
-        if worker is not None:
-            _stop(worker)
-        _stop(server)
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    (dpo,) = client.search_model_versions("name='genesis-dpo'")
+    assert dpo.tags["milestone_step"] == "150"
+    assert (tmp_path / "branch" / "eval.json").is_file()

@@ -128,12 +128,11 @@ def test_data_flow_records_the_corpus_and_a_rerun_takes_finished_stages_from_the
     from mlflow import MlflowClient
 
     from flows.data import data_flow
-    from flows.params import DataParams
 
     corpus = tmp_path / "corpus.yaml"
     corpus.write_text(TINY_CORPUS)
-    params = DataParams(corpus=str(corpus), data_dir=str(tmp_path / "data"))
-    first = data_flow(params, return_state=True)
+    params = {"corpus": str(corpus), "data_dir": str(tmp_path / "data")}
+    first = data_flow(**params, return_state=True)
     assert first.is_completed(), first.message
     result = first.result()
     assert result["tokens"] > 100_000 and (tmp_path / "data" / "manifest.json").is_file()
@@ -144,12 +143,12 @@ def test_data_flow_records_the_corpus_and_a_rerun_takes_finished_stages_from_the
     artifacts = {a.path for a in MlflowClient(tracking_uri=tracking).list_artifacts(run.info.run_id)}
     assert {"report.json", "manifest.json"} <= artifacts
 
-    second = data_flow(params, return_state=True)
+    second = data_flow(**params, return_state=True)
     states = task_states(second)
     assert states["download-clean-dedup"] == states["train-tokenizer"] == states["tokenize-shards"] == "Cached"
     # A stage whose output is gone is recomputed, not trusted to the cache.
     (tmp_path / "data" / "manifest.json").unlink()
-    third = data_flow(params, return_state=True)
+    third = data_flow(**params, return_state=True)
     assert task_states(third)["tokenize-shards"] == "Completed" and (tmp_path / "data" / "manifest.json").is_file()
 
 
@@ -160,11 +159,10 @@ def test_the_data_flow_runs_each_job_of_the_stage_as_a_prefect_task_on_a_dask_cl
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
     from flows.data import data_flow
-    from flows.params import DataParams
 
     corpus = tmp_path / "corpus.yaml"
     corpus.write_text(TINY_CORPUS.replace("executor: serial", "executor: dask").replace("workers: 1", "workers: 2"))
-    state = data_flow(DataParams(corpus=str(corpus), data_dir=str(tmp_path / "data")), return_state=True)
+    state = data_flow(corpus=str(corpus), data_dir=str(tmp_path / "data"), return_state=True)
     assert state.is_completed(), state.message
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
@@ -190,21 +188,20 @@ def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_regi
     import genesis_model.inference  # noqa: F401 - loaded before counting: it holds verify_checkpoint by name
     from genesis_model.checkpoint import verify_checkpoint
     from flows.branches import branch_flow
-    from flows.params import BranchParams
     from genesis.run_dir import BranchDir, read_stage
 
     trunk = fresh_trunk(tiny_trunk, tmp_path / "trunk")
     milestone = trunk / "milestones" / "step_00000150"
-    params = BranchParams(milestone=str(milestone), out=str(tmp_path / "branch"), overrides=QUICK_BRANCH)
+    params = {"milestone": str(milestone), "out": str(tmp_path / "branch"), "overrides": QUICK_BRANCH}
     verified, exported = count_calls(monkeypatch, verify_checkpoint), count_calls(monkeypatch, genesis_model.hf.export_hf)
 
     monkeypatch.setenv("GENESIS_BRANCH_FAIL_STAGE", "eval")
-    failed = branch_flow(params, return_state=True)
+    failed = branch_flow(**params, return_state=True)
     assert failed.is_failed() and "injected failure before the eval stage" in failed.message
     assert versions(tracking, "genesis-sft") == [] and versions(tracking, "genesis-dpo") == []
 
     monkeypatch.delenv("GENESIS_BRANCH_FAIL_STAGE")
-    done = branch_flow(params, return_state=True)
+    done = branch_flow(**params, return_state=True)
     assert done.is_completed(), done.message
     states = task_states(done)
     assert [states[t] for t in ("export-milestone", "branch-data", "sft", "dpo")] == ["Cached"] * 4
@@ -238,13 +235,13 @@ def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_regi
     assert str(client.get_model_version_by_alias("genesis-dpo", "step-150").version) == str(dpo.version)
 
     # Triggered again (event and watcher both fire): same versions, nothing new.
-    again = branch_flow(params, return_state=True)
+    again = branch_flow(**params, return_state=True)
     assert again.result()["versions"] == {"sft": "1", "dpo": "1"}
     # While another run holds the branch, this one leaves it alone.
     lock = branch.lock()
     lock.acquire()
     try:
-        assert branch_flow(params).get("skipped")
+        assert branch_flow(**params).get("skipped")
     finally:
         lock.release()
     assert len(versions(tracking, "genesis-dpo")) == 1
@@ -265,26 +262,29 @@ def test_branch_flow_registers_nothing_until_eval_then_reuses_the_cache_and_regi
 
 
 def test_bad_flow_input_fails_with_one_clear_line(harness, tracking, tiny_trunk, tmp_path):
+    from prefect.exceptions import ParameterBindError
+
     from flows.branches import branch_flow
-    from flows.params import BranchParams, PretrainParams
     from flows.pretrain import pretrain_flow
     from genesis.run_dir import BranchDir, RunDir
 
-    unknown = branch_flow(params={"milestone": str(tmp_path), "colour": "red"}, return_state=True)
-    assert unknown.is_failed() and "colour" in unknown.message
+    with pytest.raises(ParameterBindError, match="colour"):
+        branch_flow(milestone=str(tmp_path), colour="red", return_state=True)
+    negative = pretrain_flow(train_config=str(TINY_CPU), max_steps=0, return_state=True)
+    assert negative.is_failed() and "max_steps" in negative.message and "greater than 0" in negative.message
 
-    missing = branch_flow(BranchParams(milestone=str(tmp_path / "milestones" / "step_00000010")), return_state=True)
+    missing = branch_flow(str(tmp_path / "milestones" / "step_00000010"), return_state=True)
     assert missing.is_failed() and "does not exist" in missing.message and "\n" not in missing.message
 
-    unreachable = branch_flow(BranchParams(milestone=str(tiny_trunk / "milestones" / "step_00000150")),
-                              tracking_uri="http://127.0.0.1:9", return_state=True)
+    unreachable = branch_flow(str(tiny_trunk / "milestones" / "step_00000150"), tracking_uri="http://127.0.0.1:9",
+                              return_state=True)
     assert unreachable.is_failed() and "unreachable" in unreachable.message
     assert not (tiny_trunk / "branches").exists()
 
     lock = RunDir(tiny_trunk).train_lock()
     lock.acquire()
     try:
-        locked = pretrain_flow(PretrainParams(train_config=str(TINY_CPU), run_dir=str(tiny_trunk)), return_state=True)
+        locked = pretrain_flow(train_config=str(TINY_CPU), run_dir=str(tiny_trunk), return_state=True)
     finally:
         lock.release()
     assert locked.is_failed() and "locked" in locked.message
@@ -312,9 +312,9 @@ def _trainer_processes(marker: str) -> list:
 def test_stopping_a_pretrain_flow_run_leaves_no_trainer_process(tiny_corpus, tmp_path, signal_to_flow):
     run_dir = tmp_path / f"trunk-{signal_to_flow.name}"
     script = (
-        "from flows.pretrain import pretrain_flow\nfrom flows.params import PretrainParams\n"
-        f"pretrain_flow(PretrainParams(train_config={str(TINY_CPU)!r}, data_dir={str(tiny_corpus)!r}, "
-        f"run_dir={str(run_dir)!r}, max_steps=100000, overrides=['model.vocab_size=2048', 'eval.every=0']))\n")
+        "from flows.pretrain import pretrain_flow\n"
+        f"pretrain_flow(train_config={str(TINY_CPU)!r}, data_dir={str(tiny_corpus)!r}, "
+        f"run_dir={str(run_dir)!r}, max_steps=100000, overrides=['model.vocab_size=2048', 'eval.every=0'])\n")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     # NOTE: its own session, so the ephemeral Prefect server the flow process starts can be cleaned up below
     # (a killed flow process leaves that server orphaned; the trainer is what this test is about).
@@ -345,18 +345,16 @@ def test_genesis_flow_grows_a_branch_at_each_milestone_while_the_trunk_trains(ha
     from mlflow import MlflowClient
 
     from flows.tree import genesis_flow, milestone_watcher
-    from flows.params import DataParams, GenesisParams, PretrainParams, WatcherParams
 
     corpus = tmp_path / "corpus.yaml"
     corpus.write_text(TINY_CORPUS)
-    params = GenesisParams(
-        data=DataParams(corpus=str(corpus), data_dir=str(tmp_path / "data")),
-        pretrain=PretrainParams(train_config=str(TINY_CPU), run_dir=str(tmp_path / "trunk"), nproc=2, max_steps=60,
-                                overrides=["model.vocab_size=2048", "micro_batch_size=4", "checkpoint.save_every=30",
-                                           "checkpoint.milestone_every=30", "eval.every=30", "log_every=10",
-                                           "optimizer.warmup_steps=5", "optimizer.schedule=wsd"]),
-        branch_overrides=QUICK_BRANCH)
-    state = genesis_flow(params, return_state=True)
+    params = dict(corpus=str(corpus), data_dir=str(tmp_path / "data"), train_config=str(TINY_CPU),
+                  run_dir=str(tmp_path / "trunk"), nproc=2, max_steps=60,
+                  train_overrides=["model.vocab_size=2048", "micro_batch_size=4", "checkpoint.save_every=30",
+                                   "checkpoint.milestone_every=30", "eval.every=30", "log_every=10",
+                                   "optimizer.warmup_steps=5", "optimizer.schedule=wsd"],
+                  branch_overrides=QUICK_BRANCH)
+    state = genesis_flow(**params, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert task_states(state)["trunk"] == "Completed"  # the trunk is a task of its own in the run graph
@@ -373,10 +371,10 @@ def test_genesis_flow_grows_a_branch_at_each_milestone_while_the_trunk_trains(ha
     assert [m.step for m in history] == list(range(10, 61, 10))
 
     # The watcher finds nothing left to do: every milestone has its branch.
-    assert milestone_watcher(WatcherParams(run_dirs=[str(tmp_path / "trunk")], launch="inline")) == []
+    assert milestone_watcher(run_dirs=[str(tmp_path / "trunk")], launch="inline") == []
     # A continued cycle extends the same trunk and adds a milestone; the first two are untouched.
     before = (tmp_path / "trunk" / "milestones" / "step_00000030" / "COMPLETE.json").read_text()
-    extended = genesis_flow(params.model_copy(update={"pretrain": params.pretrain.model_copy(update={"max_steps": 90})}))
+    extended = genesis_flow(**{**params, "max_steps": 90})
     assert [b["step"] for b in extended["branches"]] == [90]
     assert (tmp_path / "trunk" / "milestones" / "step_00000030" / "COMPLETE.json").read_text() == before
     assert len(versions(tracking, "genesis-base")) == 3 and len(versions(tracking, "genesis-dpo")) == 3
