@@ -13,14 +13,14 @@ from flows.params import BRANCH_CONFIG, Overrides, absolute, branch_dir, recipe
 from genesis.errors import RunDirError
 from genesis.run_dir import BranchDir
 from lineage.registry import connect
-from tasks.branch import data_task, dpo_task, eval_task, export_task, sft_task
+from tasks.branch import data_task, dpo_task, eval_task, export_task, publish_task, sft_task
 from tasks.lineage import register_branch_task, register_milestone_task
 
 
 @flow(name="branch-flow", log_prints=False, flow_run_name="branch {milestone}")
 def branch_flow(milestone: str, branch_config: str = BRANCH_CONFIG, out: str | None = None, overrides: Overrides = (),
                 tracking_uri: str | None = None) -> dict:
-    """One branch off a milestone (SFT, then DPO, evaluated), registered in MLflow.
+    """One branch off a milestone (SFT, then DPO, evaluated), registered in MLflow; published as artifacts.
 
     Args:
         milestone: a complete milestone checkpoint, <run_dir>/milestones/step_N
@@ -49,6 +49,7 @@ def branch_flow(milestone: str, branch_config: str = BRANCH_CONFIG, out: str | N
         versions = register_branch_task(tracker, branch, base_version)
     finally:
         lock.release()
+    publish_task(tracker, branch, base_version, versions)
     get_run_logger().info(f"branch at step {scores['step']}: genesis-sft v{versions['sft']}, genesis-dpo v{versions['dpo']}")
     return {"branch_dir": out, "step": scores["step"], "base_version": base_version, "versions": versions,
             "eval": {stage: scores[stage] for stage in ("sft", "dpo")}}

@@ -1,6 +1,6 @@
 """pretrain_flow: the trunk. One task (tasks/trunk.py) launches `torchrun -m genesis_model.train`, streams its
-log into Prefect, follows metrics.jsonl into MLflow, and at each complete milestone registers it and emits an
-event (which triggers the branch deployment).
+log into Prefect, keeps a progress artifact at its step, follows metrics.jsonl into MLflow, and at each complete
+milestone registers it and emits an event (which triggers the branch deployment).
 
 Cancelling the flow run stops the trainer's whole process group (see genesis_model/launch.py). Rerunning resumes
 from the last checkpoint; a higher `max_steps` continues the same trunk and adds milestones.

@@ -10,11 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from branch.config import BranchConfig
 from branch.pipeline import build_data, evaluate, export_base, headline, train_dpo, train_sft
 from genesis.run_dir import BranchDir, RunDir, is_exported, stage_complete
+from lineage.registry import Tracker
 from tasks import stage_task
+from tasks.artifacts import publish_branch
 
 
 def _exported(milestone: str) -> bool:
@@ -60,6 +63,13 @@ def eval_task(base_dir: str, sft_dir: str, dpo_dir: str, branch_dir: str, config
         get_run_logger().info(f"{stage}: preference accuracy {row['preference_accuracy']:.3f}, format "
                               f"{row['format_adherence']:.2f}, hedging {row['hedging_score']:.2f}")
     return {"step": result["milestone"]["step"], **scores}
+
+
+@task(name="publish-branch", cache_policy=NO_CACHE)
+def publish_task(tracker: Tracker, branch_dir: str, base_version: str, versions: dict) -> dict:
+    """The registered branch in the run's artifacts: its evaluation as a table, its lineage as markdown (never
+    cached: every run that completes the branch shows them). Returns the artifacts' keys."""
+    return publish_branch(BranchDir(branch_dir), tracker.uri, base_version, versions)
 
 
 @task(name="milestones-to-branch")

@@ -1,6 +1,7 @@
-"""The trunk as one task: lineage.follow_trunk under Prefect, the trainer's output in the task's log, each
-milestone registered (as a register-milestone task) and announced with a `genesis.milestone.completed` event,
-which the branch deployment's trigger answers. Cancelling the flow run stops the trainer's whole process group.
+"""The trunk as one task: lineage.follow_trunk under Prefect, the trainer's output in the task's log, a progress
+artifact at the trainer's step, each milestone registered (as a register-milestone task) and announced with a
+`genesis.milestone.completed` event, which the branch deployment's trigger answers. Cancelling the flow run stops
+the trainer's whole process group.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
+from genesis.config import TrainConfig, load_config
 from genesis.run_dir import RunDir, step_of
 from lineage.registry import Tracker
 from lineage.trunk import follow_trunk
 from serve.plots import plot_run
+from tasks.artifacts import TrunkProgress
 from tasks.lineage import register_milestone_task
 
 MILESTONE_EVENT = "genesis.milestone.completed"
@@ -39,11 +42,19 @@ def trunk_task(train_config: str, overrides: list[str], nproc: int, tracker: Tra
                on_milestone: Callable[[Path, str], None] | None = None) -> dict:
     """The trunk trained to the config's max_steps; `on_milestone(milestone, base_version)` runs for each new
     milestone while the trainer keeps going. Returns what lineage.follow_trunk did."""
+    config = load_config(TrainConfig, Path(train_config), list(overrides))
+    progress = TrunkProgress(config.run_dir.resolve(), config.max_steps)  # refreshed as the trainer logs
+
+    def log(line: str) -> None:
+        get_run_logger().info(line)
+        progress.update()
 
     def reached(milestone: Path, base_version: str) -> None:
         emit_milestone_event(milestone)
         if on_milestone is not None:
             on_milestone(milestone, base_version)
 
-    return follow_trunk(Path(train_config), overrides, nproc, tracker, on_milestone=reached,
-                        log=get_run_logger().info, plot=plot_curves, register=register_milestone_task)
+    result = follow_trunk(Path(train_config), overrides, nproc, tracker, on_milestone=reached, log=log,
+                          plot=plot_curves, register=register_milestone_task)
+    progress.update(force=True)
+    return result
