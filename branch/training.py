@@ -159,9 +159,10 @@ def run_sft(base_dir: Path, rows: list[dict], out: Path, recipe: SFTRecipe, devi
     tokenizer = _tokenizer(base_dir)
     args = SFTConfig(
         **_common_args(SFTConfig, recipe, tmp / "trainer", device, seed),
-        # NOTE: loss only on assistant tokens, found through the chat template's {% generation %} markers;
-        # the model learns to answer, not to imitate users or recite system prompts.
-        assistant_only_loss=True,
+        # NOTE: loss only on assistant tokens: the examples carry `assistant_masks` (the template's
+        # {% generation %} block, from sft_examples), which TRL applies to the labels of a tokenized dataset.
+        # assistant_only_loss asks TRL to build the mask itself and refuses tokenized rows.
+        assistant_only_loss=False,
         eos_token=IM_END,
         packing=recipe.packing,
         dataset_num_proc=None,
