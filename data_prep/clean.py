@@ -35,14 +35,16 @@ def rejection_reason(text: str, removed_controls: int, original_length: int, con
     return None
 
 
+def clean_text(text: str, config: CleanConfig, counts: Counter) -> str | None:
+    """One document normalised, or None when a filter drops it; `counts` gets docs_in and removed_<reason>."""
+    counts["docs_in"] += 1
+    cleaned, removed = normalise(text)
+    reason = rejection_reason(cleaned, removed, len(text), config)
+    if reason:
+        counts[f"removed_{reason}"] += 1
+        return None
+    return cleaned
+
+
 def clean_texts(texts, config: CleanConfig, counts: Counter) -> list[str]:
-    kept = []
-    for text in texts:
-        counts["docs_in"] += 1
-        cleaned, removed = normalise(text)
-        reason = rejection_reason(cleaned, removed, len(text), config)
-        if reason:
-            counts[f"removed_{reason}"] += 1
-            continue
-        kept.append(cleaned)
-    return kept
+    return [cleaned for text in texts if (cleaned := clean_text(text, config, counts)) is not None]

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from data_prep.clean import normalise, rejection_reason
+from data_prep.clean import clean_text, normalise
 from data_prep.dedup import MinHasher, band_keys, band_starts
 from data_prep.sources import CleanConfig, CorpusConfig, SourceConfig, record_to_dedup_text, record_to_text
 from genesis.chat import strip_marker_sentinels
@@ -227,11 +227,8 @@ def read_unit(unit: ReadUnit, source: SourceConfig, clean: CleanConfig, docs_per
                                 f"on_bad_record: skip") from None
             counts["malformed_record"] += 1
             continue
-        counts["docs_in"] += 1
-        cleaned, removed = normalise(text)
-        reason = rejection_reason(cleaned, removed, len(text), clean)
-        if reason:
-            counts[f"removed_{reason}"] += 1
+        cleaned = clean_text(text, clean, counts)
+        if cleaned is None:
             continue
         texts.append(cleaned)
         dedup_texts.append(None if dedup_text == text else normalise(dedup_text)[0])

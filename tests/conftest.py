@@ -138,3 +138,20 @@ def readable(text: str) -> str:
     from genesis.chat import SENTINEL_MARKERS
 
     return "".join(SENTINEL_MARKERS.get(char, char) for char in text)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    """A Prefect test server for the module's flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def tracking(tmp_path, monkeypatch) -> str:
+    """MLflow on a fresh SQLite store, as MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

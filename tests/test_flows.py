@@ -17,19 +17,6 @@ from conftest import TINY_CORPUS, TINY_CPU, REPO
 QUICK_BRANCH = ["sft.max_steps=4", "dpo.max_steps=2", "eval.max_prompts=3", "eval.max_pairs=12", "eval.max_new_tokens=16"]
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture()
-def tracking(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
 
 
 def task_states(flow_state) -> dict[str, str]:

@@ -16,19 +16,6 @@ from conftest import REPO, TINY_CPU
 QUICK_BRANCH = ["sft.max_steps=3", "dpo.max_steps=2", "eval.max_prompts=2", "eval.max_pairs=8", "eval.max_new_tokens=12"]
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture()
-def tracking(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
 
 
 def flow_run_artifacts(state) -> list:
