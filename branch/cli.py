@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from genesis.cli_help import examples
+
 
 def cmd_branch(args: argparse.Namespace) -> int:
     from branch.config import BranchConfig
@@ -25,7 +27,10 @@ def cmd_branch(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    branch = sub.add_parser("branch", help="SFT then DPO off a milestone checkpoint, shaped by the principles")
+    branch = sub.add_parser(
+        "branch", help="SFT then DPO off a milestone checkpoint, shaped by the principles",
+        epilog=examples("genesis branch --milestone runs/demo/trunk/milestones/step_00000200 "
+                        "--config configs/branch/tiny.yaml --out runs/demo/branch-200-again"))
     branch.add_argument("--milestone", required=True, type=Path, help="a run's milestones/step_N checkpoint")
     branch.add_argument("--config", required=True, type=Path, help="configs/branch/*.yaml")
     branch.add_argument("--out", required=True, type=Path, help="branch directory (sft/, dpo/, eval.json)")

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from genesis.cli_help import examples
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from genesis.config import TrainConfig, load_config
@@ -108,7 +110,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
 
-    train = sub.add_parser("train", help="pretrain (torchrun-compatible; --nproc N launches torchrun)")
+    train = sub.add_parser(
+        "train", help="pretrain (torchrun-compatible; --nproc N launches torchrun)",
+        epilog=examples("genesis train --config configs/train/tiny-cpu.yaml run_dir=runs/tiny-cpu",
+                        "genesis train --nproc 2 --config configs/train/tiny-cpu.yaml run_dir=runs/tiny-cpu --resume auto"))
     train.add_argument("--config", required=True, type=Path)
     train.add_argument("overrides", nargs="*", help="dotted.key=value")
     train.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun --nproc_per_node)")
@@ -120,7 +125,9 @@ def register(sub) -> None:
                             "from its own cursor, so documents already read are not read again while unread ones remain")
     train.set_defaults(handler=cmd_train)
 
-    export = sub.add_parser("export-hf", help="write a trainer checkpoint as a transformers LlamaForCausalLM dir")
+    export = sub.add_parser("export-hf", help="write a trainer checkpoint as a transformers LlamaForCausalLM dir",
+                            epilog=examples("genesis export-hf runs/demo/trunk/milestones/step_00000400 "
+                                            "models/demo-base"))
     export.add_argument("checkpoint", type=Path)
     export.add_argument("out_dir", type=Path)
     export.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: the run's data tokenizer)")
@@ -129,18 +136,25 @@ def register(sub) -> None:
 
     gguf = sub.add_parser("export-gguf", help="write an exported HF directory (export-hf, a branch's sft/dpo) as a "
                           "GGUF file for llama.cpp",
-                          epilog="example: genesis export-gguf runs/tree/branches/b1/dpo genesis-dpo.gguf --type q8_0")
+                          epilog=examples("genesis export-gguf runs/demo/trunk/branches/step_00000400/dpo "
+                                          "models/genesis-dpo.gguf --type q8_0"))
     gguf.add_argument("src_dir", type=Path, help="a Hugging Face model directory written by Genesis")
     gguf.add_argument("out", type=Path, help="the .gguf file to write")
     gguf.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0"], help="weight type (default f16)")
     gguf.set_defaults(handler=cmd_export_gguf)
 
-    imp = sub.add_parser("import-hf", help="read a Llama-architecture HF model into the native model")
+    imp = sub.add_parser("import-hf", help="read a Llama-architecture HF model into the native model",
+                         epilog=examples("genesis import-hf some/llama-dir --checkpoint-out "
+                                         "runs/seed/checkpoints/step_00000000"))
     imp.add_argument("hf_dir", type=Path)
     imp.add_argument("--checkpoint-out", type=Path, default=None, help="write it as a model-only checkpoint")
     imp.set_defaults(handler=cmd_import_hf)
 
-    gen = sub.add_parser("generate", help="generate text from a checkpoint, an HF dir or a registered model")
+    gen = sub.add_parser(
+        "generate", help="generate text from a checkpoint, an HF dir or a registered model",
+        epilog=examples("genesis generate --model models:/genesis-dpo@champion --chat --prompt 'Why do we have seasons?'",
+                        "genesis generate --checkpoint runs/demo/trunk/milestones/step_00000400 --prompt 'def '",
+                        "genesis generate --hf models/demo-base --prompt 'The tree of life' --max-new-tokens 64"))
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path)
     source.add_argument("--hf", type=Path)

@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from genesis.cli_help import examples
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo
@@ -44,7 +46,9 @@ TRACKING_HELP = "default: MLFLOW_TRACKING_URI or the project's SQLite store"
 
 def register(sub) -> None:
     lineage = sub.add_parser("lineage", help="the tree (trunk, milestones, branches) from the MLflow registry, with "
-                                             "where each alias (champion, latest, step-N) points")
+                                             "where each alias (champion, latest, step-N) points",
+                             epilog=examples("genesis lineage",
+                                             "genesis lineage --tracking-uri sqlite:///runs/mlflow/mlflow.db --json"))
     lineage.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     lineage.add_argument("--json", action="store_true")
     lineage.set_defaults(handler=cmd_lineage)
@@ -53,14 +57,15 @@ def register(sub) -> None:
         "promote", help="point a model's champion alias at a version",
         description="Point MODEL's alias (champion unless --alias) at a version, given by number or by alias. "
                     "models:/MODEL@champion then loads it (genesis generate/serve, mlflow.pyfunc, mlflow models serve).",
-        epilog="example: genesis promote genesis-dpo step-150   (or: genesis promote dpo 3, genesis promote dpo latest)")
+        epilog=examples("genesis promote genesis-dpo step-200", "genesis promote dpo 3", "genesis promote dpo latest"))
     promote.add_argument("model", help="genesis-base, genesis-sft or genesis-dpo (or base, sft, dpo)")
     promote.add_argument("version", help="a version number (3 or v3) or an alias (latest, step-150, ...)")
     promote.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
     promote.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     promote.set_defaults(handler=cmd_promote)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on the built-in corpus, on CPU, in minutes")
+    demo = sub.add_parser("demo", help="the whole pipeline on the built-in corpus, on CPU, in minutes",
+                          epilog=examples("genesis demo", "genesis demo --workdir /tmp/genesis-demo --nproc 1"))
     demo.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     demo.add_argument("--nproc", type=int, default=2, help="trainer ranks (gloo on CPU)")
     demo.add_argument("--summary-json", type=Path, default=None)

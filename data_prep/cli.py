@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from genesis.cli_help import examples
+
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from data_prep.pipeline import prepare
@@ -78,18 +80,29 @@ def cmd_tokenizer_hf(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    data = sub.add_parser("data", help="the data stage").add_subparsers(dest="data_command", required=True)
-    prepare = data.add_parser("prepare", help="sources → clean → dedup → tokenizer → token shards + manifest")
+    data = sub.add_parser("data", help="the data stage",
+                          epilog=examples("genesis data prepare --corpus configs/corpus/builtin.yaml --out data/builtin",
+                                          "genesis data verify data/builtin"),
+                          ).add_subparsers(dest="data_command", required=True)
+    prepare = data.add_parser(
+        "prepare", help="sources → clean → dedup → tokenizer → token shards + manifest",
+        epilog=examples("genesis data prepare --corpus configs/corpus/builtin.yaml --out data/builtin",
+                        "genesis data prepare --corpus configs/corpus/data-kit.yaml --out data/kit workers=8"))
     prepare.add_argument("--corpus", required=True, type=Path, help="configs/corpus/*.yaml")
     prepare.add_argument("--out", required=True, type=Path, help="data directory")
     prepare.add_argument("overrides", nargs="*", help="dotted.key=value")
     prepare.set_defaults(handler=cmd_prepare)
-    verify = data.add_parser("verify", help="check shard checksums, counts and token id range against the manifest")
+    verify = data.add_parser("verify", help="check shard checksums, counts and token id range against the manifest",
+                             epilog=examples("genesis data verify data/builtin"))
     verify.add_argument("data_dir", type=Path)
     verify.set_defaults(handler=cmd_verify)
 
-    tokenizer = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
-    train = tokenizer.add_parser("train", help="train the SentencePiece BPE tokenizer (+ HF tokenizer.json) on a corpus")
+    tokenizer = sub.add_parser("tokenizer", help="tokenizer tools",
+                               epilog=examples("genesis tokenizer train --corpus configs/corpus/builtin.yaml --out tok/",
+                                               "genesis tokenizer hf tok/"),
+                               ).add_subparsers(dest="tokenizer_command", required=True)
+    train = tokenizer.add_parser("train", help="train the SentencePiece BPE tokenizer (+ HF tokenizer.json) on a corpus",
+                                 epilog=examples("genesis tokenizer train --corpus configs/corpus/builtin.yaml --out tok/"))
     train.add_argument("--corpus", required=True, type=Path)
     train.add_argument("--out", required=True, type=Path,
                        help="directory for tokenizer.model and its HF twin; nothing else in it is touched")
@@ -97,6 +110,7 @@ def register(sub) -> None:
     train.add_argument("overrides", nargs="*")
     train.set_defaults(handler=cmd_tokenizer_train)
     hf = tokenizer.add_parser("hf", help="rewrite the Hugging Face twin (tokenizer.json, tokenizer_config.json, ...) "
-                                         "of a directory's tokenizer.model")
+                                         "of a directory's tokenizer.model",
+                          epilog=examples("genesis tokenizer hf tok/"))
     hf.add_argument("tokenizer_dir", type=Path)
     hf.set_defaults(handler=cmd_tokenizer_hf)

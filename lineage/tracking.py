@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from genesis.config import REPO_ROOT
 from genesis.run_dir import MetricsReader
+from genesis.version import code_version
 
 EXPERIMENT = "genesis"
 BASE, SFT, DPO = "genesis-base", "genesis-sft", "genesis-dpo"
@@ -48,18 +47,6 @@ class Tracker:
     def run_link(self, run_id: str) -> str:
         """The run's page in the MLflow UI, relative to the UI's root (what a description's markdown links to)."""
         return f"#/experiments/{self.experiment_id}/runs/{run_id}"
-
-
-def code_version() -> str:
-    """The git commit the code runs from (with `-dirty` if it has local changes), or `unknown`."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (commit + ("-dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from genesis.cli_help import examples
 from genesis.errors import GenesisError
 from genesis.run_dir import RunDir
 
@@ -55,7 +56,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    serve = sub.add_parser("serve", help="a local page to watch a run and try its checkpoints and branches")
+    serve = sub.add_parser(
+        "serve", help="a local page to watch a run and try its checkpoints and branches",
+        epilog=examples("genesis serve --run-dir runs/demo/trunk --tracking-uri sqlite:///runs/mlflow/mlflow.db",
+                        "genesis serve --run-dir runs/genesis-1b --port 8800"))
     serve.add_argument("--run-dir", type=Path, required=True)
     serve.add_argument("--host", default="127.0.0.1", help="default loopback only; 0.0.0.0 exposes it to the network")
     serve.add_argument("--port", type=int, default=8765)
@@ -72,7 +76,8 @@ def register(sub) -> None:
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(handler=cmd_serve)
 
-    plot = sub.add_parser("plot", help="training/validation loss, lr, grad norm and tokens/s as a PNG")
+    plot = sub.add_parser("plot", help="training/validation loss, lr, grad norm and tokens/s as a PNG",
+                          epilog=examples("genesis plot --run-dir runs/demo/trunk -o loss.png"))
     plot.add_argument("--run-dir", type=Path, required=True)
     plot.add_argument("-o", "--output", type=Path, default=Path("loss.png"))
     plot.set_defaults(handler=cmd_plot)
