@@ -168,6 +168,12 @@ def check_resume_compatible(meta: dict, run_meta: dict, path: Path, reset_data: 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if resume is None:
+        # A start without --resume in a directory that holds a run would begin at step 0 over it (its config.yaml
+        # replaced, its rolling checkpoints pruned by the new ones): refused, never silent.
+        if (ref := latest_checkpoint(run_dir)) is not None:
+            raise RunDirError(f"{run_dir}: already holds a run (newest checkpoint: step {ref.step}); pass --resume auto "
+                              f"to continue it, or give this run its own run_dir=... (a fresh start here would restart "
+                              f"at step 0 over it)")
         return None
     if resume == "auto":
         ref = latest_checkpoint(run_dir)

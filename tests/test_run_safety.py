@@ -85,6 +85,15 @@ def test_a_start_refused_by_its_checks_writes_nothing(token_data, tmp_path):
     assert {path: path.read_bytes() for path in before} == before
     assert [ref.step for ref in list_checkpoints(run.root)] == [2]
 
+    # A start without --resume into a directory holding a run (another config here) would restart it at step 0
+    # over its checkpoints and config.yaml: refused in one line (#26: the README's first run wrote into the demo's).
+    restart = run_trainer(run.root, token_data, ["max_steps=4", "seed=7"], nproc=1)
+    errors = [line for line in restart.stderr.splitlines() if line.startswith("error:")]
+    assert restart.returncode != 0 and len(errors) == 1, restart.stderr[-2000:]
+    assert "already holds a run" in errors[0] and "--resume auto" in errors[0] and "step 2" in errors[0]
+    assert {path: path.read_bytes() for path in before} == before
+    assert [ref.step for ref in list_checkpoints(run.root)] == [2]
+
     fresh = tmp_path / "fresh"
     bad_data = tmp_path / "bad_data"
     bad_data.mkdir()
