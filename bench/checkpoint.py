@@ -180,10 +180,12 @@ def command_for(tree: Path, run_dir: Path, data_dir: Path, overrides: list[str],
             "verify_data_checksums=false", *overrides, *(["--resume", "auto"] if resume else []), *extra]
 
 
-def env_for(tree: Path, workdir: Path, stats: Path | None = None, eager: bool = False) -> dict:
+def env_for(tree: Path, workdir: Path, stats: Path | None = None, eager: bool = False,
+            extra_env: dict | None = None) -> dict:
     # One inductor cache for every run: the anchor and the current model compile to the same graphs.
     pythonpath = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH", "")]))
-    env = {**os.environ, "PYTHONPATH": pythonpath, "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor")}
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"),
+           **(extra_env or {})}
     if stats is not None:
         env["GENESIS_COMPILE_STATS"] = str(stats)
     if eager:
@@ -250,7 +252,7 @@ def save_figures(events: list[dict], checkpoint: Path) -> dict:
 
 
 def time_resume(tree: Path, workdir: Path, run_dir: Path, data_dir: Path, first_new_step: int, label: str = "resume",
-                cold: bool = False) -> dict:
+                cold: bool = False, extra_env: dict | None = None) -> dict:
     """Process launch → the first resumed step logged; that step's own time (it compiles) and what the load
     spent verifying and reading, from the trainer's `resumed` event (absent in older code), and the rest split
     by the probe's timestamps: launcher (torchrun until the trainer's interpreter runs), imports, build (process
@@ -269,7 +271,8 @@ def time_resume(tree: Path, workdir: Path, run_dir: Path, data_dir: Path, first_
     process = subprocess.Popen(command_for(tree, run_dir, data_dir, [f"max_steps={first_new_step + 1}",
                                                                     "checkpoint.save_every=0",
                                                                     "checkpoint.save_at_end=false"], True),
-                               cwd=tree, env=env_for(tree, workdir, stats), stdout=subprocess.DEVNULL,
+                               cwd=tree, env=env_for(tree, workdir, stats, extra_env=extra_env),
+                               stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     while process.poll() is None:
         rows = [m for m in reader.all_rows() if m["step"] == first_new_step]
@@ -365,7 +368,8 @@ def load_only_run(workdir: Path, data_dir: Path, loads, steps: int = 2) -> dict:
 def async_run(tree: Path, workdir: Path, data_dir: Path, name: str, saves: int, save_every: int,
               extra: list[str] = (), more_resumes=(), on_progress=None) -> dict:
     """Train with async saves, resume once with the same code; then each of `more_resumes` ((label, tree, cold,
-    start_only_before) tuples: the seconds on the `time.monotonic()` clock after which it is skipped) resumes the
+    start_only_before[, extra_env]) tuples: the seconds on the `time.monotonic()` clock after which it is
+    skipped; environment variables for that process) resumes the
     same checkpoint. `on_progress(figures)` is called after each part, so a call cut short keeps what it measured."""
     run_dir = workdir / name
     steps = saves * save_every
@@ -388,12 +392,13 @@ def async_run(tree: Path, workdir: Path, data_dir: Path, name: str, saves: int, 
         figures |= time_resume(tree, workdir, run_dir, data_dir, steps + 1)
         if on_progress:
             on_progress(figures)
-        for label, resume_tree, cold, start_only_before in more_resumes:
+        for label, resume_tree, cold, start_only_before, *extra_env in more_resumes:
             if time.monotonic() > start_only_before:
                 figures[label] = {"skipped": "not enough of the call's time left"}
                 continue
             try:
-                figures[label] = time_resume(resume_tree, workdir, run_dir, data_dir, steps + 1, label, cold)
+                figures[label] = time_resume(resume_tree, workdir, run_dir, data_dir, steps + 1, label, cold,
+                                             extra_env[0] if extra_env else None)
             except Exception as err:  # noqa: BLE001 - one failed resume keeps the others' figures
                 figures[label] = {"error": str(err)[-1500:]}
             print(label, json.dumps(figures[label]), flush=True)
@@ -423,6 +428,11 @@ def main() -> None:
     parser.add_argument("--resume-budget-s", type=float, default=1e9,
                         help="start an extra resume only if the call is younger than this")
     parser.add_argument("--no-disk-probe", action="store_true")
+    parser.add_argument("--resume-again", type=int, default=0,
+                        help="the current code resumes the same checkpoint this many more times (all caches warm)")
+    parser.add_argument("--resume-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of the --resume-again resumes (e.g. TORCH_CACHING_PRECOMPILE=1: the "
+                             "first of them fills Dynamo's precompile cache, the next ones read it)")
     parser.add_argument("--load-only", action="store_true",
                         help="only: make a checkpoint eagerly, then resume it without a step with this code, "
                              "--resume-anchor's, and (--cold-resume) this code from the disk; no save figures")
@@ -461,6 +471,10 @@ def main() -> None:
         more.append(("resume_anchor", args.resume_anchor.resolve(), False, deadline))
     if args.cold_resume:
         more.append(("resume_cold", REPO, True, deadline))
+    resume_env = dict(item.split("=", 1) for item in args.resume_env)
+    run["resume_env"] = resume_env
+    for again in range(args.resume_again):
+        more.append((f"resume_again_{again + 1}", REPO, False, deadline, resume_env))
     partial = {"written": False}
 
     def keep(figures: dict) -> None:  # the call's entry, rewritten as each part is measured
