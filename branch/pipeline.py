@@ -116,7 +116,7 @@ def train_sft(base: Path, branch: BranchDir, config: BranchConfig, log=print) ->
     log(f"[branch 3/5] SFT on {len(rows)} conversations → {branch.sft_dir}")
     with _recording("sft", branch) as callbacks:
         return run_sft(base, rows, branch.sft_dir, config.sft, _device(config), config.seed, _system_prompt(branch),
-                       callbacks)
+                       callbacks, log=log)
 
 
 def train_dpo(sft: Path, branch: BranchDir, config: BranchConfig, log=print) -> Path:
@@ -132,18 +132,20 @@ def train_dpo(sft: Path, branch: BranchDir, config: BranchConfig, log=print) -> 
     log(f"[branch 4/5] DPO on {len(rows)} pairs → {branch.dpo_dir}")
     with _recording("dpo", branch) as callbacks:
         return run_dpo(sft, rows, branch.dpo_dir, config.dpo, _device(config), config.seed, _system_prompt(branch),
-                       callbacks)
+                       callbacks, log=log)
 
 
 def evaluate(base: Path, sft: Path, dpo: Path, branch: BranchDir, config: BranchConfig, log=print) -> dict:
     """5. Held-out pairs scored against the base, replies sampled; eval.json (written last). Returns its content."""
     from branch.evaluate import evaluate_branch
+    from branch.training import quiet_libraries
 
     fail_if_injected("eval")
     if branch.complete:
         return branch.read_eval()
     _threads(config)
     log("[branch 5/5] evaluation on held-out pairs and prompts")
+    quiet_libraries()
     started = time.time()
     result = evaluate_branch(base, sft, dpo, branch.read_data("dpo_heldout"), branch.read_data("heldout_prompts"),
                              config.eval, _device(config))

@@ -61,6 +61,61 @@ def _common_args(config_cls, recipe: StageRecipe, output_dir: Path, device: str,
     )
 
 
+# What a logging step's line shows, in this order, and how; the rest of TRL's figures follow by name.
+LINE_FIGURES = {"loss": "{:.4f}", "grad_norm": "{:.3f}", "learning_rate": "{:.2e}", "rewards/accuracies": "{:.3f}",
+                "rewards/margins": "{:.3f}", "mean_token_accuracy": "{:.3f}", "epoch": "{:.2f}"}
+
+
+def log_line(stage: str, step: int, max_steps: int, logs: dict) -> str:
+    """TRL's figures of one logging step as one Genesis line: `sft step 10/46: loss 5.4120, grad_norm 0.843, ...`."""
+    def shown(name, value):
+        try:
+            return LINE_FIGURES.get(name, "{:.4g}").format(float(value))
+        except (TypeError, ValueError):
+            return str(value)
+
+    names = [name for name in LINE_FIGURES if name in logs] + sorted(name for name in logs if name not in LINE_FIGURES)
+    return f"{stage} step {step}/{max_steps}: " + ", ".join(f"{name} {shown(name, logs[name])}" for name in names)
+
+
+def _quiet_trainer(trainer, stage: str, log) -> None:
+    """The trainer's figures go to `log` as one line per logging step, in place of transformers' raw dict prints
+    (PrinterCallback, added because tqdm is off)."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class LogLines(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or not state.is_world_process_zero:
+                return
+            if "train_runtime" in logs:  # the end-of-training figures
+                log(f"{stage} done in {float(logs['train_runtime']):.0f} s: "
+                    + log_line(stage, state.global_step, state.max_steps,
+                               {k: v for k, v in logs.items() if k != "train_runtime"}).split(": ", 1)[1])
+            else:
+                log(log_line(stage, state.global_step, state.max_steps, logs))
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LogLines())
+
+
+def quiet_libraries() -> None:
+    """No progress bars from transformers (loading weights) or datasets (TRL's map/filter passes) in the logs, and
+    none of the libraries' notes about their own internals (TRL calling a transformers API deprecated for v6,
+    huggingface_hub finding no card metadata in the model directory it writes)."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub.repocard").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)
+
+
 def _load_model(model_dir: Path, device: str):
     from transformers import AutoModelForCausalLM
 
@@ -148,12 +203,14 @@ def _pretokenized_dpo_trainer():
 
 
 def run_sft(base_dir: Path, rows: list[dict], out: Path, recipe: SFTRecipe, device: str, seed: int,
-            system_prompt: str | None = None, callbacks: Sequence = ()) -> Path:
+            system_prompt: str | None = None, callbacks: Sequence = (), log=print) -> Path:
     """Supervised fine-tuning on conversations ({"messages": [...]}) with assistant-only loss. `callbacks`:
-    transformers TrainerCallbacks (the stage's recorder logs metrics as it trains)."""
+    transformers TrainerCallbacks (the stage's recorder logs metrics as it trains); `log` gets one line per
+    logging step."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    quiet_libraries()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = _tokenizer(base_dir)
@@ -170,17 +227,19 @@ def run_sft(base_dir: Path, rows: list[dict], out: Path, recipe: SFTRecipe, devi
     dataset = Dataset.from_list(sft_examples(tokenizer, rows))
     trainer = SFTTrainer(model=_load_model(base_dir, device), args=args, train_dataset=dataset,
                          processing_class=tokenizer, callbacks=list(callbacks) or None)
+    _quiet_trainer(trainer, "sft", log)
     trainer.train()
     return _finish(trainer, tokenizer, tmp, out, "sft", base_dir, len(rows), system_prompt)
 
 
 def run_dpo(sft_dir: Path, rows: list[dict], out: Path, recipe: DPORecipe, device: str, seed: int,
-            system_prompt: str | None = None, callbacks: Sequence = ()) -> Path:
-    """Direct preference optimisation from the SFT model; the reference model is the SFT directory. `callbacks`:
-    as for run_sft."""
+            system_prompt: str | None = None, callbacks: Sequence = (), log=print) -> Path:
+    """Direct preference optimisation from the SFT model; the reference model is the SFT directory. `callbacks`
+    and `log`: as for run_sft."""
     from datasets import Dataset
     from trl import DPOConfig
 
+    quiet_libraries()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = _tokenizer(sft_dir)
@@ -195,5 +254,6 @@ def run_dpo(sft_dir: Path, rows: list[dict], out: Path, recipe: DPORecipe, devic
     # from the policy's `_name_or_path`, which is the same directory but implicit).
     trainer = _pretokenized_dpo_trainer()(model=_load_model(sft_dir, device), ref_model=_load_model(sft_dir, device), args=args,
                          train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks) or None)
+    _quiet_trainer(trainer, "dpo", log)
     trainer.train()
     return _finish(trainer, tokenizer, tmp, out, "dpo", sft_dir, len(rows), system_prompt)

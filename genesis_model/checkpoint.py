@@ -25,6 +25,8 @@ import random
 import shutil
 import threading
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,14 @@ from genesis.run_dir import (
 
 CHECKPOINT_VERSION = 1
 DELAY_SAVE_ENV = "GENESIS_DELAY_SAVE"
+
+
+@contextmanager
+def _one_process():
+    """DCP without a process group, on purpose (no_dist=True): its warning that it assumes so tells no one anything."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _injected_save_delay(rank: int) -> None:
@@ -335,7 +345,8 @@ def write_model_only_checkpoint(model, path: Path, meta: dict) -> Path:
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dcp.save({"model": model.state_dict()}, storage_writer=HashingWriter(tmp), no_dist=True)
+    with _one_process():
+        dcp.save({"model": model.state_dict()}, storage_writer=HashingWriter(tmp), no_dist=True)
     (tmp / "trainer").mkdir()
     torch.save({}, tmp / "trainer" / "rank_00000.pt")
     meta = {**meta, "version": CHECKPOINT_VERSION, "world_size": 1, "has_optimizer": False, "milestone": False}
@@ -358,13 +369,15 @@ def archive_weights(checkpoint: Path, target: Path, threads: int = 8) -> Path:
     weights = {key.removeprefix("model."): torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
                for key, entry in metadata.state_dict_metadata.items()
                if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
-    dcp.load({"model": weights}, storage_reader=SafeReader(str(checkpoint), threads), planner=SafeLoadPlanner(),
-             no_dist=True)
+    with _one_process():
+        dcp.load({"model": weights}, storage_reader=SafeReader(str(checkpoint), threads), planner=SafeLoadPlanner(),
+                 no_dist=True)
     bf16 = {key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in weights.items()}
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dcp.save({"model": bf16}, storage_writer=HashingWriter(tmp, threads), no_dist=True)
+    with _one_process():
+        dcp.save({"model": bf16}, storage_writer=HashingWriter(tmp, threads), no_dist=True)
     (tmp / "trainer").mkdir()
     torch.save({}, tmp / "trainer" / "rank_00000.pt")
     meta = {**read_meta(checkpoint), "world_size": 1, "has_optimizer": False, "milestone": False,
@@ -384,7 +397,8 @@ def load_model_weights(path: Path, model, verify: bool = True) -> dict:
     read_metadata_safely(path / ".metadata")  # a refusal in one line, before DCP (which wraps it in tracebacks)
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
+        with _one_process():
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
     except CheckpointException as err:
         # NOTE: DCP's CheckpointException derives from BaseException; turn it into a one-line error here so
         # callers (the CLI, the serve page) need not catch BaseException.

@@ -60,6 +60,19 @@ def tracking_uri(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+# MLflow's INFO chatter (creating the SQLite tables, "Skip logging GPU metrics", "Started monitoring system
+# metrics" at every run) and huggingface_hub's note on each model logged ("Repo card metadata block was not
+# found"): not what a flow's log is for. MLflow's warnings still show.
+CHATTY_MLFLOW_LOGGERS = ("mlflow.store.db.utils", "mlflow.system_metrics", "alembic", "huggingface_hub.repocard")
+
+
+def quiet_mlflow() -> None:
+    import logging
+
+    for name in CHATTY_MLFLOW_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if name.startswith("huggingface_hub") else logging.WARNING)
+
+
 def connect(uri: str | None = None) -> Tracker:
     """Check the tracking URI is usable and return a Tracker; one-line RegistryError if not.
 
@@ -68,6 +81,7 @@ def connect(uri: str | None = None) -> Tracker:
     import mlflow
     from mlflow import MlflowClient
 
+    quiet_mlflow()
     uri = tracking_uri(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ own process, one after another (tests, one-core boxes).
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,8 +34,12 @@ class PrefectDaskJobs:
     def __init__(self, corpus: CorpusConfig):
         from prefect_dask import DaskTaskRunner
 
+        # Dask's own INFO/WARNING chatter (scheduler and nanny start-up and shutdown, "worker still alive after
+        # 4 s, killing") stays out of the flow's log; a job's error reaches the task as its exception.
         cluster = {"n_workers": corpus.workers, "threads_per_worker": 1, "processes": True,
-                   "dashboard_address": None, "memory_limit": 0}
+                   "dashboard_address": None, "memory_limit": 0, "silence_logs": logging.ERROR}
+        logging.getLogger("distributed").setLevel(logging.ERROR)  # silence_logs covers only the cluster's start
+        logging.getLogger("prefect.task_runner.dask").setLevel(logging.WARNING)  # "dashboard at :8787" (there is none)
         self.runner = DaskTaskRunner(address=corpus.dask_address) if corpus.dask_address else \
             DaskTaskRunner(cluster_kwargs=cluster)
         self.runner.__enter__()
