@@ -91,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         from lineage.registry import resolve_model_uri  # MLflow lives outside the engine
 
-        loaded = load_hf(resolve_model_uri(args.model), dtype=dtype, device=device)
+        loaded = load_hf(resolve_model_uri(args.model, args.tracking_uri), dtype=dtype, device=device)
     tokenizer = load_tokenizer(loaded.tokenizer_dir, loaded.source)
     prompt = prepare_prompt(tokenizer, args.prompt, args.chat, loaded.source, system=args.system)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -159,6 +159,8 @@ def register(sub) -> None:
     source.add_argument("--checkpoint", type=Path)
     source.add_argument("--hf", type=Path)
     source.add_argument("--model", help="models:/NAME@ALIAS or models:/NAME/VERSION from the MLflow registry")
+    gen.add_argument("--tracking-uri", default=None, help="the registry --model is looked up in (default: "
+                     "MLFLOW_TRACKING_URI or the project's SQLite store, runs/mlflow/mlflow.db)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.8)

@@ -13,7 +13,7 @@ from genesis.cli_help import examples
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo
 
-    summary = demo(args.workdir, nproc=args.nproc)
+    summary = demo(args.workdir, nproc=args.nproc, quick=args.quick)
     if args.summary_json:
         from flows.demo import write_summary
 
@@ -65,8 +65,10 @@ def register(sub) -> None:
     promote.set_defaults(handler=cmd_promote)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the built-in corpus, on CPU, in minutes",
-                          epilog=examples("genesis demo", "genesis demo --workdir /tmp/genesis-demo --nproc 1"))
+                          epilog=examples("genesis demo", "genesis demo --quick --workdir /tmp/genesis-demo"))
     demo.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     demo.add_argument("--nproc", type=int, default=2, help="trainer ranks (gloo on CPU)")
+    demo.add_argument("--quick", action="store_true",
+                      help="the same tree, smaller: 60 trunk steps with milestones at 30 and 60, branches of a few steps")
     demo.add_argument("--summary-json", type=Path, default=None)
     demo.set_defaults(handler=cmd_demo)
