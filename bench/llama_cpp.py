@@ -240,6 +240,7 @@ def greedy_pairs(llm, hf, hf_f16, tokenizer, sp, prompts: list[list[dict]], new_
                      "hf_f16_weights_identical_to_hf_fp32": hf_f16_reply == hf_reply,
                      "chat_text_identical": chat_text == hf_bytes_text,
                      "hf_decode_identical": chat_text == hf_text, "hf_reply": hf_text,
+                     "llama_cpp_chat_completion_tokens": chat["usage"]["completion_tokens"],
                      **({} if chat_text == hf_bytes_text else {"llama_cpp_chat_reply": chat_text})})
     return rows
 
