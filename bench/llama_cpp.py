@@ -245,6 +245,23 @@ def greedy_pairs(llm, hf, hf_f16, tokenizer, sp, prompts: list[list[dict]], new_
     return rows
 
 
+def llama_cpp_version() -> str:
+    """llama-cpp-python's version and the llama.cpp it vendors (ggml's version and the commit ggml was built from,
+    as the library reports them)."""
+    import ctypes
+
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    info = []
+    for name in ("ggml_version", "ggml_commit"):
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype = ctypes.c_char_p
+            info.append(f"{name.removeprefix('ggml_')} {fn().decode()}")
+    return f"llama-cpp-python {llama_cpp.__version__}" + (f" (ggml {', '.join(info)})" if info else "")
+
+
 def builtin_template(llm, tokenizer, prompts: list[list[dict]]) -> dict:
     """llama.cpp's own template path without Jinja (`llama_chat_apply_template`, what llama-cli/llama-server use
     without --jinja): it recognises ChatML from the GGUF's template but renders its built-in copy, which knows no
@@ -339,7 +356,7 @@ def main() -> None:
         "max_logit_diff": max_diff,
         "logit_tolerance": F16_TOLERANCE,
         "logits_within_tolerance": max_diff <= F16_TOLERANCE,
-        "llama_cpp_version": f"llama-cpp-python {llama_cpp.__version__}",
+        "llama_cpp_version": llama_cpp_version(),
         "command": " ".join(["python", *sys.argv]),
         "git_rev": git_rev(),
     }
