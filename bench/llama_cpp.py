@@ -31,6 +31,7 @@ import gzip
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -294,6 +295,7 @@ def main() -> None:
     parser.add_argument("--logit-texts", type=int, default=16, help="chat dialogues whose logits are compared")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "llama_cpp.json")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (GGUF files, tiny export)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -388,6 +390,10 @@ def main() -> None:
     }
     append_run(args.out, run, latest)
     print(json.dumps(latest, indent=2))
+    if args.keep:
+        print(f"GGUF files (and any tiny export) kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
