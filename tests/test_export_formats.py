@@ -352,13 +352,15 @@ def test_the_transformers_lower_bound_reads_the_directory_as_written(exports, to
         assert (torch.tensor(seen["logits"]) - expected).abs().max().item() < 1e-4
 
 
-@pytest.mark.skipif(not os.environ.get("GENESIS_LLAMA_CPP_CONVERTER"),
+@pytest.mark.skipif(not os.environ.get("GENESIS_LLAMA_CPP_CONVERTER") and not os.environ.get("CI"),
                     reason="set GENESIS_LLAMA_CPP_CONVERTER to llama.cpp's convert_hf_to_gguf.py (in the "
-                           "llama-cpp-python source package, vendor/llama.cpp/)")
+                           "llama-cpp-python source package, vendor/llama.cpp/; bash .ci/llama-cpp-converter.sh "
+                           "fetches it and prints the path; CI always does)")
 def test_llama_cpp_own_converter_reads_the_directory_as_export_gguf_does(exports, dpo_gguf, tmp_path):
     """llama.cpp's converter on a DPO directory: the same tensors, byte for byte (q/k permuted alike), the same
     vocabulary, scores and token types (its converter makes the special <|unk|> a control token; SentencePiece's
     unknown type is kept here), no BOS added, no space prefix."""
+    assert os.environ.get("GENESIS_LLAMA_CPP_CONVERTER"), "CI runs this test: .ci/run sets GENESIS_LLAMA_CPP_CONVERTER"
     converter = Path(os.environ["GENESIS_LLAMA_CPP_CONVERTER"])
     theirs = tmp_path / "theirs.gguf"
     result = subprocess.run([sys.executable, str(converter), str(exports["dpo"]), "--outtype", "f16", "--outfile",
