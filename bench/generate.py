@@ -1,15 +1,28 @@
-"""KV-cache decoding speed of genesis-1b on one GPU, beside Hugging Face `generate`.
+"""KV-cache decoding speed of genesis-1b on one GPU, beside Hugging Face `generate` and Genesis's previous path.
 
-Random weights in bf16, batch 1, a 128-token prompt, 256 new tokens, greedy. Genesis uses its static cache
-with the decode step compiled as a CUDA graph; HF runs its default dynamic cache, and a static cache with
-`torch.compile` (default mode: "reduce-overhead" fails for HF, see shared/NOTES.md).
+Random weights in bf16, a 128-token prompt per row, 256 new tokens, greedy, at batch 1 (one prompt streamed) and
+batch 8 / 32 (that many different prompts decoded together; tokens/s counts every row's tokens). Genesis uses
+its static cache with the decode step compiled as a CUDA graph; HF runs its default dynamic cache, and a static
+cache with `torch.compile` (default mode: "reduce-overhead" fails for HF, see shared/NOTES.md).
 
-    python bench/generate.py --out bench/results/generate.json
+Beside the speeds, what bounds them: the bytes one decode step reads (the bf16 weights once, the output
+projection included, plus the KV cache), the GPU's copy bandwidth measured here, and the fraction of the bound
+(bandwidth / bytes per step) each speed reaches; and the decode step's own GPU time (the CUDA graph replayed with
+nothing between the replays), the floor of what the Python loop around it can reach.
+
+    python bench/generate.py                              # Genesis, the anchor tree, HF; appended to generate.json
+    python bench/generate.py --genesis-only --label anchor --json-out /tmp/anchor.json   # (run by the above)
+
+`--anchor TREE` runs the same Genesis measurements with the Genesis source tree TREE (an earlier revision) in a
+subprocess first: the previous path, in the same call.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 import traceback
@@ -17,47 +30,82 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import RESULTS_DIR, environment, write_json  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+if os.environ.get("GENESIS_BENCH_TREE"):  # the anchor's own engine, ahead of this tree's
+    sys.path.insert(0, os.environ["GENESIS_BENCH_TREE"])
+sys.path.insert(1 if os.environ.get("GENESIS_BENCH_TREE") else 0, str(REPO))
+from bench.common import RESULTS_DIR, append_run, environment, git_rev  # noqa: E402
 from genesis.config import load_model_config  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS = 128, 256
+CALL_STARTED = time.monotonic()
 
 
-def time_runs(fn, repeats=3) -> float:
-    fn()  # warm-up (compilation, graph capture)
-    fn()
+def best_tokens_per_s(run, tokens: int, repeats: int = 2) -> float:
+    run()  # warm-up: compilation, graph capture
     best = float("inf")
     for _ in range(repeats):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        produced = fn()
+        produced = run()
         torch.cuda.synchronize()
-        assert produced == NEW_TOKENS, produced
+        assert produced == tokens, (produced, tokens)
         best = min(best, time.perf_counter() - start)
-    return NEW_TOKENS / best
+    return tokens / best
 
 
-def bench_genesis(config, prompt) -> float:
-    from genesis_model.generate import Generator, SamplingConfig
+def prompts_for(config, batch: int) -> list[list[int]]:
+    rng = torch.Generator().manual_seed(batch)
+    return torch.randint(3, config.vocab_size, (batch, PROMPT_TOKENS), generator=rng).tolist()
+
+
+def genesis_model(config):
     from genesis_model.model import Transformer
 
     model = Transformer(config)
     model.init_weights(seed=0)
-    model = model.to("cuda", torch.bfloat16)
-    generator = Generator(model, max_seq_len=PROMPT_TOKENS + NEW_TOKENS, compile_decode=True)
+    return model.to("cuda", torch.bfloat16)
+
+
+def bench_genesis(model, config, batch: int) -> dict:
+    from genesis_model.generate import Generator, SamplingConfig
+
+    generator = Generator(model, max_seq_len=PROMPT_TOKENS + NEW_TOKENS, compile_decode=True, batch_size=batch)
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0)
-    return time_runs(lambda: len(generator.generate(prompt, sampling)))
+    prompts = prompts_for(config, batch)
+    if batch == 1:
+        speed = best_tokens_per_s(lambda: len(generator.generate(prompts[0], sampling)), NEW_TOKENS)
+    else:
+        speed = best_tokens_per_s(lambda: sum(len(r) for r in generator.generate_batch(prompts, sampling)),
+                                  NEW_TOKENS * batch)
+    # The decode step alone: the captured graph replayed back to back, no sampling, no host round trip.
+    token = torch.full((batch, 1), 5, dtype=torch.long, device="cuda")
+    position = torch.tensor([PROMPT_TOKENS], device="cuda")
+    mask = torch.ones(batch, PROMPT_TOKENS + NEW_TOKENS, dtype=torch.bool, device="cuda") if batch > 1 else None
+    with torch.inference_mode():
+        step = (lambda: generator._decode(token, position)) if batch == 1 else (
+            lambda: generator._decode(token, position, mask))
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(100):
+            step()
+        torch.cuda.synchronize()
+    step_s = (time.perf_counter() - start) / 100
+    model.clear_kv_cache()
+    return {"tok_s": round(speed, 1), "decode_step_ms": round(step_s * 1e3, 4),
+            "decode_step_tok_s": round(batch / step_s, 1)}
 
 
-def bench_hf(config, prompt, static: bool) -> float:
+def bench_hf(config, batch: int, static: bool) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from genesis_model.hf import hf_config_dict
 
     model = LlamaForCausalLM._from_config(LlamaConfig(**hf_config_dict(config)), torch_dtype=torch.bfloat16)
     model = model.cuda().eval()
-    input_ids = torch.tensor([prompt], device="cuda")
+    input_ids = torch.tensor(prompts_for(config, batch), device="cuda")
     kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     if static:
         kwargs["cache_implementation"] = "static"
@@ -66,32 +114,115 @@ def bench_hf(config, prompt, static: bool) -> float:
     def run():
         with torch.inference_mode():
             out = model.generate(input_ids, **kwargs)
-        return out.shape[1] - input_ids.shape[1]
+        return (out.shape[1] - input_ids.shape[1]) * batch
 
-    return time_runs(run)
+    try:
+        return best_tokens_per_s(run, NEW_TOKENS * batch)
+    finally:
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+
+def copy_bandwidth_gb_s() -> float:
+    """Device-to-device copy of 4 GiB: bytes read + bytes written per second, best of 5."""
+    source = torch.empty(2**31, dtype=torch.bfloat16, device="cuda")
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        target.copy_(source)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    del source, target
+    torch.cuda.empty_cache()
+    return 2 * 2**32 / best / 1e9
+
+
+def bytes_per_step(config, model, batch: int) -> int:
+    """What one decode step must read: every weight once in bf16 (the tied embedding once, as the output
+    projection; the lookup reads one row), and each layer's keys and values over the cache."""
+    weights = sum(p.numel() for p in model.parameters()) * 2
+    cache = config.n_layers * 2 * batch * config.n_kv_heads * (PROMPT_TOKENS + NEW_TOKENS) * config.head_dim * 2
+    return weights + cache
+
+
+def run_genesis(config, batches: list[int], budget_s: float) -> dict:
+    out = {}
+    model = genesis_model(config)
+    for batch in batches:
+        if time.monotonic() - CALL_STARTED > budget_s:
+            out[f"batch_{batch}"] = {"skipped": "not enough of the call's time left"}
+            continue
+        try:
+            out[f"batch_{batch}"] = {**bench_genesis(model, config, batch),
+                                     "bytes_per_step": bytes_per_step(config, model, batch)}
+        except Exception as err:  # noqa: BLE001 - one failed measurement keeps the others
+            traceback.print_exc()
+            out[f"batch_{batch}"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+        torch._dynamo.reset()
+        print("genesis", batch, json.dumps(out[f"batch_{batch}"]), flush=True)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="genesis-1b")
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
+    parser.add_argument("--anchor", type=Path, default=None, help="an earlier Genesis source tree, measured first")
+    parser.add_argument("--anchor-rev", default=None)
+    parser.add_argument("--genesis-only", action="store_true", help="(the anchor's subprocess) Genesis only")
+    parser.add_argument("--json-out", type=Path, default=None, help="(with --genesis-only) where to write")
+    parser.add_argument("--budget-s", type=float, default=540, help="start no measurement after this many seconds")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "generate.json")
     args = parser.parse_args()
     config = load_model_config(args.model)
-    prompt = torch.randint(3, config.vocab_size, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
-    results = {**environment(), "gpu": torch.cuda.get_device_name(0), "model": args.model,
-               "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
-    for key, fn in [("genesis_tok_s", lambda: bench_genesis(config, prompt)),
-                    ("hf_tok_s", lambda: bench_hf(config, prompt, static=False)),
-                    ("hf_static_compiled_tok_s", lambda: bench_hf(config, prompt, static=True))]:
-        try:
-            results[key] = round(fn(), 1)
-        except Exception as err:
-            traceback.print_exc()
-            results[key + "_error"] = f"{type(err).__name__}: {str(err)[:300]}"
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
-        print(key, results.get(key), flush=True)
-        write_json(args.out, results)
+
+    if args.genesis_only:
+        args.json_out.write_text(json.dumps(run_genesis(config, args.batches, args.budget_s)))
+        return
+
+    run = {**environment(), "git_rev": git_rev(), "command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(0),
+           "model": args.model, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
+    run["copy_bandwidth_gb_s"] = round(copy_bandwidth_gb_s(), 1)
+    print("copy bandwidth GB/s", run["copy_bandwidth_gb_s"], flush=True)
+    if args.anchor:
+        anchor_json = Path("/tmp/generate-anchor.json")
+        env = {**os.environ, "GENESIS_BENCH_TREE": str(args.anchor.resolve())}
+        result = subprocess.run([sys.executable, __file__, "--genesis-only", "--model", args.model, "--batches",
+                                 *map(str, args.batches), "--json-out", str(anchor_json),
+                                 "--budget-s", str(args.budget_s / 2)], env=env, capture_output=True, text=True)
+        run["anchor"] = ({"git_rev": args.anchor_rev, **json.loads(anchor_json.read_text())} if result.returncode == 0
+                         else {"git_rev": args.anchor_rev, "error": result.stderr[-1500:]})
+        print("anchor", json.dumps(run["anchor"]), flush=True)
+    run["genesis"] = run_genesis(config, args.batches, args.budget_s)
+    for batch in args.batches:
+        for key, static in (("hf_dynamic", False), ("hf_static_compiled", True)):
+            name = f"{key}_batch_{batch}"
+            if time.monotonic() - CALL_STARTED > args.budget_s:
+                run[name] = {"skipped": "not enough of the call's time left"}
+                continue
+            try:
+                run[name] = {"tok_s": round(bench_hf(config, batch, static), 1)}
+            except Exception as err:  # noqa: BLE001
+                traceback.print_exc()
+                run[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            print(name, json.dumps(run[name]), flush=True)
+
+    bound = run["copy_bandwidth_gb_s"] * 1e9
+    for batch in args.batches:
+        row = run["genesis"].get(f"batch_{batch}", {})
+        if "tok_s" in row:
+            steps_s = row["tok_s"] / batch
+            row["fraction_of_bound"] = round(steps_s * row["bytes_per_step"] / bound, 3)
+            row["bound_tok_s"] = round(bound / row["bytes_per_step"] * batch, 1)
+    one = run["genesis"].get("batch_1", {})
+    latest = {"genesis_tok_s": one.get("tok_s"), "fraction_of_bound": one.get("fraction_of_bound"),
+              "hf_tok_s": run.get("hf_dynamic_batch_1", {}).get("tok_s"),
+              "hf_static_compiled_tok_s": run.get("hf_static_compiled_batch_1", {}).get("tok_s"),
+              "gpu": run["gpu"], "command": run["command"], "git_rev": run.get("git_rev")}
+    append_run(args.out, run, latest)
+    print(json.dumps(latest, indent=1))
 
 
 if __name__ == "__main__":

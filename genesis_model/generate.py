@@ -76,16 +76,28 @@ class Generator:
         stop_ids = stop_ids or set()
 
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        positions = torch.arange(len(prompt_ids), device=self.device)
-        logits = self.model(prompt, positions=positions)[:, -1]
+        logits = self.model(prompt, positions=torch.arange(len(prompt_ids), device=self.device))[:, -1]
+        # NOTE: one position tensor advanced on the device: one tiny kernel a step instead of a copy from the
+        # host's pageable memory (and views into one arange would differ in storage offset, which Dynamo may
+        # guard on).
+        position = torch.tensor([len(prompt_ids)], device=self.device)
+        reader = _TokenReader(self.device, 1)
+        token = sample_next(logits.float(), sampling, generator)
         for step in range(max_new):
-            token = sample_next(logits.float(), sampling, generator)
-            token_id = int(token.item())
+            reader.fetch(token)
+            last = step == max_new - 1
+            if not last:
+                # NOTE: the next step is queued before this token is read on the host, from the token still on
+                # the device: the GPU goes on while Python yields, so a step costs the GPU's time, not the GPU's
+                # plus a host round trip. After a stop id that one queued step is wasted work (its cache slot
+                # lies beyond the reply, so nothing reads it).
+                logits = self._decode(token.view(1, 1), position).clone()
+                position += 1
+            token_id = reader.read()[0]
             yield token_id
-            if token_id in stop_ids or step == max_new - 1:
+            if token_id in stop_ids or last:
                 return
-            position = torch.tensor([len(prompt_ids) + step], device=self.device)
-            logits = self._decode(token.view(1, 1), position).clone()
+            token = sample_next(logits.float(), sampling, generator)
 
     def _start(self, prompts: list[list[int]], sampling: SamplingConfig) -> tuple[int, torch.Generator | None]:
         """Refuse prompts that are empty or leave no room to generate; return how many tokens the longest one
@@ -131,16 +143,23 @@ class Generator:
         tokens, slot_mask = tokens.to(self.device), slot_mask.to(self.device)
 
         logits = self.model(tokens, positions=torch.arange(longest, device=self.device), slot_mask=slot_mask)[:, -1]
+        position = torch.tensor([longest], device=self.device)  # advanced on the device, as in `stream`
         new_tokens = []
         finished = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        reader = _TokenReader(self.device, 1)
+        token = sample_next(logits.float(), sampling, generator)
         for step in range(max_new):
-            token = sample_next(logits.float(), sampling, generator)
             new_tokens.append(token)
             finished |= torch.isin(token, stop)
-            if step == max_new - 1 or bool(finished[: len(prompts)].all()):
+            reader.fetch(finished[: len(prompts)].all().view(1))
+            if step == max_new - 1:
                 break
-            position = torch.tensor([longest + step], device=self.device)
+            # NOTE: queued before the host learns whether every row has stopped (as in `stream`).
             logits = self._decode(token.view(-1, 1), position, slot_mask).clone()
+            position += 1
+            if reader.read()[0]:
+                break
+            token = sample_next(logits.float(), sampling, generator)
 
         sampled = torch.stack(new_tokens, dim=1).tolist()
         replies = []
@@ -148,6 +167,26 @@ class Generator:
             end = next((i + 1 for i, token_id in enumerate(row) if token_id in (stop_ids or ())), len(row))
             replies.append(row[:end])
         return replies
+
+
+class _TokenReader:
+    """Brings a few values from the device to the host without waiting for the work queued after them: a
+    non-blocking copy into pinned memory, and an event to wait for that copy alone."""
+
+    def __init__(self, device: torch.device, size: int):
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(size, dtype=torch.long, pin_memory=self.cuda)
+        self.copied = torch.cuda.Event() if self.cuda else None
+
+    def fetch(self, values: torch.Tensor) -> None:
+        self.host.copy_(values.view(-1).long(), non_blocking=self.cuda)
+        if self.cuda:
+            self.copied.record()
+
+    def read(self) -> list[int]:
+        if self.cuda:
+            self.copied.synchronize()
+        return self.host.tolist()
 
 
 @torch.inference_mode()
