@@ -171,6 +171,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--anchor", type=Path, default=None, help="an earlier Genesis source tree, measured first")
     parser.add_argument("--anchor-rev", default=None)
+    parser.add_argument("--anchor-batches", type=int, nargs="*", default=[1])
+    parser.add_argument("--coordinate-descent", action="store_true",
+                        help="also measure Genesis with Inductor's coordinate-descent kernel tuning")
+    parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--genesis-only", action="store_true", help="(the anchor's subprocess) Genesis only")
     parser.add_argument("--json-out", type=Path, default=None, help="(with --genesis-only) where to write")
     parser.add_argument("--budget-s", type=float, default=540, help="start no measurement after this many seconds")
@@ -190,13 +194,19 @@ def main() -> None:
         anchor_json = Path("/tmp/generate-anchor.json")
         env = {**os.environ, "GENESIS_BENCH_TREE": str(args.anchor.resolve())}
         result = subprocess.run([sys.executable, __file__, "--genesis-only", "--model", args.model, "--batches",
-                                 *map(str, args.batches), "--json-out", str(anchor_json),
+                                 *map(str, args.anchor_batches), "--json-out", str(anchor_json),
                                  "--budget-s", str(args.budget_s / 2)], env=env, capture_output=True, text=True)
         run["anchor"] = ({"git_rev": args.anchor_rev, **json.loads(anchor_json.read_text())} if result.returncode == 0
                          else {"git_rev": args.anchor_rev, "error": result.stderr[-1500:]})
         print("anchor", json.dumps(run["anchor"]), flush=True)
     run["genesis"] = run_genesis(config, args.batches, args.budget_s)
-    for batch in args.batches:
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
+        run["genesis_coordinate_descent"] = run_genesis(config, args.batches, args.budget_s)
+        inductor_config.coordinate_descent_tuning = False
+    for batch in [] if args.skip_hf else args.batches:
         for key, static in (("hf_dynamic", False), ("hf_static_compiled", True)):
             name = f"{key}_batch_{batch}"
             if time.monotonic() - CALL_STARTED > args.budget_s:
@@ -210,11 +220,13 @@ def main() -> None:
             print(name, json.dumps(run[name]), flush=True)
 
     bound = run["copy_bandwidth_gb_s"] * 1e9
-    for batch in args.batches:
-        row = run["genesis"].get(f"batch_{batch}", {})
-        if "tok_s" in row:
-            steps_s = row["tok_s"] / batch
-            row["fraction_of_bound"] = round(steps_s * row["bytes_per_step"] / bound, 3)
+    rows = [(batch, row) for variant in ("genesis", "genesis_coordinate_descent", "anchor")
+            for batch in args.batches if (row := run.get(variant, {}).get(f"batch_{batch}", {})).get("tok_s")]
+    for batch, row in rows:
+        row["bytes_per_step"] = row.get("bytes_per_step") or run["genesis"].get(f"batch_{batch}", {}).get(
+            "bytes_per_step")
+        if row["bytes_per_step"]:
+            row["fraction_of_bound"] = round(row["tok_s"] / batch * row["bytes_per_step"] / bound, 3)
             row["bound_tok_s"] = round(bound / row["bytes_per_step"] * batch, 1)
     one = run["genesis"].get("batch_1", {})
     latest = {"genesis_tok_s": one.get("tok_s"), "fraction_of_bound": one.get("fraction_of_bound"),
