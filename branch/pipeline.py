@@ -23,6 +23,7 @@ from pathlib import Path
 from branch.base import check_milestone, export_milestone, exported_from
 from branch.config import BranchConfig
 from branch.data import assemble_data, write_json, write_jsonl
+from genesis.errors import GenesisError
 from genesis.run_dir import BranchDir, read_meta, stage_complete
 
 # Fault injection for tests and drills: GENESIS_BRANCH_FAIL_STAGE=export|data|sft|dpo|eval raises just before
@@ -165,9 +166,22 @@ def headline(result: dict) -> dict:
 # The branch
 
 
+def one_process() -> None:
+    """A branch is grown by one process on one device: its stages (the data, each model's directory, eval.json) are
+    written by the process that grows it, under the branch's one lock. A multi-process launch (accelerate launch,
+    torchrun: WORLD_SIZE > 1) is refused before anything starts, on every rank, with one line."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "?"))
+        raise GenesisError(f"rank {rank} of {world}: a branch runs as one process on one GPU, not under accelerate "
+                           f"launch or torchrun; run `genesis branch` (or branch-flow) plainly, with "
+                           f"CUDA_VISIBLE_DEVICES naming the one GPU")
+
+
 def grow(milestone: Path, config: BranchConfig, out: Path, log=print) -> dict:
     """Grow one branch off `milestone` into `out`; returns the eval.json content. A branch another process is
-    growing is refused with one line; a complete one is left as it is."""
+    growing is refused with one line; a complete one is left as it is; so is a multi-process launch (`one_process`)."""
+    one_process()
     milestone = Path(milestone).resolve()
     check_milestone(milestone)  # before anything is written
     branch = BranchDir(Path(out).resolve())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.params import BRANCH_CONFIG, Overrides, absolute, branch_dir, recipe
+from flows.params import Overrides, absolute, branch_dir, milestone_recipe
 from genesis.errors import RunDirError
 from genesis.run_dir import BranchDir
 from lineage.registry import connect
@@ -18,20 +18,22 @@ from tasks.lineage import register_branch_task, register_milestone_task
 
 
 @flow(name="branch-flow", log_prints=False, flow_run_name="branch {milestone}")
-def branch_flow(milestone: str, branch_config: str = BRANCH_CONFIG, out: str | None = None, overrides: Overrides = (),
-                tracking_uri: str | None = None) -> dict:
+def branch_flow(milestone: str, branch_config: str | None = None, out: str | None = None,
+                overrides: Overrides = (), tracking_uri: str | None = None) -> dict:
     """One branch off a milestone (SFT, then DPO, evaluated), registered in MLflow; published as artifacts.
 
     Args:
         milestone: a complete milestone checkpoint, <run_dir>/milestones/step_N
-        branch_config: branch recipe, configs/branch/*.yaml (relative to the repository, or absolute)
+        branch_config: branch recipe, configs/branch/*.yaml (relative to the repository, or absolute); empty:
+            the one the trunk's training config names (branches.recipe, with its branches.overrides)
         out: the branch directory; empty: <run_dir>/branches/step_N
         overrides: dotted.key=value overrides of the recipe, e.g. sft.max_steps=100
         tracking_uri: MLflow tracking URI; if empty, $MLFLOW_TRACKING_URI, else SQLite in $GENESIS_HOME
             (default runs/mlflow/ in the repository)
     """
     tracker = connect(tracking_uri)  # fail before any work if lineage cannot be recorded
-    milestone, config, out = absolute(milestone), recipe(branch_config, overrides), branch_dir(milestone, out)
+    milestone, out = absolute(milestone), branch_dir(milestone, out)
+    config = milestone_recipe(milestone, branch_config, overrides)
 
     base = export_task(milestone)  # a milestone that cannot grow a branch fails here, before its directory exists
     lock = BranchDir(out).lock()

@@ -16,15 +16,14 @@ from typing import Annotated
 
 from pydantic import Field
 
-from genesis.config import REPO_ROOT, load_config
-from genesis.run_dir import RunDir
+from genesis.config import REPO_ROOT, BranchPlan, branch_plan_of, load_config
+from genesis.errors import ConfigError
+from genesis.run_dir import RunDir, read_meta
 
 CORPUS = "configs/corpus/builtin.yaml"
 DATA_DIR = "runs/demo/data"
 TRAIN_CONFIG = "configs/train/tiny-demo.yaml"
-BRANCH_CONFIG = "configs/branch/tiny.yaml"
-TRUNKS = ("runs/demo/trunk",)
-BRANCH_DEPLOYMENT = "branch-flow/branch"
+BRANCH_FLOW = "branch-flow"  # its deployments: one per work pool that grows branches (prefect.yaml: branch)
 
 Steps = Annotated[int, Field(gt=0)]
 Processes = Annotated[int, Field(ge=1)]
@@ -71,3 +70,41 @@ def recipe(branch_config: str, overrides: Overrides = ()):
     from branch.config import BranchConfig
 
     return load_config(BranchConfig, repo_path(branch_config), list(overrides))
+
+
+def branch_plan(milestone: str | Path) -> BranchPlan:
+    """How the milestone's trunk branches: its config's `branches`, as saved in the milestone's meta.json."""
+    return branch_plan_of(read_meta(repo_path(milestone)).get("config"), str(milestone))
+
+
+def milestone_recipe(milestone: str, branch_config: str | None = None, overrides: Overrides = ()):
+    """The recipe for a branch off `milestone`: `branch_config` + `overrides` when given, else the trunk's own
+    (`branches.recipe` + `branches.overrides` of the config it trained with) + `overrides`."""
+    if branch_config:
+        return recipe(branch_config, overrides)
+    plan = branch_plan(milestone)
+    if plan.recipe is None:
+        raise ConfigError(f"{milestone}: its trunk's config names no branch recipe (branches.recipe); pass "
+                          f"branch_config=configs/branch/<name>.yaml, or set branches.recipe in the training config")
+    return recipe(str(plan.recipe), [*plan.overrides, *overrides])
+
+
+def branches_beside_trunk(train_config: str, overrides: Overrides = (), branch_config: str | None = None,
+                          branch_overrides: Overrides = ()) -> bool:
+    """Whether genesis_flow grows its branches while the trunk trains: the training config's branches.beside_trunk,
+    else yes when the trunk or the branch recipe trains on the CPU (they share no GPU). Loads the recipe, so a
+    bad one fails here, before any work."""
+    from genesis.config import TrainConfig
+
+    config = load_config(TrainConfig, repo_path(train_config), list(overrides))
+    plan = config.branches
+    if branch_config:
+        branch = recipe(branch_config, branch_overrides)
+    elif plan.recipe is not None:
+        branch = recipe(str(plan.recipe), [*plan.overrides, *branch_overrides])
+    else:
+        raise ConfigError(f"{train_config}: names no branch recipe (branches.recipe); pass branch_config, set "
+                          f"branches.recipe in the training config, or branch_milestones=false")
+    if plan.beside_trunk is not None:
+        return plan.beside_trunk
+    return config.device == "cpu" or branch.device == "cpu"

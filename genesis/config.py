@@ -233,6 +233,36 @@ class ProfilingConfig(StrictModel):
                                                   "genesis-1b), beside the summary that is always written")
 
 
+class BranchPlan(StrictModel):
+    """How the trunk's milestones grow branches: read by the orchestration (the milestone event, its trigger, the
+    milestone watcher, genesis_flow), never by the trainer. Saved in every checkpoint's meta.json with the rest of
+    the config, so a milestone says how it is to be branched."""
+
+    recipe: Path | None = Field(
+        default=None,
+        description="branch recipe, configs/branch/*.yaml (relative to the repository, or absolute), for each "
+                    "milestone of this trunk; None: milestones are not branched automatically (the milestone "
+                    "event still fires, and `genesis branch` / branch-flow with a recipe still work)")
+    overrides: list[str] = Field(default_factory=list, description="dotted.key=value overrides of the recipe")
+    work_pool: str = Field(
+        default="genesis-process",
+        description="the Prefect work pool whose branch-flow deployment grows this trunk's branches (the milestone "
+                    "trigger and milestone-watcher launch them there). Give a GPU trunk a pool whose worker sees "
+                    "other GPUs than the trunk's, or one with a concurrency limit of 1 that the trunk is on too, so a "
+                    "branch waits for the trunk")
+    beside_trunk: bool | None = Field(
+        default=None,
+        description="genesis_flow's own branches (its branch_milestones): grow each while the trunk trains (true) or "
+                    "after the trunk has finished (false, branches queued in milestone order). None: beside the trunk "
+                    "when either trains on the CPU, after it otherwise (they would share the trunk's GPUs)")
+
+
+def branch_plan_of(trunk_config: dict | None, source: str = "the trunk's config") -> BranchPlan:
+    """The BranchPlan in a saved trunk config (a checkpoint meta.json's "config"); the default plan (no recipe) for
+    a config saved before plans existed."""
+    return validate(BranchPlan, dict((trunk_config or {}).get("branches") or {}), f"{source}: branches")
+
+
 class TrainConfig(StrictModel):
     """One pretraining run. Token budget per optimizer step is
     micro_batch_size × model.max_seq_len × grad_accum_steps × world size."""
@@ -257,6 +287,8 @@ class TrainConfig(StrictModel):
         default_factory=dict, description="environment set before the process group starts (e.g. NCCL_P2P_DISABLE)"
     )
     verify_data_checksums: bool = Field(default=True, description="check every shard's sha256 before training")
+    branches: BranchPlan = Field(default_factory=BranchPlan, description="how the milestones grow branches "
+                                 "(orchestration only; the trainer ignores it)")
 
     @model_validator(mode="after")
     def _seq_len_fits(self) -> "TrainConfig":

@@ -120,6 +120,13 @@ def find_run(tracker: Tracker, status: str | None = None, **tags: str):
     return runs[0] if runs else None
 
 
+def recorded_trunks(tracker: Tracker) -> list[str]:
+    """The run directories of every trunk recorded (pretrain runs), oldest first, each once."""
+    runs = tracker.client.search_runs([tracker.experiment_id], filter_string="tags.`genesis.stage` = 'pretrain'",
+                                      order_by=["attributes.start_time ASC"], max_results=5000)
+    return list(dict.fromkeys(run.data.tags["genesis.run_dir"] for run in runs if run.data.tags.get("genesis.run_dir")))
+
+
 def _quote(value) -> str:
     return str(value).replace("'", "\\'")
 

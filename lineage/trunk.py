@@ -32,7 +32,9 @@ def follow_trunk(config_path: Path, overrides: Sequence[str], nproc: int, tracke
     """Train the trunk configured by `config_path` + `overrides` on `nproc` local ranks, and follow it.
 
     Each new complete milestone is registered (`register`, record_milestone by default) and then handed to
-    `on_milestone(milestone, base_version)` while the trainer keeps going in its own processes. Every trainer
+    `on_milestone(milestone, base_version)` while the trainer keeps going in its own processes; it runs between
+    two reads of the trainer's output, so it should return quickly, and an error in it is logged, never raised:
+    the trainer is not stopped for it. Every trainer
     line goes to `log`. At the end `plot(run_dir)` may draw the curves (an image logged to the run). Returns
     the run directory, its last step and validation losses, all its milestones, those registered in this
     cycle (path → genesis-base version) and the MLflow run."""
@@ -74,7 +76,10 @@ def follow_trunk(config_path: Path, overrides: Sequence[str], nproc: int, tracke
                 version = registered[str(milestone)] = register(tracker, milestone, run_id)
                 log(f"milestone {milestone.name} registered as genesis-base v{version}")
                 if on_milestone:
-                    on_milestone(milestone, version)
+                    try:
+                        on_milestone(milestone, version)
+                    except Exception as err:  # the trunk trains on whatever a milestone's follower does
+                        log(f"milestone {milestone.name}: {type(err).__name__}: {err}; the trunk trains on")
 
         last_poll = 0.0
         with StopOnSignals(trainer):

@@ -10,6 +10,7 @@ from data_prep.sources import CorpusConfig
 from genesis.run_dir import BranchDir
 from lineage import record
 from lineage.registry import Tracker, format_lineage, lineage
+from lineage.tracking import recorded_trunks
 
 
 @task(name="record-data", retries=2, retry_delay_seconds=[5, 30])
@@ -28,6 +29,12 @@ def register_milestone_task(tracker: Tracker, milestone: str | Path, parent_run_
 def register_branch_task(tracker: Tracker, branch_dir: str, base_version: str) -> dict:
     """The genesis-sft and genesis-dpo versions of a complete branch, SFT's parent being `base_version`."""
     return record.record_branch(tracker, BranchDir(branch_dir), base_version)
+
+
+@task(name="recorded-trunks", retries=2, retry_delay_seconds=[5, 30])
+def recorded_trunks_task(tracker: Tracker) -> list[str]:
+    """The run directories of the trunks recorded in MLflow that are still on disk."""
+    return [run_dir for run_dir in recorded_trunks(tracker) if Path(run_dir).is_dir()]
 
 
 @task(name="lineage")

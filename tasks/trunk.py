@@ -13,8 +13,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from genesis.config import TrainConfig, load_config
-from genesis.run_dir import RunDir, step_of
+from genesis.config import REPO_ROOT, TrainConfig, branch_plan_of, load_config
+from genesis.run_dir import RunDir, read_meta, step_of
 from lineage.registry import Tracker
 from lineage.trunk import follow_trunk
 from serve.plots import plot_run
@@ -24,12 +24,28 @@ from tasks.lineage import register_milestone_task
 MILESTONE_EVENT = "genesis.milestone.completed"
 
 
+BRANCH_POOL_LABEL = "genesis.branch.work-pool"  # the trigger of the branch deployment on that pool matches it
+
+
+def milestone_event(milestone: Path) -> dict:
+    """The `genesis.milestone.completed` event of a complete milestone: the milestone, its trunk (run directory and
+    saved config) and how the trunk branches (its config's `branches`: recipe, overrides, work pool). The resource
+    carries the work pool as a label, so only the branch deployment on that pool answers."""
+    milestone = Path(milestone).resolve()
+    run, step = RunDir.of_checkpoint(milestone), step_of(milestone.name)
+    plan = branch_plan_of(read_meta(milestone).get("config"), str(milestone))
+    recipe = None if plan.recipe is None else str(plan.recipe if plan.recipe.is_absolute() else REPO_ROOT / plan.recipe)
+    return {"event": MILESTONE_EVENT,
+            "resource": {"prefect.resource.id": f"genesis.milestone.{run.root.name}.{step}",
+                         "prefect.resource.name": f"{run.root.name} step {step}",
+                         BRANCH_POOL_LABEL: plan.work_pool if recipe else ""},
+            "payload": {"milestone": str(milestone), "step": step, "run_dir": str(run.root),
+                        "train_config": str(run.config), "branch_config": recipe,
+                        "branch_overrides": list(plan.overrides), "work_pool": plan.work_pool}}
+
+
 def emit_milestone_event(milestone: Path) -> None:
-    run_dir, step = RunDir.of_checkpoint(milestone).root, step_of(Path(milestone).name)
-    emit_event(event=MILESTONE_EVENT,
-               resource={"prefect.resource.id": f"genesis.milestone.{run_dir.name}.{step}",
-                         "prefect.resource.name": f"{run_dir.name} step {step}"},
-               payload={"milestone": str(milestone), "run_dir": str(run_dir), "step": step})
+    emit_event(**milestone_event(milestone))
 
 
 def plot_curves(run_dir: Path) -> Path | None:
