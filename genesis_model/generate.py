@@ -51,7 +51,7 @@ class Generator:
     decode step are built once. `batch_size` > 1 sizes the cache for `generate_batch`."""
 
     def __init__(self, model: Transformer, max_seq_len: int | None = None, compile_decode: bool = False,
-                 batch_size: int = 1):
+                 batch_size: int = 1, compile_mode: str = "reduce-overhead"):
         self.model = model.eval()
         self.max_seq_len = max_seq_len or model.config.max_seq_len
         self.batch_size = batch_size
@@ -61,7 +61,8 @@ class Generator:
         if compile_decode:
             # NOTE: "reduce-overhead" captures the step as a CUDA graph. The cache is updated in place with
             # index_copy_ at a tensor position, so every replay has the same addresses and shapes.
-            self._decode = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
+            # "max-autotune" also captures a CUDA graph, after benchmarking Triton's matmul templates per shape.
+            self._decode = torch.compile(self._decode_step, mode=compile_mode, fullgraph=True)
 
     def _decode_step(self, token: torch.Tensor, position: torch.Tensor,
                      slot_mask: torch.Tensor | None = None) -> torch.Tensor:
