@@ -1,5 +1,6 @@
 """The trainer's extras, each a small callback around its loop (in the style of OLMo-core's trainer callbacks):
-profiling, throughput and MFU, the non-finite and spike policy, per-source evaluation, and the status file.
+profiling, throughput and MFU, the non-finite and spike policy, per-source evaluation, each rank's GPU, and the
+status file.
 
 The loop (`trainer.py`) calls each hook on every rank, in the order of its callback list. Per optimizer step:
   on_step_start        before the step's micro-batches
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from genesis.config import EvalConfig, StabilityConfig, TrainConfig
 from genesis.run_dir import CheckpointRef, RunDir, write_json_atomic
 from genesis_model.distributed import DistInfo
+from genesis_model.gpu_stats import FIGURES, GpuReader, readings_to_metrics
 from genesis_model.profiling import StepProfiler
 
 
@@ -84,6 +86,8 @@ def standard_callbacks(config: TrainConfig, dist_info: DistInfo, num_params: int
         Stability(config.stability),
         Evaluation(config.eval),
     ]
+    if dist_info.device.type == "cuda":
+        callbacks.append(GpuStats(dist_info, host_group))
     if dist_info.is_main:
         # NOTE: first, so it holds the step's metrics before a later callback may stop the run: a run stopped
         # for non-finite steps shows the figures of the step that stopped it.
@@ -289,6 +293,31 @@ class Evaluation(Callback):
         if results:
             results["all"] = sum(results.values()) / len(results)
         return results
+
+
+class GpuStats(Callback):
+    """Each rank's GPU (utilisation, memory in use, temperature, power; `gpu_stats.py`) in the metrics of every
+    logged step, gathered to rank 0. Every rank makes the same gather on the same steps."""
+
+    def __init__(self, dist_info: DistInfo, host_group: dist.ProcessGroup | None = None):
+        self.dist, self.host_group = dist_info, host_group
+        self.reader = GpuReader(dist_info.device)
+
+    def on_fit_start(self, trainer) -> None:
+        if self.reader.unavailable and self.dist.is_main:
+            trainer.event("gpu_stats_unavailable", reason=self.reader.unavailable)
+
+    def on_step_metrics(self, trainer, metrics: dict) -> None:
+        if not trainer.log_due():
+            return
+        reading = torch.tensor(self.reader.read(), dtype=torch.float64)
+        if self.dist.world_size > 1:
+            gathered = [torch.empty(len(FIGURES), dtype=torch.float64) for _ in range(self.dist.world_size)]
+            dist.all_gather(gathered, reading, group=self.host_group)
+        else:
+            gathered = [reading]
+        if self.dist.is_main:
+            metrics.update(readings_to_metrics([row.tolist() for row in gathered]))
 
 
 class StatusFile(Callback):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genesis.errors import GenesisError
+from genesis_model.gpu_stats import gpus_from_metrics
 from genesis.run_dir import (ARCHIVE_DIR, BRANCHES_DIR, LATEST, METRICS, MILESTONE_DIR, ROLLING_DIR, MetricsReader,
                              RunDir, is_complete, stage_complete, step_of)
 
@@ -102,6 +103,8 @@ class RunView:
             "last_checkpoint": _checkpoint_label(state.get("last_checkpoint")),
             "last_milestone": _checkpoint_label(state.get("last_milestone")),
             "seconds_since_update": (time.time() - updated) if isinstance(updated, (int, float)) else None,
+            # each rank's GPU at the last logged step ([] without a GPU)
+            "gpus": gpus_from_metrics(state) or gpus_from_metrics(last_row),
         }
 
     def curves(self, since_step: int = -1) -> dict:

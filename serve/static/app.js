@@ -63,8 +63,34 @@ async function refreshStatus() {
   $("fig-tokens-seen").textContent = s.tokens_seen ? s.tokens_seen.toLocaleString() : "—";
   $("fig-last-checkpoint").textContent = s.last_checkpoint || "none yet";
   $("fig-last-milestone").textContent = s.last_milestone || "none yet";
+  showGpus(s.gpus || []);
   $("val-loss").textContent = s.val_loss
     ? "validation: " + Object.entries(s.val_loss).map(([k, v]) => `${k} ${fmt(v)}`).join(" · ") : "";
+}
+
+// Each rank's GPU at the last logged step (utilisation, memory, temperature, power); hidden without a GPU.
+function showGpus(gpus) {
+  const table = $("gpus");
+  table.hidden = gpus.length === 0;
+  const body = table.querySelector("tbody");
+  body.replaceChildren(...gpus.map((g) => {
+    const row = document.createElement("tr");
+    row.dataset.rank = g.rank;
+    const cells = [
+      String(g.rank),
+      g.utilization_pct === undefined ? "—" : `${Math.round(g.utilization_pct)}%`,
+      g.memory_used_gib === undefined ? "—"
+        : `${g.memory_used_gib.toFixed(1)}` + (g.memory_total_gib ? ` of ${g.memory_total_gib.toFixed(0)} GiB` : " GiB"),
+      g.temperature_c === undefined ? "—" : `${Math.round(g.temperature_c)} °C`,
+      g.power_w === undefined ? "—" : `${Math.round(g.power_w)} W`,
+    ];
+    for (const text of cells) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.appendChild(cell);
+    }
+    return row;
+  }));
 }
 
 // ---------------------------------------------------------------------------------------------------------
