@@ -41,7 +41,8 @@ from genesis.config import load_model_config  # noqa: E402
 
 
 def build_genesis(config, activation_checkpointing: str, compile: bool, memory_budget: float = 1.0,
-                  one_rank: str = "plain", compile_scope: str = "blocks", master_weights: bool = False):
+                  one_rank: str = "plain", compile_scope: str = "blocks", master_weights: bool = False,
+                  float8: str = "off"):
     """The trainer's model and optimizer, built as `genesis_model.train` builds them (`genesis_model.build`) from a
     training config holding these parallel settings; the step below is the trainer's without its data loader,
     gradient clipping and logging."""
@@ -52,7 +53,7 @@ def build_genesis(config, activation_checkpointing: str, compile: bool, memory_b
     info = init_distributed("cuda")
     parallel = ParallelConfig(compile=compile, activation_checkpointing=activation_checkpointing,
                               compile_memory_budget=memory_budget, one_rank=one_rank, compile_scope=compile_scope,
-                              master_weights=master_weights)
+                              master_weights=master_weights, float8=float8)
     # NOTE: the data and run directories are never opened (no loader, no trainer). The optimizer is the config's
     # default: lr 3e-4, betas 0.9/0.95, weight decay 0.1, fused on CUDA.
     train_config = TrainConfig(model=config, data_dir="unused", run_dir="unused", max_steps=1, seed=0, device="cuda",
@@ -104,14 +105,14 @@ def build_hf(config, activation_checkpointing: str, compile: bool, memory_budget
 
 
 def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkpointing, compile, matmul_tflops,
-            memory_budget, one_rank, compile_scope, master_weights=False):
+            memory_budget, one_rank, compile_scope, master_weights=False, float8="off"):
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.manual_seed(0)
     with Stopwatch() as build_time:
         if impl == "genesis":
             model, step = build_genesis(config, activation_checkpointing, compile, memory_budget, one_rank,
-                                        compile_scope, master_weights)
+                                        compile_scope, master_weights, float8)
         else:
             model, step = build_hf(config, activation_checkpointing, compile, memory_budget)
     num_params = sum(p.numel() for p in model.parameters())
@@ -141,6 +142,7 @@ def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkp
         "compile_memory_budget": memory_budget,
         **({"one_rank": one_rank, "compile_scope": compile_scope} if impl == "genesis" else {}),
         **({"master_weights": True} if master_weights else {}),
+        **({"float8": float8} if float8 != "off" else {}),
         "tok_s": round(tok_s, 1),
         "mfu": round(flops / (H100_BF16_PEAK_TFLOPS * 1e12), 4),
         "mfu_vs_measured_matmul": round(flops / (matmul_tflops * 1e12), 4) if matmul_tflops else None,
@@ -161,7 +163,7 @@ def run_key(run: dict) -> tuple:
                else (None, None))
     return (run["impl"], run["micro_batch"], run.get("activation_checkpointing", "none"),
             run.get("compile_memory_budget", 1.0), *variant, run.get("master_weights", False),
-            run.get("overlap_optimizer", False))  # overlap_optimizer: a variant measured on 2026-12-01, then removed
+            run.get("overlap_optimizer", False), run.get("float8", "off"))  # overlap_optimizer: a variant measured on 2026-12-01, then removed
 
 
 def run_key_sortable(run: dict) -> tuple:
@@ -184,6 +186,8 @@ def main() -> None:
                         help="parallel.compile_scope")
     parser.add_argument("--master-weights", action="store_true",
                         help="parallel.master_weights: bf16 compute copies, fp32 masters in MasterWeightAdamW")
+    parser.add_argument("--float8", default="off", choices=["off", "rowwise", "tensorwise"],
+                        help="parallel.float8: FP8 matmuls in the blocks through torchao")
     parser.add_argument("--label", default=None, help="stored as the runs' `revision`, to tell code versions apart")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "train_step.json")
     args = parser.parse_args()
@@ -199,7 +203,8 @@ def main() -> None:
 
     for impl in args.impl:
         for micro_batch in args.micro_batches:
-            variant = (args.one_rank, args.compile_scope, args.master_weights) if impl == "genesis" else (None, None)
+            variant = ((args.one_rank, args.compile_scope, args.master_weights, args.float8) if impl == "genesis"
+                       else (None, None))
             try:
                 run = run_one(impl, config, micro_batch, config.max_seq_len, args.steps, args.warmup, args.ac,
                               not args.no_compile, results["matmul_tflops"], args.memory_budget, *variant)
@@ -209,7 +214,8 @@ def main() -> None:
                        "compile_memory_budget": args.memory_budget, "error": f"{type(err).__name__}: {str(err)[:300]}"}
                 if impl == "genesis":
                     run.update(one_rank=args.one_rank, compile_scope=args.compile_scope,
-                               **({"master_weights": True} if args.master_weights else {}))
+                               **({"master_weights": True} if args.master_weights else {}),
+                               **({"float8": args.float8} if args.float8 != "off" else {}))
                 gc.collect()
                 torch.cuda.empty_cache()
             if args.label:
@@ -224,6 +230,7 @@ def main() -> None:
     for r in sorted(results["runs"], key=run_key_sortable):
         variant = (f"{r.get('one_rank', 'fsdp')}/{r.get('compile_scope', 'blocks')}"
                    f"{'+mw' if r.get('master_weights') else ''}{'+ov' if r.get('overlap_optimizer') else ''}"
+                   f"{'+' + r['float8'] if r.get('float8') else ''}"
                    if r["impl"] == "genesis" else "")
         head = (f"{r['impl']:8} {variant:13} {r['micro_batch']:>3} {r.get('activation_checkpointing', 'none'):>9} "
                 f"{r.get('compile_memory_budget') or 1.0:>6}")

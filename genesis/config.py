@@ -214,6 +214,13 @@ class ParallelConfig(StrictModel):
                     "(parallelize.py, optim.MasterWeightAdamW). Checkpoints are the same either way. Unset (auto): "
                     "on for one plain GPU rank computing in bf16 without activation checkpointing, the fastest "
                     "measured step (BENCHMARKS.md)")
+    float8: Literal["off", "rowwise", "tensorwise"] = Field(
+        default="off",
+        description="FP8 training through torchao's float8 (a GPU with FP8 tensor cores: RTX 4090, H100, H200): "
+                    "the blocks' matmuls run in float8 with dynamic scales per row ('rowwise', the more accurate) or "
+                    "per tensor ('tensorwise', whose FSDP all-gathers also go in float8); the output projection and "
+                    "the loss stay bf16. Weights, optimizer state and checkpoints are unchanged, so an FP8 run and "
+                    "a bf16 run resume each other's checkpoints (parallelize.py)")
     fsdp_unit_blocks: int = Field(
         default=1, ge=1,
         description="with several ranks: consecutive blocks sharded as one FSDP unit. FSDP runs Python hooks per "

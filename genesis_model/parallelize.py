@@ -189,6 +189,7 @@ class ParallelPlan:
     accumulate_unsharded: bool = False
     fsdp_unit_blocks: int = 1
     grad_accum_steps: int = 1
+    float8: Literal["off", "rowwise", "tensorwise"] = "off"
 
     @property
     def fold_gradients(self) -> bool:
@@ -198,7 +199,7 @@ class ParallelPlan:
     def record(self) -> dict:
         """What 'auto' and unset settings became, for the run's meta (`parallel_resolved`)."""
         return {"compile_scope": self.compile_scope, "master_weights": self.master_weights, "compile": self.compile,
-                "param_dtype": self.param_dtype}
+                "param_dtype": self.param_dtype, "float8": self.float8}
 
 
 def plan_parallel(parallel: ParallelConfig, world_size: int, device_type: str,
@@ -215,14 +216,18 @@ def plan_parallel(parallel: ParallelConfig, world_size: int, device_type: str,
         raise ConfigError(f"parallel.master_weights is for one rank; with {world_size} ranks FSDP keeps the fp32 "
                           "master weights itself: set parallel.master_weights=false")
     plain = world_size == 1 and parallel.one_rank == "plain"
+    check_float8(parallel, device_type)
     compile = parallel.compile and device_type == "cuda"
     measured = plain and parallel.activation_checkpointing == "none"
     scope = parallel.compile_scope if parallel.compile_scope != "auto" else ("model" if measured else "blocks")
     if compile and scope == "model" and not plain:
         raise ConfigError("parallel.compile_scope 'model' needs one rank without FSDP (parallel.one_rank: plain); "
                           "use compile_scope 'blocks' with several ranks")
+    # NOTE: FP8 swaps the blocks' linear layers for torchao's, which compute from the fp32 weight itself: there
+    # is no bf16 compute copy to keep, so auto leaves master weights off under FP8 (and an explicit true is refused).
     master_weights = (parallel.master_weights if parallel.master_weights is not None
-                      else measured and device_type == "cuda" and parallel.param_dtype == "bfloat16")
+                      else measured and device_type == "cuda" and parallel.param_dtype == "bfloat16"
+                      and parallel.float8 == "off")
     # NOTE: CPU runs compute in fp32, except with master_weights, which only exist in bf16 (and are tested so).
     param_dtype = parallel.param_dtype if device_type == "cuda" or master_weights else "float32"
     accumulate_unsharded = (not plain and world_size > 1 and grad_accum_steps > 1
@@ -238,7 +243,53 @@ def plan_parallel(parallel: ParallelConfig, world_size: int, device_type: str,
         # step and the gradients reduced once (`Trainer.train_step`). One rank has nothing to free.
         reshard_after_forward=not plain and world_size > 1 and not accumulate_unsharded,
         accumulate_unsharded=accumulate_unsharded, fsdp_unit_blocks=parallel.fsdp_unit_blocks,
-        grad_accum_steps=grad_accum_steps)
+        grad_accum_steps=grad_accum_steps, float8=parallel.float8)
+
+
+def check_float8(parallel: ParallelConfig, device_type: str) -> None:
+    """Refuse, in one line naming the setting, an FP8 run that cannot run here."""
+    if parallel.float8 == "off":
+        return
+    if device_type != "cuda":
+        raise ConfigError(f"parallel.float8={parallel.float8} needs a CUDA GPU with FP8 tensor cores (RTX 4090, "
+                          "H100, H200); this run is on the CPU: set parallel.float8=off")
+    if parallel.master_weights:
+        raise ConfigError("parallel.float8 computes from the fp32 weights (torchao's float8 layers), so there are no "
+                          "bf16 compute copies: set parallel.master_weights=false (or leave it unset)")
+    if parallel.param_dtype != "bfloat16":
+        raise ConfigError(f"parallel.float8={parallel.float8} runs beside bf16 compute: set parallel.param_dtype="
+                          "bfloat16")
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 9):
+        raise ConfigError(f"parallel.float8={parallel.float8}: {torch.cuda.get_device_name()} (compute capability "
+                          f"{capability[0]}.{capability[1]}) has no FP8 tensor cores (8.9 or newer: RTX 4090, H100, "
+                          "H200): set parallel.float8=off")
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"parallel.float8={parallel.float8} trains through torchao, which could not be imported "
+                          f"({err}): pip install torchao, or set parallel.float8=off") from None
+
+
+def apply_float8(model: Transformer, recipe: Literal["rowwise", "tensorwise"], fsdp: bool) -> None:
+    """Swap the blocks' linear layers for torchao's float8 training layers, in place (before compile and FSDP, as
+    torchtitan does). Their weights stay the same fp32 parameters under the same names, so state dicts and
+    checkpoints are those of the bf16 model. The output projection is the tied embedding (`F.linear`, no module)
+    and stays bf16, as does the fused loss. `fsdp` with 'tensorwise': the FSDP all-gathers carry float8 weights.
+
+    NOTE: torchao's `module_filter_fn` also skips a layer whose dimensions are not multiples of 16, which FP8
+    matmuls require (tiny test models)."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    if fsdp and recipe == "tensorwise":
+        config = Float8LinearConfig(enable_fsdp_float8_all_gather=True)
+
+    def convertible(module: nn.Module, fqn: str) -> bool:
+        return (fqn.startswith("layers.") and isinstance(module, nn.Linear)
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    convert_to_float8_training(model, config=config, module_filter_fn=convertible)
 
 
 def parallelize(model: Transformer, mesh: DeviceMesh, plan: ParallelPlan) -> nn.Module:
@@ -247,6 +298,8 @@ def parallelize(model: Transformer, mesh: DeviceMesh, plan: ParallelPlan) -> nn.
     (with master weights, gradients arrive in bf16 on the copies)."""
     if mesh.size() != plan.world_size:
         raise ValueError(f"the parallel plan is for {plan.world_size} ranks, the mesh has {mesh.size()}")
+    if plan.float8 != "off":
+        apply_float8(model, plan.float8, plan.fsdp)
     if plan.master_weights:
         # NOTE: before compile, so the compiled graphs take the copies as their inputs from the first call.
         attach_compute_copies(model, DTYPES[plan.param_dtype])

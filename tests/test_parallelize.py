@@ -207,7 +207,7 @@ def test_unset_parallel_settings_pick_the_fastest_measured_step_on_one_gpu_and_t
     assert decided(ParallelConfig(master_weights=False, compile_scope="blocks")) == ("blocks", False)
     # What the run records in its meta.
     assert plan_parallel(ParallelConfig(), 1, "cuda").record() == {
-        "compile_scope": "model", "master_weights": True, "compile": True, "param_dtype": "bfloat16"}
+        "compile_scope": "model", "master_weights": True, "compile": True, "param_dtype": "bfloat16", "float8": "off"}
 
 
 def test_the_plan_says_how_fsdp_reshards_and_the_cpu_computes():
