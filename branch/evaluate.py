@@ -108,7 +108,10 @@ def sample_replies(model_dir: Path, tokenizer, prompts: list[list[dict]], recipe
     from genesis_model.generate import Generator, SamplingConfig
     from genesis_model.inference import load_hf
 
-    model = load_hf(model_dir, dtype=torch.float32, device=device).model
+    # NOTE: on a GPU the replies are sampled as `genesis serve` samples them: bf16 weights, the decode step
+    # compiled as a CUDA graph (bench/generate.py measures that path); on the CPU in fp32, uncompiled.
+    on_gpu = torch.device(device).type == "cuda"
+    model = load_hf(model_dir, dtype=torch.bfloat16 if on_gpu else torch.float32, device=device).model
     context = model.config.max_seq_len
     im_start, im_end = tokenizer.convert_tokens_to_ids(IM_START), tokenizer.convert_tokens_to_ids(IM_END)
     eos = tokenizer.convert_tokens_to_ids(EOS)
@@ -121,7 +124,8 @@ def sample_replies(model_dir: Path, tokenizer, prompts: list[list[dict]], recipe
     if not fitting:
         return replies
     cache_len = min(context, len(prompt_ids[fitting[-1]]) + recipe.max_new_tokens)
-    generator = Generator(model, max_seq_len=cache_len, batch_size=min(recipe.batch_size, len(fitting)))
+    generator = Generator(model, max_seq_len=cache_len, batch_size=min(recipe.batch_size, len(fitting)),
+                          compile_decode=on_gpu)
     for replica in range(recipe.replies_per_prompt):
         for batch_index, start in enumerate(range(0, len(fitting), generator.batch_size)):
             batch = fitting[start: start + generator.batch_size]
