@@ -26,7 +26,7 @@ DEMO_BRANCH_OVERRIDES = ["sft.epochs=2", "eval.max_prompts=16", "eval.max_new_to
 QUICK_STEPS = 60
 QUICK_TRAIN_OVERRIDES = ["checkpoint.save_every=30", "checkpoint.milestone_every=30", "eval.every=30", "log_every=10",
                          "optimizer.warmup_steps=5"]
-QUICK_BRANCH_OVERRIDES = ["sft.max_steps=6", "dpo.max_steps=3", "eval.max_prompts=3", "eval.max_pairs=12",
+QUICK_BRANCH_OVERRIDES = ["sft.max_steps=4", "dpo.max_steps=2", "eval.max_prompts=3", "eval.max_pairs=12",
                           "eval.max_new_tokens=16", "sft.logging_steps=2", "dpo.logging_steps=1"]
 
 

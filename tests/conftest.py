@@ -155,3 +155,28 @@ def tracking(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `genesis demo --quick`, once per session: the commands it prints (test_first_minutes) and the tree it grows
+# (test_flows: a later cycle of its trunk)
+
+# What a plain shell lacks: the commands the demo prints must carry what these set.
+PLAIN_SHELL_DROPS = ("GENESIS_HOME", "MLFLOW_TRACKING_URI", "PREFECT_HOME", "PREFECT_API_URL")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`genesis demo --quick` into a temporary directory, its registry and Prefect home there too (set through the
+    environment, so the commands it prints have to carry them)."""
+    work = tmp_path_factory.mktemp("demo")
+    env = {key: value for key, value in os.environ.items() if key not in PLAIN_SHELL_DROPS}
+    env.update(GENESIS_HOME=str(work / "mlflow"), PREFECT_HOME=str(work / "prefect"), OMP_NUM_THREADS="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    done = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--quick", "--workdir", str(work / "demo"),
+                           "--summary-json", str(work / "summary.json")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    output = done.stdout + done.stderr
+    (work / "demo.log").write_text(output)
+    assert done.returncode == 0, output[-5000:]
+    return {"work": work, "output": output, "stdout": done.stdout, "summary": json.loads((work / "summary.json").read_text())}

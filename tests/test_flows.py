@@ -328,42 +328,44 @@ def test_stopping_a_pretrain_flow_run_leaves_no_trainer_process(tiny_corpus, tmp
 
 
 @pytest.mark.slow
-def test_genesis_flow_grows_a_branch_at_each_milestone_while_the_trunk_trains(harness, tracking, tmp_path):
+@pytest.mark.timeout(1800)  # the session's demo may start here
+def test_genesis_flow_grows_a_branch_at_each_milestone_while_the_trunk_trains(harness, demo_run, monkeypatch):
+    """The session's `genesis demo --quick` is genesis_flow (60 trunk steps, milestones at 30 and 60, a branch at each,
+    grown while the trunk trained); a later cycle of the same flow extends that trunk."""
     from mlflow import MlflowClient
 
+    from flows.demo import DEMO_BRANCH_OVERRIDES, QUICK_BRANCH_OVERRIDES, QUICK_TRAIN_OVERRIDES
     from flows.tree import genesis_flow, milestone_watcher
 
-    corpus = tmp_path / "corpus.yaml"
-    corpus.write_text(TINY_CORPUS)
-    params = dict(corpus=str(corpus), data_dir=str(tmp_path / "data"), train_config=str(TINY_CPU),
-                  run_dir=str(tmp_path / "trunk"), nproc=2, max_steps=60,
-                  train_overrides=["model.vocab_size=2048", "micro_batch_size=4", "checkpoint.save_every=30",
-                                   "checkpoint.milestone_every=30", "eval.every=30", "log_every=10",
-                                   "optimizer.warmup_steps=5", "optimizer.schedule=wsd"],
-                  branch_overrides=QUICK_BRANCH)
-    state = genesis_flow(**params, return_state=True)
-    assert state.is_completed(), state.message
-    result = state.result()
-    assert task_states(state)["trunk"] == "Completed"  # the trunk is a task of its own in the run graph
-    assert [Path(m).name for m in result["trunk"]["milestones"]] == ["step_00000030", "step_00000060"]
-    assert [b["step"] for b in result["branches"]] == [30, 60]
+    work, summary = demo_run["work"], demo_run["summary"]
+    trunk = work / "demo" / "trunk"
+    tracking = f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    # The trunk is a task of its own in the run graph, the data and each branch subflows.
+    assert [stage["flow"] for stage in summary["stages"]] == ["data-flow", "trunk", "branch-flow", "branch-flow"]
+    assert [path.name for path in sorted((trunk / "milestones").iterdir())] == ["step_00000030", "step_00000060"]
+    assert all((trunk / "branches" / name / "eval.json").is_file() for name in ("step_00000030", "step_00000060"))
     assert len(versions(tracking, "genesis-base")) == 2 and len(versions(tracking, "genesis-dpo")) == 2
-    assert "step      30" in result["lineage"] and "step      60" in result["lineage"]
+    assert "step      30" in demo_run["output"] and "step      60" in demo_run["output"]
 
     client = MlflowClient(tracking_uri=tracking)
-    pretrain = client.get_run(result["trunk"]["mlflow_run_id"])
+    [pretrain] = client.search_runs([client.get_experiment_by_name("genesis").experiment_id],
+                                    filter_string="tags.`genesis.stage` = 'pretrain'")
     assert {"loss", "lr", "val_loss/all", "val_loss/prose", "val_loss/dialog"} <= set(pretrain.data.metrics)
     assert "loss.png" in {a.path for a in client.list_artifacts(pretrain.info.run_id)}
     history = client.get_metric_history(pretrain.info.run_id, "loss")
     assert [m.step for m in history] == list(range(10, 61, 10))
 
     # The watcher finds nothing left to do: every milestone has its branch.
-    assert milestone_watcher(run_dirs=[str(tmp_path / "trunk")], launch="inline") == []
+    assert milestone_watcher(run_dirs=[str(trunk)], launch="inline") == []
     # A continued cycle extends the same trunk and adds a milestone; the first two are untouched.
-    before = (tmp_path / "trunk" / "milestones" / "step_00000030" / "COMPLETE.json").read_text()
-    extended = genesis_flow(**{**params, "max_steps": 90})
+    before = (trunk / "milestones" / "step_00000030" / "COMPLETE.json").read_text()
+    extended = genesis_flow(corpus="configs/corpus/builtin.yaml", data_dir=str(work / "demo" / "data"),
+                            train_config="configs/train/tiny-demo.yaml", run_dir=str(trunk), nproc=2, max_steps=90,
+                            train_overrides=QUICK_TRAIN_OVERRIDES, branch_config="configs/branch/tiny.yaml",
+                            branch_overrides=[*DEMO_BRANCH_OVERRIDES, *QUICK_BRANCH_OVERRIDES])
     assert [b["step"] for b in extended["branches"]] == [90]
-    assert (tmp_path / "trunk" / "milestones" / "step_00000030" / "COMPLETE.json").read_text() == before
+    assert (trunk / "milestones" / "step_00000030" / "COMPLETE.json").read_text() == before
     assert len(versions(tracking, "genesis-base")) == 3 and len(versions(tracking, "genesis-dpo")) == 3
 
 
