@@ -27,10 +27,11 @@ MILESTONE_EVENT = "genesis.milestone.completed"
 BRANCH_POOL_LABEL = "genesis.branch.work-pool"  # the trigger of the branch deployment on that pool matches it
 
 
-def milestone_event(milestone: Path) -> dict:
+def milestone_event(milestone: Path, tracking_uri: str | None = None) -> dict:
     """The `genesis.milestone.completed` event of a complete milestone: the milestone, its trunk (run directory and
-    saved config) and how the trunk branches (its config's `branches`: recipe, overrides, work pool). The resource
-    carries the work pool as a label, so only the branch deployment on that pool answers."""
+    saved config, the MLflow store it registers into) and how the trunk branches (its config's `branches`: recipe,
+    overrides, work pool). The resource carries the work pool as a label, so only the branch deployment on that
+    pool answers."""
     milestone = Path(milestone).resolve()
     run, step = RunDir.of_checkpoint(milestone), step_of(milestone.name)
     plan = branch_plan_of(read_meta(milestone).get("config"), str(milestone))
@@ -41,11 +42,12 @@ def milestone_event(milestone: Path) -> dict:
                          BRANCH_POOL_LABEL: plan.work_pool if recipe else ""},
             "payload": {"milestone": str(milestone), "step": step, "run_dir": str(run.root),
                         "train_config": str(run.config), "branch_config": recipe,
-                        "branch_overrides": list(plan.overrides), "work_pool": plan.work_pool}}
+                        "branch_overrides": list(plan.overrides), "work_pool": plan.work_pool,
+                        "tracking_uri": tracking_uri}}
 
 
-def emit_milestone_event(milestone: Path) -> None:
-    emit_event(**milestone_event(milestone))
+def emit_milestone_event(milestone: Path, tracking_uri: str | None = None) -> None:
+    emit_event(**milestone_event(milestone, tracking_uri))
 
 
 def plot_curves(run_dir: Path) -> Path | None:
@@ -66,7 +68,7 @@ def trunk_task(train_config: str, overrides: list[str], nproc: int, tracker: Tra
         progress.update()
 
     def reached(milestone: Path, base_version: str) -> None:
-        emit_milestone_event(milestone)
+        emit_milestone_event(milestone, tracker.uri)
         if on_milestone is not None:
             on_milestone(milestone, base_version)
 

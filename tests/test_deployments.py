@@ -73,6 +73,19 @@ class Server:
             time.sleep(2)
         return flow_run
 
+    def wait(self, flow_run_id: str, timeout: float) -> dict:
+        """The flow run once in a final state (or as it is at the timeout)."""
+        deadline = time.time() + timeout
+        while True:
+            flow_run = self.call("GET", f"/flow_runs/{flow_run_id}")
+            if flow_run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.time() > deadline:
+                return flow_run
+            time.sleep(2)
+
+    def flow_runs(self, deployment: str) -> list[dict]:
+        return self.call("POST", "/flow_runs/filter",
+                         {"deployments": {"id": {"any_": [self.deployment(deployment)["id"]]}}, "sort": "START_TIME_ASC"})
+
     def logs(self, flow_run_id: str) -> str:
         logs = self.call("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
         return "\n".join(log["message"] for log in logs)
@@ -103,8 +116,9 @@ def deployed(tmp_path_factory):
             done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         server.worker_log = root / "worker.log"
+        # A worker that polls every 2 s (Prefect's default: 10 s), so a triggered branch starts soon after its event.
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "genesis-process"],
-                                  cwd=root / "home", env=env, stdout=open(server.worker_log, "w"),
+                                  cwd=root / "home", env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=open(server.worker_log, "w"),
                                   stderr=subprocess.STDOUT, start_new_session=True)
         yield server
     finally:
@@ -139,7 +153,8 @@ def test_a_deployed_data_flow_runs_on_a_process_worker_with_a_bare_environment(d
     # The milestone trigger starts branch-flow/branch with parameters its form has.
     automations = deployed.call("POST", "/automations/filter", {})
     (action,) = [a for automation in automations for a in automation["actions"] if a["type"] == "run-deployment"]
-    assert action["parameters"] == {"milestone": "{{ event.payload.milestone }}"}
+    assert action["parameters"] == {"milestone": "{{ event.payload.milestone }}",
+                                    "tracking_uri": "{{ event.payload.tracking_uri }}"}
     assert "milestone" in deployed.deployment("branch-flow/branch")["parameter_openapi_schema"]["properties"]
     data = deployed.deployment("data-flow/data")
     fields = data["parameter_openapi_schema"]["properties"]  # the run form: typed fields, defaults, descriptions
@@ -177,3 +192,73 @@ def test_a_deployed_branch_flow_runs_on_a_process_worker_and_lands_in_mlflow(dep
     (dpo,) = client.search_model_versions("name='genesis-dpo'")
     assert dpo.tags["milestone_step"] == "150"
     assert (tmp_path / "branch" / "eval.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_a_milestone_branches_itself_on_its_pool_while_the_trunk_trains_and_the_watcher_fills_gaps_once(
+        deployed, tiny_corpus, tmp_path):
+    """#25.3 end to end on a real server: a deployed trunk reaches a milestone → its genesis.milestone.completed event
+    fires the deployed trigger → branch-flow runs on the pool the trunk's config names, while the trunk trains on →
+    SFT and DPO registered with the milestone as parent. The deployed watcher, run once, launches a branch for a
+    milestone that has none (a second trunk, on its trunk's pool) and leaves the one that has (growing or done)."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from genesis.run_dir import BranchDir
+
+    trunk, other = tmp_path / "trunk", tmp_path / "other-trunk"
+    milestone, other_milestone = (path / "milestones" / "step_00000100" for path in (trunk, other))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # One milestone, at 100; then 99 steps more (≈ 40 s alone, more beside the branch), in which the branch starts
+    # (≈ 25 s after the step: registration, event, trigger, the worker's poll, the flow run's process).
+    overrides = ["model.vocab_size=2048", "micro_batch_size=4", "log_every=10", "checkpoint.save_every=100",
+                 "checkpoint.milestone_every=100", "eval.every=100", "optimizer.warmup_steps=2",
+                 f"branches.overrides={json.dumps(QUICK_BRANCH)}"]
+    pretrain = deployed.call("POST", f"/deployments/{deployed.deployment('pretrain-flow/pretrain')['id']}/create_flow_run",
+                             {"parameters": {"train_config": str(REPO / "configs" / "train" / "tiny-cpu.yaml"),
+                                             "data_dir": str(tiny_corpus), "run_dir": str(trunk), "max_steps": 199,
+                                             "nproc": 1, "overrides": overrides, "tracking_uri": tracking}})
+    deadline = time.time() + 600
+    while not BranchDir(trunk / "branches" / "step_00000100").growing and time.time() < deadline:
+        assert deployed.call("GET", f"/flow_runs/{pretrain['id']}")["state"]["type"] != "FAILED", \
+            deployed.logs(pretrain["id"])[-3000:]
+        if BranchDir(trunk / "branches" / "step_00000100").complete:
+            break
+        time.sleep(1)
+    (triggered,) = deployed.flow_runs("branch-flow/branch")
+    assert triggered["parameters"] == {"milestone": str(milestone), "tracking_uri": tracking}
+    assert triggered["work_pool_name"] == "genesis-process"
+
+    # A second trunk whose milestone has no branch; the watcher looks at both.
+    other.mkdir()
+    shutil.copy2(trunk / "config.yaml", other / "config.yaml")
+    shutil.copytree(milestone, other_milestone)
+    watcher = deployed.run("milestone-watcher/milestone-watcher",
+                           {"run_dirs": [str(trunk), str(other)], "tracking_uri": tracking}, timeout=300)
+    assert watcher["state"]["type"] == "COMPLETED", deployed.logs(watcher["id"])[-3000:]
+    deadline = time.time() + 30  # a flow run's last log lines reach the API shortly after its final state
+    while f"launched a branch for {other_milestone}" not in deployed.logs(watcher["id"]) and time.time() < deadline:
+        time.sleep(1)
+    assert f"launched a branch for {other_milestone}" in deployed.logs(watcher["id"]), deployed.logs(watcher["id"])
+    assert f"launched a branch for {milestone}" not in deployed.logs(watcher["id"])
+    runs = deployed.flow_runs("branch-flow/branch")
+    assert sorted(run["parameters"]["milestone"] for run in runs) == sorted([str(milestone), str(other_milestone)])
+
+    pretrain = deployed.wait(pretrain["id"], timeout=600)
+    branches = [deployed.wait(run["id"], timeout=600) for run in runs]
+    for run in (pretrain, *branches):
+        assert run["state"]["type"] == "COMPLETED", (run["name"], run["state"], deployed.logs(run["id"])[-3000:],
+                                                     deployed.worker_log.read_text()[-3000:])
+    triggered = next(run for run in branches if run["id"] == triggered["id"])
+    assert triggered["start_time"] < pretrain["end_time"], (triggered["start_time"], pretrain["end_time"])  # overlap
+
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    for path in (milestone, other_milestone):
+        (base,) = client.search_model_versions(f"name='genesis-base' and tag.milestone_path='{path}'")
+        (sft,) = [v for v in client.search_model_versions("name='genesis-sft'") if v.tags["parent_version"] == str(base.version)]
+        (dpo,) = [v for v in client.search_model_versions("name='genesis-dpo'") if v.tags["parent_version"] == str(sft.version)]
+        assert dpo.tags["milestone_step"] == "100" and BranchDir(path.parent.parent / "branches" / path.name).complete
+    assert len(client.search_model_versions("name='genesis-dpo'")) == 2  # each milestone branched once

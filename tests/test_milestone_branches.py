@@ -38,13 +38,13 @@ def test_the_milestone_event_carries_the_trunk_and_the_recipe_and_pool_its_confi
     run_dir = tmp_path / "genesis-1b"
     milestone = fake_milestone(run_dir, 20000, {"recipe": "configs/branch/genesis-1b.yaml", "work_pool": "gpu-b",
                                                 "overrides": ["sft.epochs=1"]})
-    event = milestone_event(milestone)
+    event = milestone_event(milestone, "sqlite:////trunk/mlflow.db")
     assert event["event"] == MILESTONE_EVENT
     assert event["resource"][BRANCH_POOL_LABEL] == "gpu-b"
     assert event["payload"] == {
         "milestone": str(milestone), "step": 20000, "run_dir": str(run_dir), "train_config": str(run_dir / "config.yaml"),
         "branch_config": str(REPO / "configs" / "branch" / "genesis-1b.yaml"), "branch_overrides": ["sft.epochs=1"],
-        "work_pool": "gpu-b"}
+        "work_pool": "gpu-b", "tracking_uri": "sqlite:////trunk/mlflow.db"}
     # What the trigger starts (the milestone alone) grows with that recipe, not the tiny CPU one.
     recipe = milestone_recipe(str(milestone))
     assert recipe.name == "genesis-1b" and recipe.device == "cuda" and recipe.sft.epochs == 1
@@ -78,11 +78,12 @@ def test_no_branch_path_defaults_to_the_cpu_demo():
         if "genesis-1b" in path.name:
             assert plan.recipe.name == "genesis-1b.yaml" and plan.work_pool != "genesis-process", path
 
-    # The deployed trigger answers only events for its own pool and passes the milestone alone.
+    # The deployed trigger answers only events for its own pool and passes the milestone and the trunk's store.
     deployments = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
     (trigger,) = deployments["branch"]["triggers"]
     assert trigger["match"]["genesis.branch.work-pool"] == deployments["branch"]["work_pool"]["name"]
-    assert trigger["parameters"] == {"milestone": "{{ event.payload.milestone }}"}
+    assert trigger["parameters"] == {"milestone": "{{ event.payload.milestone }}",
+                                     "tracking_uri": "{{ event.payload.tracking_uri }}"}
     assert "parameters" not in deployments["milestone-watcher"]
 
 
