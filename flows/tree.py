@@ -5,6 +5,8 @@ that finds milestones without a branch and launches them on the work pool their 
 from __future__ import annotations
 
 import contextvars
+import logging
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +23,24 @@ from lineage.registry import connect
 from tasks.branch import milestones_to_branch_task
 from tasks.lineage import lineage_task, recorded_trunks_task
 from tasks.trunk import trunk_task
+
+
+BRANCH_THREAD = "genesis-branch"
+
+
+class _BranchThreadTimeouts(logging.Filter):
+    """Prefect warns, for every task with a timeout run off the main thread, that the timeout cannot interrupt a
+    blocking call. genesis_flow's branches run in a thread of their own on purpose (the trunk's follower keeps the
+    main thread), and their timeouts are day-long safety nets that take effect once a blocking call returns: true, and
+    noted here rather than repeated for every task of every branch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (threading.current_thread().name.startswith(BRANCH_THREAD)
+                    and str(record.msg).startswith("Timeout of %s seconds configured for this task, but the task is "
+                                                   "running in a worker thread"))
+
+
+logging.getLogger("prefect.task_runs").addFilter(_BranchThreadTimeouts())
 
 
 @flow(name="genesis-flow", log_prints=False)
@@ -64,7 +84,7 @@ def genesis_flow(corpus: str = CORPUS, data_dir: str = DATA_DIR, corpus_override
         return branch_flow.with_options(flow_run_name=f"branch {Path(milestone).name}")(
             milestone, branch_config, overrides=branch_overrides, tracking_uri=tracker.uri, return_state=True)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="branch") as branches:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=BRANCH_THREAD) as branches:
         def grow_a_branch(milestone: Path, base_version: str) -> None:
             # Called by the trunk task between two reads of the trainer's output: hand the branch to the thread
             # and return at once, so the trunk's log keeps flowing and a failing branch never reaches the trunk.

@@ -93,31 +93,34 @@ def test_a_failing_branch_beside_the_trunk_leaves_the_trunk_training_and_its_log
     """genesis_flow with a branch that fails: the trunk trains to its last step, its log lines keep arriving in
     Prefect while the branch runs, and the flow run fails only after the trunk, naming the branch."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     import flows.tree
     from genesis.run_dir import RunDir
 
     monkeypatch.setattr(flows.tree, "data_flow", lambda *args, **kwargs: {"data_dir": str(tiny_corpus)})
-    monkeypatch.setenv("GENESIS_BRANCH_FAIL_STAGE", "sft")  # after the export and the data: a branch that fails
+    monkeypatch.setenv("GENESIS_BRANCH_FAIL_STAGE", "dpo")  # after the export, the data and SFT: a branch that fails
     run_dir = tmp_path / "trunk"
+    # One milestone, at 40, then 39 steps (≈ 25 s on one core) beside its registration and the failing branch.
     state = flows.tree.genesis_flow(
-        data_dir=str(tiny_corpus), train_config=str(TINY_CPU), run_dir=str(run_dir), max_steps=60, nproc=1,
-        train_overrides=["model.vocab_size=2048", "micro_batch_size=4", "log_every=1", "checkpoint.save_every=30",
-                         "checkpoint.milestone_every=30", "eval.every=30", "optimizer.warmup_steps=2"],
-        return_state=True)
+        data_dir=str(tiny_corpus), train_config=str(TINY_CPU), run_dir=str(run_dir), max_steps=79, nproc=1,
+        train_overrides=["model.vocab_size=2048", "micro_batch_size=16", "log_every=1", "checkpoint.save_every=40",
+                         "checkpoint.milestone_every=40", "eval.every=40", "optimizer.warmup_steps=2"],
+        branch_overrides=["sft.max_steps=3"], return_state=True)
     assert state.is_failed(), state
-    assert "the trunk trained to step 60, but branch step_00000030" in state.message and "step_00000060" in state.message, \
-        state.message
-    assert RunDir(run_dir).read_latest()["step"] == 60
+    assert "the trunk trained to step 79, but branch step_00000040 (" in state.message, state.message
+    assert "injected failure before the dpo stage" in state.message
+    assert RunDir(run_dir).read_latest()["step"] == 79
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
-        branches = [r for r in runs if r.name == "branch step_00000030"]
+        branches = [r for r in runs if r.name == "branch step_00000040"]
         assert len(branches) == 1 and branches[0].state.is_failed(), branches
         branch = branches[0]
         assert branch.parent_task_run_id is not None  # a subflow of the genesis-flow run
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        branch_logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[branch.id])))
+    assert branch_logs and not [log.message for log in branch_logs if "worker thread" in log.message]
     started, ended = branch.start_time, branch.end_time
     during = [log for log in logs if started < log.timestamp < ended and log.message.startswith("step ")]
     steps = [(log.timestamp.isoformat(), log.message[:20]) for log in logs if log.message.startswith("step ")]
