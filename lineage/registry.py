@@ -61,16 +61,20 @@ def tracking_uri(explicit: str | None = None) -> str:
 
 
 # MLflow's INFO chatter (creating the SQLite tables, "Skip logging GPU metrics", "Started monitoring system
-# metrics" at every run) and huggingface_hub's note on each model logged ("Repo card metadata block was not
-# found"): not what a flow's log is for. MLflow's warnings still show.
-CHATTY_MLFLOW_LOGGERS = ("mlflow.store.db.utils", "mlflow.system_metrics", "alembic", "huggingface_hub.repocard")
+# metrics" at every run), huggingface_hub's note on each model logged ("Repo card metadata block was not found")
+# and torchao's on being imported by transformers as a model is logged (its CUDA extensions not loadable, no
+# Triton; Genesis needs neither unless parallel.float8, which checks for itself; torch's notes on the enums it
+# registers): not what a flow's log is for. MLflow's warnings still show.
+CHATTY_MLFLOW_LOGGERS = ("mlflow.store.db.utils", "mlflow.system_metrics", "alembic", "huggingface_hub.repocard",
+                         "torchao", "torch.utils._pytree")
 
 
 def quiet_mlflow() -> None:
     import logging
 
     for name in CHATTY_MLFLOW_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR if name.startswith("huggingface_hub") else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR if name.startswith(("huggingface_hub", "torch"))
+                                         else logging.WARNING)
 
 
 def connect(uri: str | None = None) -> Tracker:

@@ -99,7 +99,7 @@ def test_with_the_projects_registry_the_demos_commands_need_no_tracking_uri(monk
 NOISE = {
     "progress bars": re.compile(r"\d+%\|| it/s\]|examples/s\]"),
     "raw trainer dicts": re.compile(r"^\{'(loss|train_runtime|train_loss|eval_)"),
-    "warnings": re.compile(r"Warning: |warnings\.warn\(| \| WARNING "),
+    "warnings": re.compile(r"Warning: |warnings\.warn\(| \| WARNING |^W\d{4} "),
     "library chatter": re.compile(r"(^|\| )distributed\.|mlflow\.(system_metrics|store\.db)|temporary server|"
                                   r"prefect\.io/docs|prefect\.task_runner\.dask|huggingface_hub|Repo card metadata"),
     "tracebacks and lost logs": re.compile(r"^Traceback |Error logging to API|All connection attempts failed"),
