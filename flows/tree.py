@@ -128,11 +128,29 @@ def branch_deployment(work_pool: str) -> str:
     return f"{BRANCH_FLOW}/{sorted(d.name for d in found)[0]}"
 
 
+def waiting_branch_runs(deployment: str) -> set[str]:
+    """The milestones of the deployment's runs not yet final (scheduled, pending, running, paused): a branch run
+    queued on a busy pool holds no lock yet, and must not be launched again at every tick of the watcher."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    waiting = FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING,
+                                           StateType.PAUSED])
+    with get_client(sync_client=True) as client:
+        deployment_id = client.read_deployment_by_name(deployment).id
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                                     flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=waiting)))
+    return {absolute(run.parameters["milestone"]) for run in runs if run.parameters.get("milestone")}
+
+
 @flow(name="milestone-watcher", log_prints=False)
 def milestone_watcher(run_dirs: Sequence[str] = (), launch: Literal["deployment", "inline"] = "deployment",
                       deployment: str | None = None, tracking_uri: str | None = None) -> list[str]:
-    """Launch a branch for every complete milestone that has neither a finished nor a running branch, with the
-    recipe and on the work pool its trunk's training config names (branches.recipe, branches.work_pool).
+    """Launch a branch for every complete milestone that has neither a finished nor a running branch (nor a run of
+    the branch deployment waiting for a worker), with the recipe and on the work pool its trunk's training config
+    names (branches.recipe, branches.work_pool).
 
     Args:
         run_dirs: trunks to watch (relative to the repository, or absolute); empty: every trunk recorded in MLflow
@@ -155,6 +173,9 @@ def milestone_watcher(run_dirs: Sequence[str] = (), launch: Literal["deployment"
                 from prefect.deployments import run_deployment
 
                 name = deployment or branch_deployment(plan.work_pool)
+                if milestone in waiting_branch_runs(name):
+                    get_run_logger().info(f"{milestone}: a run of {name} for it is waiting or running; left to it")
+                    continue
                 run_deployment(name, parameters={"milestone": milestone, "tracking_uri": tracker.uri}, timeout=0,
                                flow_run_name=f"branch {Path(milestone).name}")
                 get_run_logger().info(f"launched a branch for {milestone} ({name}, work pool {plan.work_pool})")

@@ -202,7 +202,8 @@ def test_a_milestone_branches_itself_on_its_pool_while_the_trunk_trains_and_the_
     """#25.3 end to end on a real server: a deployed trunk reaches a milestone → its genesis.milestone.completed event
     fires the deployed trigger → branch-flow runs on the pool the trunk's config names, while the trunk trains on →
     SFT and DPO registered with the milestone as parent. The deployed watcher, run once, launches a branch for a
-    milestone that has none (a second trunk, on its trunk's pool) and leaves the one that has (growing or done)."""
+    milestone that has none (a second trunk, on its trunk's pool) and leaves the one that has (growing or done);
+    run again, it launches nothing (the branch it launched is waiting for the worker or growing)."""
     import shutil
 
     from mlflow import MlflowClient
@@ -246,6 +247,11 @@ def test_a_milestone_branches_itself_on_its_pool_while_the_trunk_trains_and_the_
     assert f"launched a branch for {milestone}" not in deployed.logs(watcher["id"])
     runs = deployed.flow_runs("branch-flow/branch")
     assert sorted(run["parameters"]["milestone"] for run in runs) == sorted([str(milestone), str(other_milestone)])
+    # Run again at once (the next tick, while that branch run waits for the worker or grows): nothing new.
+    again = deployed.run("milestone-watcher/milestone-watcher",
+                         {"run_dirs": [str(trunk), str(other)], "tracking_uri": tracking}, timeout=300)
+    assert again["state"]["type"] == "COMPLETED", deployed.logs(again["id"])[-3000:]
+    assert len(deployed.flow_runs("branch-flow/branch")) == 2, deployed.logs(again["id"])
 
     pretrain = deployed.wait(pretrain["id"], timeout=600)
     branches = [deployed.wait(run["id"], timeout=600) for run in runs]
