@@ -77,20 +77,13 @@ def prefect_server():
     import logging
 
     from prefect.server.api.server import SubprocessASGIServer
+
+    from genesis.logs import quieted
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    @contextmanager
-    def unannounced():  # Prefect's "Starting temporary server ... See https://..." notes: the demo says it itself
-        prefect_logger = logging.getLogger("prefect")
-        level = prefect_logger.level
-        prefect_logger.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            prefect_logger.setLevel(level)
-
     server = SubprocessASGIServer(port=_free_port())
-    with unannounced():
+    # Prefect's "Starting temporary server ... See https://..." notes: the demo says it itself.
+    with quieted("prefect", logging.WARNING):
         server.start(timeout=120)
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
@@ -99,7 +92,7 @@ def prefect_server():
         from prefect.logging.handlers import APILogWorker
 
         APILogWorker.drain_all(timeout=30, at_exit=False)  # the runs' last log lines, sent before the server goes
-        with unannounced():
+        with quieted("prefect", logging.WARNING):
             server.stop()
 
 

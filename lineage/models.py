@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import logging
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from genesis.logs import quieted
 from lineage.tracking import Tracker
 
 MODEL_ARTIFACT = "model"  # the MLflow model's name; its `model/` folder is the Hugging Face directory
@@ -109,14 +109,7 @@ def _pipeline_classes_resolved():
             pipelines.check_task = original
 
 
-@contextmanager
 def _quiet():
     """MLflow's transformers flavor warns that a local directory has no Hub model card or license; Genesis writes
     its own card, and the rest says nothing a Genesis user can act on."""
-    logger = logging.getLogger("mlflow.transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return quieted("mlflow.transformers")
