@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genesis.errors import ConfigError
 
@@ -221,6 +221,13 @@ class ParallelConfig(StrictModel):
                     "per tensor ('tensorwise', whose FSDP all-gathers also go in float8); the output projection and "
                     "the loss stay bf16. Weights, optimizer state and checkpoints are unchanged, so an FP8 run and "
                     "a bf16 run resume each other's checkpoints (parallelize.py)")
+    @field_validator("float8", mode="before")
+    @classmethod
+    def _yaml_off_is_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false; `float8: off` is what a user writes (`on` stays refused: which
+        # recipe would it be?).
+        return "off" if value is False else value
+
     fsdp_unit_blocks: int = Field(
         default=1, ge=1,
         description="with several ranks: consecutive blocks sharded as one FSDP unit. FSDP runs Python hooks per "

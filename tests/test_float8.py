@@ -36,6 +36,19 @@ def test_float8_is_refused_beside_master_weights_or_fp32_compute():
     assert plan_parallel(ParallelConfig(), 1, "cpu").float8 == "off"
 
 
+def test_float8_off_reads_as_off_from_yaml_and_from_the_command_line(tmp_path):
+    # YAML 1.1 reads a bare `off` as false: `float8: off` in a config file and `parallel.float8=off` on the
+    # command line are what a user writes, and both mean the setting's 'off'.
+    from genesis.config import TrainConfig, load_config
+
+    path = tmp_path / "train.yaml"
+    path.write_text("model: tiny\ndata_dir: d\nrun_dir: r\nmax_steps: 10\nparallel:\n  float8: off\n")
+    assert load_config(TrainConfig, path).parallel.float8 == "off"
+    assert load_config(TrainConfig, path, ["parallel.float8=off"]).parallel.float8 == "off"
+    with pytest.raises(ConfigError, match="parallel.float8"):
+        load_config(TrainConfig, path, ["parallel.float8=on"])
+
+
 def test_genesis_train_refuses_float8_on_the_cpu_before_writing_anything(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(

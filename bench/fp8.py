@@ -1,0 +1,280 @@
+"""FP8 training (#27.1) on one GPU: speed of genesis-1b in FP8 against Genesis bf16 and HF compiled, and the
+`small` preset's validation loss trained in FP8 and in bf16 from the same seed and data.
+
+  speed     one `bench/train_step.py` process per configuration (a fresh process each, so no compiled graph or
+            allocator state carries from one into the next): Genesis bf16, Genesis FP8 (rowwise, tensorwise)
+            and HF compiled, at each micro-batch; the best micro-batch of each is compared.
+  quality   `python -m genesis_model.train --config configs/train/small-cycles.yaml`, cosine to --steps, once
+            with parallel.float8=off and once with =rowwise (or --recipe), side by side on the one GPU; the
+            trainer's own evaluation (the same held-out batches of every source) every --eval-every steps.
+            The runs' GPU readings (`gpu/0/...` in latest.json, #27.4) are kept as the tracker's check.
+
+Device commands (nvidia-h200; carry `.whl` holding pydantic, xxhash and torchao wheels, and for `quality`
+`runs/trunk-cycles-data`, made by `python bench/trunk_cycles.py --prepare-data`):
+
+    python3 bench/fp8.py speed --out $OUT/fp8.json
+    python3 bench/fp8.py quality --data runs/trunk-cycles-data --work /tmp/fp8q --out $OUT/fp8.json
+
+Each part appends its run to `--out` (bench.common.append_run) and the top level is recomputed from the newest
+speed and quality runs: `fp8_tok_s` (best micro-batch), `bf16_tok_s` (best), `hf_tok_s` (at FP8's best
+micro-batch), `fp8_vs_bf16`, `fp8_vs_hf`, `val_loss_rel_diff` ((FP8 − bf16) / bf16 at the last evaluation),
+`gpu`, `command` and `git_rev` of each part. The quality part also writes `fp8_quality.png` beside `--out`.
+
+CPU check (no FP8 there: the bf16 side alone, tiny model, a few steps): `python bench/fp8.py quality --smoke`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.common import RESULTS_DIR, append_run, environment, git_rev  # noqa: E402
+from bench.trunk_cycles import SMOKE_OVERRIDES, smoke_data  # noqa: E402
+
+CONFIG = REPO / "configs" / "train" / "small-cycles.yaml"
+
+
+def child_env() -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed
+
+
+def speed_configurations(micro_batches: list[int], recipes: list[str]) -> list[dict]:
+    """In the order they are measured: the three the figures need first (so a call cut short still has them),
+    then the other recipes and micro-batches."""
+    first, rest = micro_batches[0], micro_batches[1:]
+    configs = [{"impl": "genesis", "float8": "off", "mb": first}, {"impl": "genesis", "float8": recipes[0], "mb": first},
+               {"impl": "hf", "float8": "off", "mb": first}]
+    configs += [{"impl": "genesis", "float8": recipe, "mb": first} for recipe in recipes[1:]]
+    for mb in rest:
+        configs += [{"impl": "genesis", "float8": "off", "mb": mb}, {"impl": "genesis", "float8": recipes[0], "mb": mb},
+                    {"impl": "hf", "float8": "off", "mb": mb}]
+    return configs
+
+
+def run_speed(args) -> dict:
+    started = time.time()
+    runs, skipped, gpu = [], [], None
+    for config in speed_configurations(args.micro_batches, args.recipes):
+        label = f"{config['impl']} float8={config['float8']} mb {config['mb']}"
+        remaining = args.time_budget_s - (time.time() - started)
+        if remaining < args.min_config_s:
+            skipped.append(label)
+            print(f"speed: {label} skipped ({remaining:.0f} s of the budget left)", flush=True)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "step.json"
+            command = [sys.executable, str(REPO / "bench" / "train_step.py"), "--model", args.model,
+                       "--impl", config["impl"], "--micro-batches", str(config["mb"]), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--out", str(out)]
+            if config["float8"] != "off":
+                command += ["--float8", config["float8"]]
+            t0 = time.time()
+            try:
+                subprocess.run(command, cwd=REPO, env=child_env(), check=False, timeout=max(60.0, remaining))
+                result = json.loads(out.read_text()) if out.is_file() else {"runs": []}
+                error = None
+            except subprocess.TimeoutExpired:
+                result, error = {"runs": []}, f"stopped at the time budget after {time.time() - t0:.0f} s"
+        run = (result["runs"] or [{"error": error or "no result written"}])[0]
+        run.update(impl=config["impl"], micro_batch=config["mb"], float8=config["float8"],
+                   process_s=round(time.time() - t0, 1))
+        runs.append(run)
+        print(f"speed: {label}: {run.get('tok_s', run.get('error'))} tokens/s ({run['process_s']} s)", flush=True)
+        gpu = result.get("gpu", gpu)
+    best = {}
+    for key in ("off", *args.recipes, "hf"):
+        measured = [r for r in runs if "tok_s" in r and (r["impl"] == "hf" if key == "hf"
+                                                           else r["impl"] == "genesis" and r["float8"] == key)]
+        if measured:
+            best[key] = max(measured, key=lambda r: r["tok_s"])
+    figures: dict = {}
+    fp8_best = max((best[r] for r in args.recipes if r in best), key=lambda r: r["tok_s"], default=None)
+    if fp8_best is not None:
+        figures["fp8_tok_s"] = fp8_best["tok_s"]
+        figures["fp8_recipe"] = fp8_best["float8"]
+        figures["fp8_micro_batch"] = fp8_best["micro_batch"]
+        hf_same = [r for r in runs if r["impl"] == "hf" and "tok_s" in r and r["micro_batch"] == fp8_best["micro_batch"]]
+        if hf_same:
+            figures["hf_tok_s"] = hf_same[0]["tok_s"]
+            figures["fp8_vs_hf"] = round(fp8_best["tok_s"] / hf_same[0]["tok_s"], 3)
+    if "off" in best:
+        figures["bf16_tok_s"] = best["off"]["tok_s"]
+        figures["bf16_micro_batch"] = best["off"]["micro_batch"]
+        if fp8_best is not None:
+            figures["fp8_vs_bf16"] = round(fp8_best["tok_s"] / best["off"]["tok_s"], 3)
+    return {"part": "speed", "model": args.model, "gpu": gpu, "runs": runs, "skipped": skipped,
+            "figures": figures, "seconds": round(time.time() - started, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quality
+
+
+def read_curve(run_dir: Path) -> tuple[list[list], dict]:
+    """(validation loss per step from metrics.jsonl, the newest GPU readings there: `gpu/<rank>/...`, #27.4)."""
+    curve, gpu = {}, {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row.get("step"), int) and "val_loss/all" in row:
+                curve[row["step"]] = round(row["val_loss/all"], 5)
+            readings = {k: v for k, v in row.items() if k.startswith("gpu/")}
+            if readings:
+                gpu = {"step": row.get("step"), **readings}
+    return [[s, curve[s]] for s in sorted(curve)], gpu
+
+
+def plot_quality(curves: dict, out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, curve in curves.items():
+        if curve:
+            ax.plot([s for s, _ in curve], [v for _, v in curve], label=name, marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (all sources)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def run_quality(args) -> dict:
+    started = time.time()
+    variants = {"bf16": "off"} if args.smoke else {"bf16": "off", f"fp8_{args.recipe}": args.recipe}
+    processes = {}
+    for name, recipe in variants.items():
+        run_dir = args.work / name
+        command = [sys.executable, "-m", "genesis_model.train", "--config", str(CONFIG),
+                   *(SMOKE_OVERRIDES if args.smoke else []), f"data_dir={args.data}", f"run_dir={run_dir}",
+                   f"max_steps={args.steps}", "optimizer.schedule=cosine", f"eval.every={args.eval_every}",
+                   "checkpoint.milestone_every=0", f"parallel.float8={recipe}", "--resume", "auto"]
+        args.work.mkdir(parents=True, exist_ok=True)
+        log = open(args.work / f"{name}.log", "a")
+        log.write("$ " + shlex.join(command) + "\n")
+        log.flush()
+        processes[name] = (subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=log,
+                                            stderr=subprocess.STDOUT), log, run_dir)
+    deadline = started + args.time_budget_s
+    exits = {}
+    for name, (process, log, _) in processes.items():
+        try:
+            exits[name] = process.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            process.terminate()  # the trainer saves on SIGTERM; the curve so far is kept
+            exits[name] = f"stopped at the time budget ({process.wait()})"
+        log.close()
+    curves, gpu_readings, last = {}, {}, {}
+    for name, (_, _, run_dir) in processes.items():
+        curve, gpu = read_curve(run_dir)
+        curves[name] = curve
+        latest = json.loads((run_dir / "latest.json").read_text()) if (run_dir / "latest.json").is_file() else {}
+        last[name] = latest.get("step")
+        gpu_readings[name] = gpu
+    figures: dict = {}
+    fp8_name = next((n for n in curves if n.startswith("fp8")), None)
+    if fp8_name and curves["bf16"] and curves[fp8_name]:
+        bf16_at = dict((s, v) for s, v in curves["bf16"])
+        common = [s for s, _ in curves[fp8_name] if s in bf16_at]
+        if common:
+            step = common[-1]
+            fp8_at = dict((s, v) for s, v in curves[fp8_name])
+            figures = {"val_loss_step": step, "val_loss_bf16": bf16_at[step], "val_loss_fp8": fp8_at[step],
+                       "val_loss_rel_diff": round((fp8_at[step] - bf16_at[step]) / bf16_at[step], 5),
+                       "max_abs_rel_diff_over_curve": round(max(abs(fp8_at[s] - bf16_at[s]) / bf16_at[s]
+                                                                for s in common), 5)}
+    plot_path = args.out.parent / "fp8_quality.png"
+    plot_quality(curves, plot_path, f"small preset, {args.steps} steps, bf16 vs FP8 ({args.recipe})")
+    return {"part": "quality", "steps": args.steps, "recipe": args.recipe, "exits": exits, "last_step": last,
+            "val_loss": curves, "gpu_readings": gpu_readings, "figures": figures, "plot": plot_path.name,
+            "seconds": round(time.time() - started, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def top_level(path: Path, new_run: dict) -> dict:
+    """The issue's top-level record from the newest speed and newest quality run (this one included)."""
+    existing = json.loads(path.read_text()).get("runs", []) if path.is_file() else []
+    newest = {}
+    for run in [*existing, new_run]:
+        newest[run.get("part")] = run
+    latest: dict = {"gpu": new_run.get("machine"), "command": {}, "git_rev": {}}
+    for part in ("speed", "quality"):
+        run = newest.get(part)
+        if run is None:
+            continue
+        latest.update(run.get("figures", {}))
+        latest["command"][part] = run.get("command")
+        latest["git_rev"][part] = run.get("git_rev")
+    return latest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["speed", "quality"])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "fp8.json")
+    parser.add_argument("--time-budget-s", type=float, default=540)
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--model", default="genesis-1b")
+    speed.add_argument("--micro-batches", nargs="+", type=int, default=[8, 16])
+    speed.add_argument("--recipes", nargs="+", default=["rowwise", "tensorwise"], choices=["rowwise", "tensorwise"])
+    speed.add_argument("--steps", type=int, default=10)
+    speed.add_argument("--warmup", type=int, default=3)
+    speed.add_argument("--min-config-s", type=float, default=75,
+                       help="a configuration is not started with less of the budget left (its compile alone)")
+    quality = parser.add_argument_group("quality")
+    quality.add_argument("--data", type=Path, default=REPO / "runs" / "trunk-cycles-data")
+    quality.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "genesis-fp8-quality")
+    quality.add_argument("--quality-steps", dest="quality_steps", type=int, default=2000)
+    quality.add_argument("--eval-every", type=int, default=100)
+    quality.add_argument("--recipe", default="rowwise", choices=["rowwise", "tensorwise"])
+    quality.add_argument("--smoke", action="store_true", help="CPU check: tiny model, synthetic data, bf16 only")
+    args = parser.parse_args(argv)
+
+    if args.part == "quality":
+        args.steps = args.quality_steps
+        if args.smoke:
+            args.data = args.work / "data"
+            smoke_data(args.data)
+        elif not (args.data / "manifest.json").is_file():
+            print(f"error: {args.data}/manifest.json not found: make it with `python bench/trunk_cycles.py "
+                  f"--prepare-data --data {args.data}` and carry it", file=sys.stderr)
+            return 2
+        run = run_quality(args)
+    else:
+        run = run_speed(args)
+    run = {**environment(), "command": "python bench/fp8.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+           "git_rev": git_rev(), **run}
+    data = append_run(args.out, run, top_level(args.out, run))
+    print(json.dumps({k: v for k, v in data.items() if k != "runs"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
