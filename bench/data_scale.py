@@ -394,8 +394,13 @@ def per_core(docs: int, seconds: float | None, workers: int) -> float | None:
     return round(docs / (seconds * workers), 1) if seconds and seconds > 0 else None
 
 
-def run_size(size: float, args, middle: bool, log_dir: Path, largest: bool = True) -> dict:
-    root = scale_corpus.build(size, args.work, args.seed, args.plant_fraction, args.compression, args.build_processes)
+def run_size(size: float, args, middle: bool, log_dir: Path, with_datatrove: bool = True,
+             one_worker: bool | None = None) -> dict:
+    """One corpus size. `middle`: the SentencePiece anchor runs here; `one_worker` (default: `middle`): the same
+    prepare with 1 worker too; `with_datatrove`: datatrove runs here."""
+    one_worker = middle if one_worker is None else one_worker
+    root = scale_corpus.build(size, args.work, args.seed, args.plant_fraction, args.compression, args.build_processes,
+                              file_mb=args.file_mb)
     built = scale_corpus.read_info(root)
     truth = Truth(root)
     gb = built["text_bytes"] / 1e9
@@ -415,13 +420,16 @@ def run_size(size: float, args, middle: bool, log_dir: Path, largest: bool = Tru
             genesis["docs_per_core_s"] = per_core(truth.docs, genesis["wall_s"] - (training or 0), workers)
             genesis["docs_per_core_s_incl_tokenizer_training"] = per_core(truth.docs, genesis["wall_s"], workers)
             genesis["docs_per_cpu_s"] = round(truth.docs / genesis["cpu_s"], 1) if genesis["cpu_s"] else None
-            try:
-                removed, info = genesis_removals(truth, out)
-                genesis["quality"] = {**score(truth, removed, truth.texts), **info}
-                print(f"genesis: recall {genesis['quality']['recall']}, precision {genesis['quality']['precision']}",
-                      flush=True)
-            except (FileNotFoundError, KeyError, IndexError) as err:
-                genesis["quality"] = {"error": f"{type(err).__name__}: {err}"}
+            if args.skip_scoring:
+                genesis["quality"] = {"skipped": "--skip-scoring"}
+            else:
+                try:
+                    removed, info = genesis_removals(truth, out)
+                    genesis["quality"] = {**score(truth, removed, truth.texts), **info}
+                    print(f"genesis: recall {genesis['quality']['recall']}, precision "
+                          f"{genesis['quality']['precision']}", flush=True)
+                except (FileNotFoundError, KeyError, IndexError) as err:
+                    genesis["quality"] = {"error": f"{type(err).__name__}: {err}"}
             if middle and not args.skip_spm:
                 import pyarrow.parquet as pq
 
@@ -446,7 +454,7 @@ def run_size(size: float, args, middle: bool, log_dir: Path, largest: bool = Tru
         record["genesis"] = genesis
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
-        if middle and workers != 1:
+        if one_worker and workers != 1:
             out1 = args.work / f"genesis-{size:g}gb-w1"
             one = run_genesis(root, out1, 1, args, log_dir)
             one["seconds_per_gb"] = round(one["wall_s"] / gb, 2)
@@ -458,8 +466,8 @@ def run_size(size: float, args, middle: bool, log_dir: Path, largest: bool = Tru
                                                                        genesis["wall_s"] - (training or 0))
             if not args.keep:
                 shutil.rmtree(out1, ignore_errors=True)
-    if args.datatrove_largest_only and not largest:
-        record["datatrove"] = {"skipped": "--datatrove-largest-only"}
+    if not with_datatrove:
+        record["datatrove"] = {"skipped": f"datatrove runs at {args.datatrove_at:g} GB"}
     elif not args.skip_datatrove:
         if not tokenizer_json or not Path(tokenizer_json).is_file():
             record["datatrove"] = {"skipped": "no tokenizer.json (Genesis's run failed and no --datatrove-tokenizer)"}
@@ -514,6 +522,10 @@ def run_size(size: float, args, middle: bool, log_dir: Path, largest: bool = Tru
 # ------------------------------------------------------------------------------------------------------------
 
 
+def describe_host(host: dict) -> str:
+    return f"{host.get('cpu_count')} cores, {host.get('memory_gib')} GiB, load {host.get('loadavg')}"
+
+
 def _ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
@@ -529,6 +541,9 @@ def main() -> None:
     parser.add_argument("--plant-fraction", type=float, default=0.05)
     parser.add_argument("--compression", choices=("mixed", "gzip", "none"), default="mixed")
     parser.add_argument("--build-processes", type=int, default=None)
+    parser.add_argument("--file-mb", type=float, default=None,
+                        help="every corpus file this size at every corpus size (default: about size/48, so the "
+                             "files, and with them the stage's parts, grow with the corpus)")
     parser.add_argument("--genesis", type=Path, default=GENESIS if GENESIS.is_file() else Path(shutil.which("genesis") or GENESIS),
                         help="the genesis command (default: the repo's .venv, else PATH)")
     parser.add_argument("--executor", choices=("dask", "serial"), default="dask")
@@ -538,6 +553,17 @@ def main() -> None:
     parser.add_argument("--spm-sample-mb", type=float, default=256.0)
     parser.add_argument("--skip-genesis", action="store_true", help="corpus + datatrove only (needs --datatrove-tokenizer)")
     parser.add_argument("--skip-datatrove", action="store_true")
+    parser.add_argument("--skip-scoring", action="store_true",
+                        help="no recall/precision for Genesis (scoring reads every planted document back: minutes "
+                             "at 4 GB); for runs that measure memory and time only")
+    parser.add_argument("--figures", nargs="+", default=None,
+                        help="the top-level figures this run sets (default: all it measured); e.g. a run of "
+                             "--sizes 1 --skip-datatrove --figures dask_2_vs_1 leaves the scale figures alone")
+    parser.add_argument("--datatrove-at", type=float, default=None,
+                        help="the one size datatrove runs at (default: every size); the comparison is read there")
+    parser.add_argument("--one-worker-at", type=float, default=None,
+                        help="the size at which the 1-worker prepare runs for dask_2_vs_1 (default: the middle "
+                             "size; 0: none)")
     parser.add_argument("--datatrove-largest-only", action="store_true",
                         help="run datatrove at the largest size only (where vs_datatrove and its recall are read)")
     parser.add_argument("--skip-spm", action="store_true")
@@ -556,6 +582,9 @@ def main() -> None:
     log_dir.mkdir(exist_ok=True)
     sizes = sorted(args.sizes)
     middle = sizes[len(sizes) // 2]
+    if args.datatrove_largest_only:
+        args.datatrove_at = sizes[-1]
+    one_worker_at = middle if args.one_worker_at is None else args.one_worker_at
     host_start = host_contention()
     run: dict = {**environment(), "git_rev": git_rev(), "git_dirty": git_dirty(("data_prep", "cli", "genesis")),
                  "command": " ".join(["python", *sys.argv]),
@@ -563,7 +592,9 @@ def main() -> None:
                  "plant_fraction": args.plant_fraction, "sizes": {}}
     started = time.perf_counter()
     for size in sizes:
-        run["sizes"][f"{size:g}"] = run_size(size, args, size == middle, log_dir, largest=size == sizes[-1])
+        run["sizes"][f"{size:g}"] = run_size(size, args, size == middle, log_dir,
+                                             with_datatrove=args.datatrove_at in (None, size),
+                                             one_worker=size == one_worker_at)
     run["host_end"] = host_contention()
     run["bench_s"] = round(time.perf_counter() - started, 1)
 
@@ -576,8 +607,11 @@ def main() -> None:
 
     peak_rss = {k: {"driver": v["genesis"]["driver_peak_rss_gib"], "max_worker": v["genesis"]["max_worker_peak_rss_gib"],
                     "tree": v["genesis"]["tree_peak_rss_gib"]} for k, v in ok.items()}
-    genesis_large = ok.get(large, {}).get("genesis", {})
-    datatrove_large = per_size.get(large, {}).get("datatrove", {})
+    # throughput and quality against datatrove: at the size datatrove ran (the largest when it ran at every size)
+    compared = f"{args.datatrove_at:g}" if args.datatrove_at is not None else large
+    genesis_large = ok.get(compared, {}).get("genesis", {})
+    datatrove_large = per_size.get(compared, {}).get("datatrove", {})
+    two_vs_one = f"{one_worker_at:g}"
     latest = {
         "sizes_gb": [per_size[f"{s:g}"]["size_gb"] for s in sizes],
         "peak_rss_gib": peak_rss,
@@ -587,8 +621,8 @@ def main() -> None:
         # the tokenizer's training is a fixed cost (a bounded sample), which alone makes seconds/GB fall with size
         "time_per_gb_growth_excl_tokenizer_training": _ratio(rss(large, "seconds_per_gb_excl_tokenizer_training"),
                                                              rss(small, "seconds_per_gb_excl_tokenizer_training")),
-        "dask_2_vs_1": per_size.get(mid, {}).get("dask_2_vs_1"),
-        "dask_2_vs_1_excl_tokenizer_training": per_size.get(mid, {}).get("dask_2_vs_1_excl_tokenizer_training"),
+        "dask_2_vs_1": per_size.get(two_vs_one, {}).get("dask_2_vs_1"),
+        "dask_2_vs_1_excl_tokenizer_training": per_size.get(two_vs_one, {}).get("dask_2_vs_1_excl_tokenizer_training"),
         "docs_per_core_s": genesis_large.get("docs_per_core_s"),
         "datatrove_docs_per_core_s": datatrove_large.get("docs_per_core_s"),
         "vs_datatrove": _ratio(genesis_large.get("docs_per_core_s"), datatrove_large.get("docs_per_core_s")),
@@ -599,7 +633,8 @@ def main() -> None:
         "tokenize_vs_spm": {k: per_size.get(mid, {}).get("tokenize_vs_spm", {}).get(k)
                             for k in ("stage_vs_spm_per_process", "mb_s_1proc", "stage_mb_s_per_process",
                                       "scaling_2proc", "baseline_disturbed")},
-        "figures_at_gb": {"throughput_and_quality": sizes[-1], "dask_2_vs_1_and_tokenize": middle},
+        "figures_at_gb": {"throughput_and_quality": float(compared), "dask_2_vs_1": one_worker_at or None,
+                          "tokenize": middle},
         "workers": args.workers,
         "cpu_count": host_start["cpu_count"],
         "loadavg_start": host_start["loadavg"],
@@ -607,6 +642,16 @@ def main() -> None:
         "command": run["command"],
         "git_rev": run["git_rev"],
     }
+    # A run that measured only some figures (e.g. dask_2_vs_1 alone, on another machine) leaves the others as the
+    # earlier run measured them; `figure_runs` says which run (date, host, command) each top-level figure is from.
+    latest = {k: v for k, v in latest.items() if v is not None and v != {} and not
+              (isinstance(v, dict) and all(x is None for x in v.values()))
+              and (not args.figures or k in args.figures or k in ("command", "git_rev"))}
+    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    origin = f"{run['date']} · {describe_host(host_start)} · {run['command']}"
+    latest["figure_runs"] = {**earlier.get("figure_runs", {}),
+                             **{k: origin for k in latest if k not in ("command", "git_rev", "workers", "cpu_count",
+                                                                       "loadavg_start", "loadavg_end")}}
     append_run(args.out, run, latest)
     print(json.dumps(latest, indent=1))
 

@@ -3,7 +3,8 @@
 # numpy, pyarrow, tqdm and tokenizers: the wheels it lacks travel in the git-ignored .whl/ (pydantic, xxhash) and
 # .whl-data/ (dask + distributed and what they need beyond the image; datatrove and its pure-Python
 # dependencies), e.g.
-#   run(command="bash bench/data_scale_device.sh 0.05 0.15 0.45", carry=[".whl", ".whl-data"])
+#   run(command="bash bench/data_scale_device.sh --sizes 0.25 1 4 --workers 14 --skip-datatrove", carry=[".whl", ".whl-data"])
+# (every argument goes to bench/data_scale.py; copy ../shared/data/pretrain to .whl-data/kit first)
 # Results go to bench/results/data_scale.json and are copied to $OUT.
 set -euo pipefail
 # The data kit the scale corpus is cut from, where bench/scale_corpus.py looks for it (../shared/data), when the
@@ -20,8 +21,8 @@ export PYTHONPATH=/tmp/site
 printf '#!/bin/sh\nexec python3 -m cli.main "$@"\n' > /tmp/genesis
 printf '#!/bin/sh\nPYTHONPATH=/tmp/dt:/tmp/site exec python3 "$@"\n' > /tmp/datatrove-python
 chmod +x /tmp/genesis /tmp/datatrove-python
-python3 bench/data_scale.py --sizes "$@" --workers 2 --work /tmp/data-scale --genesis /tmp/genesis \
-    --datatrove-python /tmp/datatrove-python --run-timeout 420 --datatrove-largest-only || status=$?
+python3 bench/data_scale.py --work /tmp/data-scale --genesis /tmp/genesis --datatrove-python /tmp/datatrove-python \
+    "$@" || status=$?
 cp bench/results/data_scale.json "${OUT:-/tmp}/" 2>/dev/null || true
 cp -r /tmp/data-scale/logs "${OUT:-/tmp}/" 2>/dev/null || true
 exit "${status:-0}"

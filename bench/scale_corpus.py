@@ -319,8 +319,8 @@ def _build_file(job: dict) -> dict:
     return {"rows": rows, "pairs": pairs, "path": str(path)}
 
 
-def corpus_dir(out: Path, size_gb: float, seed: int) -> Path:
-    return Path(out) / f"corpus-{size_gb:g}gb-seed{seed}"
+def corpus_dir(out: Path, size_gb: float, seed: int, file_mb: float | None = None) -> Path:
+    return Path(out) / f"corpus-{size_gb:g}gb-seed{seed}{f'-{file_mb:g}mb' if file_mb else ''}"
 
 
 def _mean_doc_bytes(seed: int, source: str, samples: int = 200) -> float:
@@ -328,12 +328,14 @@ def _mean_doc_bytes(seed: int, source: str, samples: int = 200) -> float:
 
 
 def build(size_gb: float, out: Path, seed: int = 0, plant_fraction: float = 0.05, compression: str = "mixed",
-          processes: int | None = None, log=print) -> Path:
-    """Build (or reuse) the corpus of about `size_gb` × 10⁹ bytes of text; returns its directory."""
-    root = corpus_dir(out, size_gb, seed)
+          processes: int | None = None, log=print, file_mb: float | None = None) -> Path:
+    """Build (or reuse) the corpus of about `size_gb` × 10⁹ bytes of text; returns its directory. `file_mb`: the
+    size of every file, whatever the corpus size (a hub dataset's shards are one size however many there are);
+    unset, files are about size/48 (at least 256 kB, at most 64 MB)."""
+    root = corpus_dir(out, size_gb, seed, file_mb)
     params = {"version": BUILD_VERSION, "size_gb": size_gb, "seed": seed, "plant_fraction": plant_fraction,
               "compression": compression, "sources": {k: [v[0], v[1], list(v[2])] for k, v in SOURCES.items()},
-              "recipes": RECIPES}
+              "recipes": RECIPES, **({"file_mb": file_mb} if file_mb else {})}
     params = json.loads(json.dumps(params))  # as build.json holds it (tuples → lists)
     done = root / "build.json"
     if done.is_file() and json.loads(done.read_text()).get("params") == params:
@@ -342,7 +344,7 @@ def build(size_gb: float, out: Path, seed: int = 0, plant_fraction: float = 0.05
     started = time.perf_counter()
     load_pools()
     total = size_gb * 1e9 / (1 + plant_fraction)
-    file_bytes = min(64e6, max(256e3, size_gb * 1e9 / 48))
+    file_bytes = file_mb * 1e6 if file_mb else min(64e6, max(256e3, size_gb * 1e9 / 48))
     layout = {}
     for position, (name, (_, share, _)) in enumerate(SOURCES.items()):
         files = max(4, round(total * share / file_bytes))
@@ -447,9 +449,10 @@ def main() -> None:
     parser.add_argument("--plant-fraction", type=float, default=0.05)
     parser.add_argument("--compression", choices=("mixed", "gzip", "none"), default="mixed")
     parser.add_argument("--processes", type=int, default=None)
+    parser.add_argument("--file-mb", type=float, default=None, help="every file this size (default: about size/48)")
     args = parser.parse_args()
     for size in args.size_gb:
-        build(size, args.out, args.seed, args.plant_fraction, args.compression, args.processes)
+        build(size, args.out, args.seed, args.plant_fraction, args.compression, args.processes, file_mb=args.file_mb)
 
 
 if __name__ == "__main__":
