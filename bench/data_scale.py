@@ -420,8 +420,8 @@ def run_size(size: float, args, middle: bool, log_dir: Path, with_datatrove: boo
             genesis["docs_per_core_s"] = per_core(truth.docs, genesis["wall_s"] - (training or 0), workers)
             genesis["docs_per_core_s_incl_tokenizer_training"] = per_core(truth.docs, genesis["wall_s"], workers)
             genesis["docs_per_cpu_s"] = round(truth.docs / genesis["cpu_s"], 1) if genesis["cpu_s"] else None
-            if args.skip_scoring:
-                genesis["quality"] = {"skipped": "--skip-scoring"}
+            if args.skip_scoring or args.score_at not in (None, size):
+                genesis["quality"] = {"skipped": "--skip-scoring" if args.skip_scoring else f"--score-at {args.score_at:g}"}
             else:
                 try:
                     removed, info = genesis_removals(truth, out)
@@ -556,6 +556,7 @@ def main() -> None:
     parser.add_argument("--skip-scoring", action="store_true",
                         help="no recall/precision for Genesis (scoring reads every planted document back: minutes "
                              "at 4 GB); for runs that measure memory and time only")
+    parser.add_argument("--score-at", type=float, default=None, help="score Genesis's removals at this size only")
     parser.add_argument("--figures", nargs="+", default=None,
                         help="the top-level figures this run sets (default: all it measured); e.g. a run of "
                              "--sizes 1 --skip-datatrove --figures dask_2_vs_1 leaves the scale figures alone")

@@ -269,15 +269,16 @@ def _parts_by_source(config: CorpusConfig, data_dir: Path) -> dict[str, list[Par
 def tokenizer_sample(config: CorpusConfig, data_dir: Path) -> list[str]:
     """Lines for tokenizer training: `tokenizer.sample_sentences` in all, drawn across sources in proportion to
     their weights, from documents dedup kept. Bounded: each source's parts are visited in a seeded random order
-    and each part gives at most 1/16 of the source's quota, so the sample spans many parts and reading stops as
-    soon as the quota is met, however large the corpus."""
+    and each part gives at most 1/16 of the source's quota (1/n of a source of n < 16 parts), so the sample spans
+    many parts and reading stops as soon as the quota is met, however large the corpus."""
     rng = random.Random(config.seed)
     total_weight = sum(s.weight for s in config.sources)
     sample: list[str] = []
     for source, parts in _parts_by_source(config, data_dir).items():
         weight = next(s.weight for s in config.sources if s.name == source)
         want = max(1, int(config.tokenizer.sample_sentences * weight / total_weight))
-        per_part = max(1, -(-want // 16))
+        # 1/16 of the quota a part (the quota from fewer parts when the source has fewer than 16)
+        per_part = max(1, -(-want // max(1, min(16, len(parts)))))
         order = list(parts)
         rng.shuffle(order)
         lines: list[str] = []

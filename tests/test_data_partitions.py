@@ -287,6 +287,22 @@ def test_the_tokenizer_sample_is_bounded_by_its_quota_and_weighted_by_source(pla
     assert again == sample  # seeded: the same data dir gives the same tokenizer
 
 
+def test_the_tokenizer_sample_meets_its_quota_when_a_source_has_fewer_than_sixteen_parts(tmp_path):
+    # Each part gives at most 1/16 of its source's quota so the sample spans many parts; a source of two parts
+    # must still give its whole quota (a small corpus's tokenizer was trained on a sample a fraction of the size).
+    root = tmp_path / "corpus"
+    kit = {"web": kit_texts("c4_web_sample.jsonl.gz"), "books": kit_texts("openstax_textbooks.jsonl.gz")}
+    for name, texts in kit.items():
+        one_line = [f"{name}: " + " ".join(text.split()) for text in texts if len(text.split()) > 80][:200]
+        for number in range(2):
+            write_jsonl(root / name / f"part{number}.jsonl", one_line[number * 100:(number + 1) * 100])
+    corpus = planted_corpus(root, docs_per_shard=1000, tokenizer={"vocab_size": 1024, "sample_sentences": 100})
+    prepare(corpus, tmp_path / "data")
+    sample = tokenizer_sample(corpus, tmp_path / "data")
+    assert len(sample) == 100
+    assert sum(line.startswith("web") for line in sample) == 70 and sum(line.startswith("books") for line in sample) == 30
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The reference corpus, offline
 
