@@ -60,6 +60,10 @@ class EvalRecipe(StrictModel):
     batch_size: int = Field(default=16, ge=1, description="prompts sampled together (memory: a KV cache per "
                             "prompt for its prompt and max_new_tokens)")
     samples: int = Field(default=4, ge=0, description="replies shown side by side in eval.json")
+    max_format_drop: float = Field(default=0.02, ge=0, le=1, description="a DPO model whose format adherence falls "
+                                   "more than this below its SFT parent's is flagged: in eval.json "
+                                   "(`format_check`), in the registry (never @latest or @champion by itself) and on "
+                                   "the tree")
 
 
 class BranchConfig(StrictModel):

@@ -24,6 +24,9 @@ format_adherence      share of sampled replies to held-out prompts that are one 
                       prompts reads 0.92-0.98 on the same model (BENCHMARKS.md).
 hedging_score         mean rubric hedging of those sampled replies (lower is better); curiosity_score the
                       mean rubric curiosity (higher is better).
+format_check          SFT's and DPO's format adherence, the drop from one to the other and whether it is more
+                      than `max_format_drop` (`flagged`): DPO has cost format adherence in every measured run,
+                      and a flagged model is kept from the registry's @latest and @champion.
 """
 
 from __future__ import annotations
@@ -170,6 +173,13 @@ def reply_metrics(replies_per_prompt: list[list[dict]], prompts: list[list[dict]
     }
 
 
+def format_check(sft_adherence: float, dpo_adherence: float, max_drop: float) -> dict:
+    """Did DPO cost the format SFT taught? `flagged` when DPO's adherence is more than `max_drop` below SFT's."""
+    drop = round(sft_adherence - dpo_adherence, 6)
+    return {"sft": sft_adherence, "dpo": dpo_adherence, "drop": drop, "max_drop": max_drop,
+            "flagged": bool(drop > max_drop)}
+
+
 def evaluate_branch(base_dir: Path, sft_dir: Path, dpo_dir: Path, heldout_pairs: list[dict],
                     heldout_prompts: list[list[dict]], recipe: EvalRecipe, device: str) -> dict:
     from transformers import AutoTokenizer
@@ -194,6 +204,8 @@ def evaluate_branch(base_dir: Path, sft_dir: Path, dpo_dir: Path, heldout_pairs:
     dpo_vs_sft = preference_metrics(scores["dpo"], scores["sft"])
     result["dpo"]["reward_accuracy_vs_sft"] = dpo_vs_sft["preference_accuracy"]
     result["dpo"]["reward_accuracy_vs_sft_length_normalized"] = dpo_vs_sft["preference_accuracy_length_normalized"]
+    result["format_check"] = format_check(result["sft"]["format_adherence"], result["dpo"]["format_adherence"],
+                                          recipe.max_format_drop)
     result["samples"] = [
         {"prompt": prompt[-1]["content"], "sft": sft[0]["text"], "dpo": dpo[0]["text"]}
         for prompt, sft, dpo in list(zip(prompts, replies["sft"], replies["dpo"]))[: recipe.samples]

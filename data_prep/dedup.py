@@ -17,19 +17,16 @@ shingle or per document inside the permutations.
 from __future__ import annotations
 
 import hashlib
-import re
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 # Words are whitespace-separated tokens, lower-cased (datasketch's and datatrove's usual shingling).
-_WORD = re.compile(r"\S+")
-_SPACE = re.compile(r"\s+")
 
 
 def exact_key(text: str) -> bytes:
-    return hashlib.blake2b(_SPACE.sub(" ", text.lower()).strip().encode("utf-8"), digest_size=16).digest()
+    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
 
 
 @dataclass
@@ -45,9 +42,12 @@ class MinHasher:
         self.a = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
         self.b = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64)
 
-    def shingles(self, text: str) -> np.ndarray:
-        """Distinct 64-bit hashes of the document's lower-cased word n-grams."""
-        words = _WORD.findall(text.lower())
+    def shingles(self, text: str, distinct: bool = True) -> np.ndarray:
+        """Distinct 64-bit hashes of the document's lower-cased word n-grams (sorted). `distinct=False`: every
+        n-gram's hash in document order, repeats kept: a MinHash signature is a minimum, which repeats leave
+        unchanged, and skipping the sort is a tenth of the read stage."""
+        # NOTE: str.split(), not a regex: the same words (Unicode whitespace both ways), twice as fast.
+        words = text.lower().split()
         if not words:
             return np.zeros(1, dtype=np.uint64)
         # map() over C functions: no Python frame per word (this line was the read stage's largest cost).
@@ -59,11 +59,11 @@ class MinHasher:
         combined = np.zeros(len(words) - n + 1, dtype=np.uint64)
         for offset in range(n):
             combined = combined * np.uint64(1_000_003) + word_hashes[offset : len(words) - n + 1 + offset]
-        return np.unique(combined)
+        return np.unique(combined) if distinct else combined
 
     def signatures(self, texts: list[str]) -> np.ndarray:
         """(len(texts), num_perm) uint32 MinHash signatures."""
-        return self.signatures_of([self.shingles(text) for text in texts])
+        return self.signatures_of([self.shingles(text, distinct=False) for text in texts])
 
     def signatures_of(self, shingle_sets: list[np.ndarray]) -> np.ndarray:
         """Signatures of precomputed shingle sets (the caller keeps the sets to verify candidate pairs)."""

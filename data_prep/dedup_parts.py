@@ -22,6 +22,7 @@ Documents are numbered gid = part_index << 32 | row, with parts in corpus order.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -65,12 +66,38 @@ def _range_bounds(index: int, count: int) -> tuple[int, int | None]:
     return index * step, (None if index == count - 1 else (index + 1) * step)
 
 
-def bucket_job(band: int, hash_range: int, ranges: int, parts: list[tuple[int, str]], max_bucket_comparisons: int,
+PARTS_NAME = "parts.json"
+
+
+def _write_parts(work: Path, parts: list[Part]) -> Path:
+    """The corpus's parts, written once for every job to read: a job's arguments stay the same size however many
+    parts there are (passed to each job, the list made the driver and the task graph grow with the corpus)."""
+    path = work / PARTS_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([[part.index, part.source, part.name] for part in parts]))
+    os.replace(tmp, path)
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def _parts_of(path: str, stamp: tuple[int, int]) -> dict[int, Part]:
+    return {index: Part(index, source, name) for index, source, name in json.loads(Path(path).read_text())}
+
+
+def read_parts(parts_file: str) -> dict[int, Part]:
+    """index → Part, from the file `_write_parts` wrote (read once per worker process while it is unchanged)."""
+    stat = os.stat(parts_file)
+    return _parts_of(parts_file, (stat.st_mtime_ns, stat.st_size))
+
+
+def bucket_job(band: int, hash_range: int, ranges: int, parts_file: str, data_dir: str, max_bucket_comparisons: int,
                out: str) -> dict:
     """One band's (or the exact hashes') keys in one hash range, from every part → pairs sharing a bucket."""
     target = Path(out)
     if target.is_file():
         return {"skipped": True, "docs": 0}
+    kind = "exact" if band == EXACT else "bands"
+    parts = [(index, part.sig_path(Path(data_dir), kind)) for index, part in read_parts(parts_file).items()]
     low, high = _range_bounds(hash_range, ranges)
     keys, extra, gids = [], [], []
     for part_index, path in parts:
@@ -80,7 +107,8 @@ def bucket_job(band: int, hash_range: int, ranges: int, parts: list[tuple[int, s
         stop = len(column) if high is None else int(np.searchsorted(column, np.uint64(high), side="left"))
         if stop <= start:
             continue
-        block = np.asarray(array[start:stop] if band == EXACT else array[band, start:stop])
+        # a copy, so the part's memory map closes now instead of staying mapped (and resident) until the job ends
+        block = np.array(array[start:stop] if band == EXACT else array[band, start:stop])
         keys.append(block[:, 0])
         if band == EXACT:
             extra.append(block[:, 1])
@@ -117,12 +145,13 @@ def _dedup_texts(data_dir: Path, parts: dict[int, Part], gids: np.ndarray) -> di
     return texts
 
 
-def verify_job(pairs: np.ndarray, parts: dict[int, Part], data_dir: str, shingle_words: int, min_jaccard: float,
+def verify_job(pairs: np.ndarray, parts_file: str, data_dir: str, shingle_words: int, min_jaccard: float,
                out: str) -> dict:
     """A chunk of candidate pairs → whether each pair's shingle sets reach `min_jaccard`."""
     target = Path(out)
     if target.is_file():
         return {"skipped": True, "docs": 0}
+    parts = read_parts(parts_file)
     hasher = MinHasher(num_perm=8, shingle_words=shingle_words)  # only its shingling is used here
     texts = _dedup_texts(Path(data_dir), parts, np.unique(pairs))
     shingles = {gid: hasher.shingles(text) for gid, text in texts.items()}
@@ -156,15 +185,14 @@ def deduplicate_parts(data_dir: Path, parts: list[Part], clean, executor: Execut
     for folder in ("buckets", "verified"):
         (work / folder).mkdir(parents=True, exist_ok=True)
     ranges = max(1, -(-total_docs // shuffle_rows))
-    by_index = {part.index: part for part in parts}
+    parts_file = str(_write_parts(work, parts))
     bands = band_starts(clean.num_perm, clean.bands, clean.rows, clean.offset_bands) if clean.near_dedup else []
     jobs = []
     if clean.exact_dedup:
-        files = [(part.index, str(part.sig_path(data_dir, "exact"))) for part in parts]
-        jobs += [(EXACT, r, ranges, files, max_bucket_comparisons, str(work / "buckets" / f"exact_{r:05d}.npy"))
-                 for r in range(ranges)]
-    files = [(part.index, str(part.sig_path(data_dir, "bands"))) for part in parts]
-    jobs += [(band, r, ranges, files, max_bucket_comparisons, str(work / "buckets" / f"band{band:02d}_{r:05d}.npy"))
+        jobs += [(EXACT, r, ranges, parts_file, str(data_dir), max_bucket_comparisons,
+                  str(work / "buckets" / f"exact_{r:05d}.npy")) for r in range(ranges)]
+    jobs += [(band, r, ranges, parts_file, str(data_dir), max_bucket_comparisons,
+              str(work / "buckets" / f"band{band:02d}_{r:05d}.npy"))
              for band in range(len(bands)) for r in range(ranges)]
     executor.map(bucket_job, jobs, "dedup: buckets")
 
@@ -188,9 +216,7 @@ def deduplicate_parts(data_dir: Path, parts: list[Part], clean, executor: Execut
     candidates = np.unique(candidates, axis=0) if len(candidates) else candidates
 
     chunks = [candidates[start : start + verify_pairs_per_job] for start in range(0, len(candidates), verify_pairs_per_job)]
-    used = {int(i) for i in np.unique(candidates >> np.uint64(32))} if len(candidates) else set()
-    needed = {index: part for index, part in by_index.items() if index in used}
-    executor.map(verify_job, [(chunk, needed, str(data_dir), clean.shingle_words, clean.near_min_jaccard,
+    executor.map(verify_job, [(chunk, parts_file, str(data_dir), clean.shingle_words, clean.near_min_jaccard,
                                str(work / "verified" / f"chunk_{number:06d}.npy")) for number, chunk in enumerate(chunks)],
                  "dedup: verify pairs")
     linked = (np.concatenate([np.load(work / "verified" / f"chunk_{n:06d}.npy") for n in range(len(chunks))])

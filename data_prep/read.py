@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +42,6 @@ from genesis.chat import strip_marker_sentinels
 from genesis.errors import DataError
 
 BYTES_PER_TOKEN = 4  # the budget's estimate before tokenization; shards are cut to the budget in real tokens
-_SPACE = re.compile(r"\s+")
 
 
 @dataclass(frozen=True)
@@ -124,7 +122,8 @@ def exact_hashes(texts: list[str]) -> np.ndarray:
     """(n, 2) uint64 xxh3-128 of each text's normalised form (lower-cased, whitespace collapsed)."""
     out = np.empty((len(texts), 2), dtype=np.uint64)
     for row, text in enumerate(texts):
-        digest = xxhash.xxh3_128_intdigest(_SPACE.sub(" ", text.lower()).strip().encode("utf-8"))
+        # whitespace runs collapsed by split/join (a regex sub gives the same string at half the speed)
+        digest = xxhash.xxh3_128_intdigest(" ".join(text.lower().split()).encode("utf-8"))
         out[row] = (digest >> 64, digest & 0xFFFFFFFFFFFFFFFF)
     return out
 

@@ -244,7 +244,10 @@ def demo(workdir: Path, nproc: int = 2, quick: bool = False) -> dict:
     samples_seconds = time.time() - samples_started
 
     trunk = result["trunk"]
-    commands = next_commands(tracker.uri, Path(trunk["run_dir"]), f"models:/{DPO}@latest")
+    # The newest DPO model by its milestone's alias: @latest skips a version flagged for lost format adherence
+    newest = max((node["step"] for node in tree if any(b["dpo"] for b in node["branches"])), default=None)
+    commands = next_commands(tracker.uri, Path(trunk["run_dir"]),
+                             f"models:/{DPO}@step-{newest}" if newest is not None else f"models:/{DPO}@latest")
     summary = {
         "seconds": round(time.time() - started, 1),
         "val_loss": trunk["val_loss"].get("all"),

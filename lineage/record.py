@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 
 from branch.base import export_milestone
+from branch.config import EvalRecipe
+from branch.evaluate import format_check
 from genesis.manifest import MANIFEST_NAME
 from genesis.run_dir import TRAIN_LOG, BranchDir, MetricsReader, RunDir, read_meta
 from lineage.models import log_hf_model
-from lineage.registry import (BASE, DPO, SFT, Tracker, code_version, existing_version, register_model,
-                              version_description)
+from lineage.registry import (BASE, DPO, FORMAT_FLAG, SFT, Tracker, code_version, existing_version,
+                              register_model, version_description)
 from lineage.stages import (log_stage_inputs, milestone_version, stage_description, stage_parent,  # noqa: F401
                             stage_run, stage_tags)
 from lineage.tracking import (create_run, find_run, flat_params, log_dataset, log_metrics, log_params,
@@ -217,14 +219,30 @@ def record_branch(tracker: Tracker, branch: BranchDir, base_version: str) -> dic
         what = (f"{stage.upper()} of {parent_name} v{parent_version} (trunk milestone at step {step}), branch "
                 f"`{Path(branch.root).resolve()}`. A chat model: its chat template carries the system prompt it was "
                 f"tuned with.")
-        version, _ = register_model(tracker, name, run.data.tags["genesis.model_id"], run_id, {
-            "parent_model": parent_name, "parent_version": parent_version, "milestone_step": step,
-            "milestone_path": milestone, "data_digest": lineage["data_digests"]["sft" if stage == "sft" else "dpo_train"],
-            "code_version": code_version()},
-            version_description(tracker, what, run_id, run.info.run_name, (parent_name, parent_version),
-                                run.data.tags.get("mlflow.parentRunId")))
+        tags = {"parent_model": parent_name, "parent_version": parent_version, "milestone_step": step,
+                "milestone_path": milestone, "code_version": code_version(),
+                "data_digest": lineage["data_digests"]["sft" if stage == "sft" else "dpo_train"]}
+        if stage == "dpo":
+            check = dpo_format_check(result)
+            tags |= {FORMAT_FLAG: str(check["flagged"]).lower(), "format_drop": f"{check['drop']:.4f}"}
+            if check["flagged"]:
+                what += (f" Flagged: its format adherence is {check['drop']:.2f} below its SFT parent's "
+                         f"({check['dpo']:.2f} vs {check['sft']:.2f}; at most {check['max_drop']:.2f} allowed), so "
+                         f"neither @latest nor @champion names it unless promoted by hand.")
+        version, _ = register_model(tracker, name, run.data.tags["genesis.model_id"], run_id, tags,
+                                    version_description(tracker, what, run_id, run.info.run_name,
+                                                        (parent_name, parent_version),
+                                                        run.data.tags.get("mlflow.parentRunId")))
         versions[stage] = version
     return versions
+
+
+def dpo_format_check(result: dict) -> dict:
+    """eval.json's `format_check`; computed with the default threshold for a branch evaluated before it existed."""
+    if "format_check" in result:
+        return result["format_check"]
+    return format_check(result["sft"]["format_adherence"], result["dpo"]["format_adherence"],
+                        EvalRecipe().max_format_drop)
 
 
 def _record_stage_after_training(tracker: Tracker, branch: BranchDir, stage: str, model_dir: Path) -> str:

@@ -18,8 +18,12 @@ The registry holds the models, logged as MLflow models (transformers flavor, lin
   genesis-sft   one version per branch      tags: parent_model=genesis-base, parent_version, milestone_step, ...
   genesis-dpo   one version per branch      tags: parent_model=genesis-sft, parent_version, milestone_step, ...
 Each version's description links its parent version and the run that made it.
-Aliases: `step-<N>` on every version; `latest` is MLflow's own (the newest version, `models:/NAME@latest`);
-`champion` starts on a model's first version and moves only with `genesis promote NAME VERSION|ALIAS`.
+Aliases: `step-<N>` on every version; `champion` starts on a model's first version that is not flagged and moves
+only with `genesis promote NAME VERSION|ALIAS`; `latest`, in Genesis's commands, is the newest version that is not
+flagged. A DPO version whose format adherence fell more than `eval.max_format_drop` below its SFT parent's carries
+the tag `format_regressed=true` (eval.json's `format_check`) and is marked on the tree. MLflow reserves `latest`
+for the newest version of all: its own loaders (`mlflow.pyfunc.load_model("models:/genesis-dpo@latest")`) still
+resolve it so; name @champion there.
 
 Registration is idempotent: a milestone or branch already registered (same milestone path) returns its
 existing version, so a branch triggered twice (event and watcher) registers once.
@@ -41,7 +45,8 @@ from lineage.tracking import (BASE, DPO, EXPERIMENT, MODEL_NAMES, SFT, MetricsFo
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"  # MLflow 3's "Machine learning" experiment type (vs genai_development)
 CHAMPION = "champion"
-LATEST = "latest"  # MLflow's reserved alias: always the newest version
+LATEST = "latest"  # MLflow's reserved alias; Genesis resolves it itself: the newest version not flagged
+FORMAT_FLAG = "format_regressed"  # a version tag: "true" on a DPO model that lost format adherence (eval.json)
 
 
 class RegistryError(GenesisError):
@@ -156,9 +161,13 @@ def register_model(tracker: Tracker, name: str, model_id: str, run_id: str, tags
     version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
                                           tags={k: str(v) for k, v in tags.items()}, description=description)
     client.set_registered_model_alias(name, f"step-{tags['milestone_step']}", version.version)
-    if CHAMPION not in aliases_of(tracker, name):
+    if CHAMPION not in aliases_of(tracker, name) and not _flagged(version):
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return str(version.version), True
+
+
+def _flagged(version) -> bool:
+    return str((version.tags or {}).get(FORMAT_FLAG, "")).lower() == "true"
 
 
 _DESCRIPTIONS = {
@@ -194,7 +203,9 @@ def model_name(name: str) -> str:
 
 
 def aliases_of(tracker: Tracker, name: str) -> dict[str, str]:
-    """alias → version of one registered model ({} if it is not registered); `latest` included (MLflow's own)."""
+    """alias → version of one registered model ({} if it is not registered); `latest` included: Genesis's own
+    resolution, the newest version that is not flagged (MLflow's own `latest` is the newest of all, and MLflow
+    reserves the name, so a flagged version cannot merely be left without it)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -202,9 +213,9 @@ def aliases_of(tracker: Tracker, name: str) -> dict[str, str]:
     except MlflowException:
         return {}
     aliases = {alias: str(version) for alias, version in (model.aliases or {}).items()}
-    versions = tracker.client.search_model_versions(f"name='{name}'")
-    if versions:
-        aliases[LATEST] = str(max(int(v.version) for v in versions))
+    unflagged = [v for v in tracker.client.search_model_versions(f"name='{name}'") if not _flagged(v)]
+    if unflagged:
+        aliases[LATEST] = str(max(int(v.version) for v in unflagged))
     return aliases
 
 
@@ -213,6 +224,11 @@ def find_version(tracker: Tracker, name: str, version_or_alias: str):
     from mlflow.exceptions import MlflowException
 
     target = version_or_alias.removeprefix("v") if re.fullmatch(r"v?\d+", version_or_alias) else version_or_alias
+    if target.lower() == LATEST:
+        target = aliases_of(tracker, name).get(LATEST)
+        if target is None:
+            raise RegistryError(f"{name} latest: no version of {name} in {tracker.uri} that is not flagged; "
+                                f"`genesis lineage` shows the versions and their flags, name one by number")
     try:
         if target.isdigit():
             return tracker.client.get_model_version(name, target)
@@ -273,8 +289,11 @@ def lineage(tracker: Tracker) -> list[dict]:
             aliases.setdefault((name, version), []).append(alias)
 
     def node_of(name, version) -> dict:
-        return {"version": version.version, "metrics": metrics(version), "run_id": version.run_id,
+        node = {"version": version.version, "metrics": metrics(version), "run_id": version.run_id,
                 "aliases": sorted(aliases.get((name, str(version.version)), []), key=_alias_order)}
+        if _flagged(version):
+            node["flag"] = f"format -{float(version.tags.get('format_drop', 'nan')):.2f} vs its SFT parent"
+        return node
 
     sft_by_parent, dpo_by_parent = {}, {}
     for version in versions(SFT):
@@ -336,7 +355,8 @@ def _nodes_of(tree: list[dict], name: str) -> list[dict]:
 
 
 def _aliases(node: dict) -> str:
-    return f"  [{', '.join(node['aliases'])}]" if node.get("aliases") else ""
+    shown = f"  [{', '.join(node['aliases'])}]" if node.get("aliases") else ""
+    return shown + (f"  FLAGGED: {node['flag']} (not @latest or @champion)" if node.get("flag") else "")
 
 
 def _branch_metrics(metrics: dict) -> str:

@@ -22,8 +22,10 @@ from conftest import REPO, TINY_CORPUS, TINY_CPU
 
 SYSTEM = "You are Genesis, a curious assistant."
 CHAT = {"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 6}
+# eval.max_format_drop=1: a tiny DPO model's format reading is noise, and these tests check @latest and @champion (a
+# flagged model gets neither: tests/test_format_flag.py)
 QUICK_BRANCH = ["sft.max_steps=4", "dpo.max_steps=2", "sft.logging_steps=1", "dpo.logging_steps=1", "eval.max_prompts=3",
-                "eval.max_pairs=12", "eval.max_new_tokens=16"]
+                "eval.max_pairs=12", "eval.max_new_tokens=16", "eval.max_format_drop=1"]
 
 
 def tiny_chat_model(tokenizer_dir: Path, root: Path) -> Path:
