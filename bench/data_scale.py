@@ -31,6 +31,16 @@ training (`_timings["tokenizer"]`; datatrove reuses that tokenizer and trains no
 subprocess as a user runs it (start-up, Dask cluster, every stage). Each run records the box's core count and
 load average before and after: on a shared box a busy neighbour slows either side.
 
+Sizes and memory. `--file-mb 4` writes every corpus file at 4 MB whatever the size (a hub dataset's shards are one
+size however many there are), so a part, the unit of a worker's memory, is the same at every size; without it
+files grow with the corpus (size/48) and so do the parts. `--genesis-override dedup_shuffle_rows=50000` bounds a
+dedup bucket job below the smallest size's document count, so every size has full jobs (at the default, 4M keys,
+one job holds the whole band of any corpus under ~20 GB).
+
+Splitting a run. `--datatrove-at`, `--one-worker-at`, `--score-at` put the datatrove comparison, the 1-worker run
+and the scoring at one size; `--figures` names the top-level figures a run sets (a run of the 1-worker comparison
+alone leaves the scale figures as measured before); `figure_runs` says which run each top-level figure is from.
+
 Results: one run appended to bench/results/data_scale.json (bench.common.append_run), with the latest figures at
 the top level (see `latest` in main()).
 """

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Words are whitespace-separated tokens, lower-cased (datasketch's and datatrove's usual shingling).
-
 
 def exact_key(text: str) -> bytes:
     return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
@@ -46,6 +44,7 @@ class MinHasher:
         """Distinct 64-bit hashes of the document's lower-cased word n-grams (sorted). `distinct=False`: every
         n-gram's hash in document order, repeats kept: a MinHash signature is a minimum, which repeats leave
         unchanged, and skipping the sort is a tenth of the read stage."""
+        # Words are whitespace-separated tokens, lower-cased (datasketch's and datatrove's usual shingling).
         # NOTE: str.split(), not a regex: the same words (Unicode whitespace both ways), twice as fast.
         words = text.lower().split()
         if not words:

@@ -221,6 +221,7 @@ class ParallelConfig(StrictModel):
                     "per tensor ('tensorwise', whose FSDP all-gathers also go in float8); the output projection and "
                     "the loss stay bf16. Weights, optimizer state and checkpoints are unchanged, so an FP8 run and "
                     "a bf16 run resume each other's checkpoints (parallelize.py)")
+
     @field_validator("float8", mode="before")
     @classmethod
     def _yaml_off_is_off(cls, value: Any) -> Any:
