@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -197,11 +198,13 @@ def test_tokenizer_round_trips_and_the_hf_tokenizer_gives_sentencepiece_ids_on_e
     texts = all_kit_texts()
     assert len(texts) > 30_000
     sp_total = hf_total = 0
-    for text in texts:
-        # Text is text on both paths: the chat markers quoted in these rendered strings are characters too
-        # (conversations get their markers by id through their segments: tests/test_special_tokens.py).
-        sp_ids = sp.sp.encode(text)
-        hf_ids = hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+    # Text is text on both paths: the chat markers quoted in these rendered strings are characters too
+    # (conversations get their markers by id through their segments: tests/test_special_tokens.py). Each side
+    # encodes the kit as one batch, on every core.
+    threads = os.cpu_count() or 1
+    every_sp = sp.sp.encode(texts, num_threads=threads)
+    every_hf = hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    for text, sp_ids, hf_ids in zip(texts, every_sp, every_hf, strict=True):
         assert sp.decode(sp_ids) == text
         assert hf_ids == sp_ids, text[:200]
         sp_total += len(sp_ids)
