@@ -38,7 +38,7 @@ def register(tracker, step: int, flagged: bool | None, name: str = DPO, parent_v
     return version
 
 
-def test_a_flagged_dpo_version_is_neither_latest_nor_champion_and_the_tree_says_so(tmp_path):
+def test_a_flagged_dpo_version_is_neither_latest_nor_champion_unless_promoted_by_hand(tmp_path):
     tracker = connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
     first = register(tracker, 10, flagged=True)
     assert CHAMPION not in aliases_of(tracker, DPO) and LATEST not in aliases_of(tracker, DPO)

@@ -211,6 +211,11 @@ def test_versions_link_their_parent_and_run_and_the_experiment_is_a_training_one
     assert f"#/experiments/{tracker.experiment_id}/runs/{dpo.run_id}" in dpo.description
     assert f"[genesis-base v{base.version}](#/models/genesis-base/versions/{base.version})" in sft.description
     assert f"runs/{base.run_id}" in base.description and "step 4" in base.description
+    # eval.json's format check is on the DPO version (this recipe never flags: eval.max_format_drop=1)
+    check = tree.branch.read_eval()["format_check"]
+    assert dpo.tags["format_regressed"] == "false" and check["max_drop"] == 1 and not check["flagged"]
+    assert float(dpo.tags["format_drop"]) == pytest.approx(check["drop"], abs=1e-4)
+    assert "format_regressed" not in sft.tags
     for version in (base, sft, dpo):  # the MLflow model the version's run logged
         assert version.source == f"models:/{client.get_run(version.run_id).data.tags['genesis.model_id']}"
         assert version.source.startswith("models:/m-")
