@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep.dedup import MinHasher, bucket_pairs, jaccard_of_sorted
-from data_prep.executor import Executor
+from data_prep.executor import Executor, peak_rss_kib
 from data_prep.read import open_clean_part
 
 EXACT = -1  # the "band" index of the exact-hash bucket jobs
@@ -129,7 +129,7 @@ def bucket_job(band: int, hash_range: int, ranges: int, parts_file: str, data_di
             order = np.lexsort((gid, key))
             pairs = np.unique(bucket_pairs(key[order], gid[order], max_bucket_comparisons), axis=0)
     _save(target, pairs.astype(np.uint64))
-    return {"skipped": False, "docs": int(sum(len(k) for k in keys))}
+    return {"skipped": False, "docs": int(sum(len(k) for k in keys)), "peak_rss_kib": peak_rss_kib()}
 
 
 def _dedup_texts(data_dir: Path, parts: dict[int, Part], gids: np.ndarray) -> dict[int, str]:
@@ -158,7 +158,7 @@ def verify_job(pairs: np.ndarray, parts_file: str, data_dir: str, shingle_words:
     linked = np.fromiter((jaccard_of_sorted(shingles[a], shingles[b]) >= min_jaccard for a, b in pairs.tolist()),
                          dtype=bool, count=len(pairs))
     _save(target, linked)
-    return {"skipped": False, "docs": len(texts)}
+    return {"skipped": False, "docs": len(texts), "peak_rss_kib": peak_rss_kib()}
 
 
 def _components(nodes_from: np.ndarray, nodes_to: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,12 +16,19 @@ terminal and as one log line every `log_every_s` seconds otherwise.
 from __future__ import annotations
 
 import logging
+import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 logger = logging.getLogger("genesis.data")
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory so far (KiB on Linux): each job returns it as `peak_rss_kib`, so the
+    stage's report says after which phase a worker reached its peak (report.json `_jobs`)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 class Progress:

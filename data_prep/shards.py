@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from data_prep.executor import peak_rss_kib
 from data_prep.tokenizer import encode_documents
 from genesis.manifest import ShardEntry, ShardReader, sha256_file, write_shard
 
@@ -88,7 +89,8 @@ def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, removed
     tmp = sidecar.with_name(sidecar.name + ".tmp")
     tmp.write_text(entry.model_dump_json())
     os.replace(tmp, sidecar)
-    return entry.model_dump() | {"skipped": False, "docs": len(texts), "bytes": text_bytes, "text_bytes": text_bytes}
+    return entry.model_dump() | {"skipped": False, "docs": len(texts), "bytes": text_bytes, "text_bytes": text_bytes,
+                                 "peak_rss_kib": peak_rss_kib()}
 
 
 def dump_report(path: Path, report: dict) -> None:
