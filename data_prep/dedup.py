@@ -23,8 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def words_of(text: str) -> list[str]:
+    """Words are whitespace-separated tokens, lower-cased (datasketch's and datatrove's usual shingling).
+    NOTE: str.split(), not a regex: the same words (Unicode whitespace both ways), twice as fast."""
+    return text.lower().split()
+
+
 def exact_key(text: str) -> bytes:
-    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
+    return hashlib.blake2b(" ".join(words_of(text)).encode("utf-8"), digest_size=16).digest()
 
 
 @dataclass
@@ -44,9 +50,10 @@ class MinHasher:
         """Distinct 64-bit hashes of the document's lower-cased word n-grams (sorted). `distinct=False`: every
         n-gram's hash in document order, repeats kept: a MinHash signature is a minimum, which repeats leave
         unchanged, and skipping the sort is a tenth of the read stage."""
-        # Words are whitespace-separated tokens, lower-cased (datasketch's and datatrove's usual shingling).
-        # NOTE: str.split(), not a regex: the same words (Unicode whitespace both ways), twice as fast.
-        words = text.lower().split()
+        return self.shingles_of_words(words_of(text), distinct)
+
+    def shingles_of_words(self, words: list[str], distinct: bool = True) -> np.ndarray:
+        """`shingles` of a text already split by `words_of`."""
         if not words:
             return np.zeros(1, dtype=np.uint64)
         # map() over C functions: no Python frame per word (this line was the read stage's largest cost).
@@ -62,7 +69,11 @@ class MinHasher:
 
     def signatures(self, texts: list[str]) -> np.ndarray:
         """(len(texts), num_perm) uint32 MinHash signatures."""
-        return self.signatures_of([self.shingles(text, distinct=False) for text in texts])
+        return self.signatures_of_words([words_of(text) for text in texts])
+
+    def signatures_of_words(self, word_lists: list[list[str]]) -> np.ndarray:
+        """`signatures` of texts already split by `words_of`."""
+        return self.signatures_of([self.shingles_of_words(words, distinct=False) for words in word_lists])
 
     def signatures_of(self, shingle_sets: list[np.ndarray]) -> np.ndarray:
         """Signatures of precomputed shingle sets (the caller keeps the sets to verify candidate pairs)."""

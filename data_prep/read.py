@@ -36,7 +36,7 @@ import pyarrow as pa
 import xxhash
 
 from data_prep.clean import clean_text, normalise
-from data_prep.dedup import MinHasher, band_keys, band_starts
+from data_prep.dedup import MinHasher, band_keys, band_starts, words_of
 from data_prep.executor import peak_rss_kib
 from data_prep.sources import CleanConfig, CorpusConfig, SourceConfig, record_to_dedup_text, record_to_text
 from genesis.chat import strip_marker_sentinels
@@ -119,12 +119,12 @@ def _records(unit: ReadUnit, source: SourceConfig, on_bad: str, counts: dict) ->
         yield from iter_hub_records(source, *unit.hub_shard)
 
 
-def exact_hashes(texts: list[str]) -> np.ndarray:
-    """(n, 2) uint64 xxh3-128 of each text's normalised form (lower-cased, whitespace collapsed)."""
-    out = np.empty((len(texts), 2), dtype=np.uint64)
-    for row, text in enumerate(texts):
-        # whitespace runs collapsed by split/join (a regex sub gives the same string at half the speed)
-        digest = xxhash.xxh3_128_intdigest(" ".join(text.lower().split()).encode("utf-8"))
+def exact_hashes(word_lists: list[list[str]]) -> np.ndarray:
+    """(n, 2) uint64 xxh3-128 of each text's normalised form (lower-cased, whitespace collapsed), from its words
+    (`dedup.words_of`, the split MinHash shingles too)."""
+    out = np.empty((len(word_lists), 2), dtype=np.uint64)
+    for row, words in enumerate(word_lists):
+        digest = xxhash.xxh3_128_intdigest(" ".join(words).encode("utf-8"))
         out[row] = (digest >> 64, digest & 0xFFFFFFFFFFFFFFFF)
     return out
 
@@ -134,12 +134,13 @@ def write_signatures(stem: Path, dedup_texts: list[str], clean: CleanConfig) -> 
     hasher = MinHasher(num_perm=clean.num_perm, shingle_words=clean.shingle_words)
     starts = band_starts(clean.num_perm, clean.bands, clean.rows, clean.offset_bands)
     rows = np.arange(len(dedup_texts), dtype=np.uint64)
-    keys = band_keys(hasher.signatures(dedup_texts), starts, clean.rows)
+    words = [words_of(text) for text in dedup_texts]  # once, for the MinHash shingles and the exact hashes
+    keys = band_keys(hasher.signatures_of_words(words), starts, clean.rows)
     bands = np.empty((len(starts), len(dedup_texts), 2), dtype=np.uint64)
     for column in range(len(starts)):
         order = np.lexsort((rows, keys[:, column]))
         bands[column, :, 0], bands[column, :, 1] = keys[order, column], rows[order]
-    exact = np.concatenate([exact_hashes(dedup_texts), rows[:, None]], axis=1)
+    exact = np.concatenate([exact_hashes(words), rows[:, None]], axis=1)
     exact = exact[np.lexsort((exact[:, 2], exact[:, 1], exact[:, 0]))]
     for suffix, array in ((".bands.npy", bands), (".exact.npy", exact)):
         target = stem.with_name(stem.name + suffix)
