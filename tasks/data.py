@@ -34,10 +34,12 @@ class PrefectDaskJobs:
     def __init__(self, corpus: CorpusConfig):
         from prefect_dask import DaskTaskRunner
 
-        # Dask's own INFO/WARNING chatter (scheduler and nanny start-up and shutdown, "worker still alive after
-        # 4 s, killing") stays out of the flow's log; a job's error reaches the task as its exception.
+        # Dask's own chatter (scheduler and nanny start-up and shutdown, "worker still alive after 4 s, killing")
+        # stays out of the flow's log; a job's error reaches the task as its exception. The workers' is silenced
+        # below CRITICAL: a worker whose heartbeat races the scheduler's close logs a normal shutdown at ERROR,
+        # with a CommClosedError traceback.
         cluster = {"n_workers": corpus.workers, "threads_per_worker": 1, "processes": True,
-                   "dashboard_address": None, "memory_limit": 0, "silence_logs": logging.ERROR}
+                   "dashboard_address": None, "memory_limit": 0, "silence_logs": logging.CRITICAL}
         logging.getLogger("distributed").setLevel(logging.ERROR)  # silence_logs covers only the cluster's start
         logging.getLogger("prefect.task_runner.dask").setLevel(logging.WARNING)  # "dashboard at :8787" (there is none)
         self.runner = DaskTaskRunner(address=corpus.dask_address) if corpus.dask_address else \
