@@ -3,8 +3,11 @@
   cosine_extended   cosine to N, then extended twice the way a user extends a cosine run today: resumed with a
                     larger max_steps and `optimizer.extended_from` (the old cycle ends there, the next re-warms,
                     logged); first the plain `max_steps` raise is tried and its one-line refusal recorded.
-  wsd               a WSD trunk grown by raising max_steps N → 2N → 3N (`checkpoint.milestone_every=N`): each
-                    cycle cools down into its milestone (optimizer.decay_fraction, 1-sqrt) and the next re-warms.
+  wsd               a WSD trunk grown by raising max_steps N → 2N → 3N (`checkpoint.milestone_every=N`), its
+                    milestones cooled off it (`optimizer.cooldown=fork`): the trunk holds the peak LR for good;
+                    at M − D (D = decay_fraction·N, 1-sqrt) the trainer saves it, cools a copy into milestone M
+                    over the same data, and goes on from the saved trunk. The milestone's validation loss is the
+                    cooled model's (`cooldown/val_loss/all`); the trunk's own curve stays at the peak LR's.
   cosine_straight   cosine trained straight to 3N.
 
 Each is `python -m genesis_model.train --config configs/train/small-cycles.yaml ... --resume auto`, one process
@@ -138,7 +141,7 @@ class Plan:
                      f"optimizer.extended_from=[{','.join(str(e) for e in self.milestones[:k])}]"]
                     for k, m in enumerate(self.milestones)]
         if schedule == "wsd":
-            return [["optimizer.schedule=wsd", f"max_steps={m}"] for m in self.milestones]
+            return [["optimizer.schedule=wsd", "optimizer.cooldown=fork", f"max_steps={m}"] for m in self.milestones]
         return [["optimizer.schedule=cosine", f"max_steps={self.milestones[-1]}"]]
 
     def remaining_s(self) -> float:
@@ -268,24 +271,35 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def read_run(run_dir: Path) -> dict:
     """A schedule's curves from metrics.jsonl (the last row of each step: a resumed run rewrites the steps after
-    its checkpoint) and its events."""
+    its checkpoint) and its events. Rows of a milestone's cool-down off the trunk (`cooldown/...`, at the same
+    step numbers as the trunk's) are kept apart: the milestone's validation loss is the cooled model's."""
     by_step: dict[int, dict] = {}
+    cooled: dict[int, dict] = {}
     for row in read_jsonl(run_dir / "metrics.jsonl"):
         if isinstance(row.get("step"), int):
-            by_step[row["step"]] = row
+            if any(key.startswith("cooldown/") for key in row):
+                cooled.setdefault(row["step"], {}).update(row)
+            else:
+                by_step[row["step"]] = row
     steps = sorted(by_step)
     val = {s: by_step[s]["val_loss/all"] for s in steps if "val_loss/all" in by_step[s]}
     val_sources = {s: {k.split("/", 1)[1]: round(v, 5) for k, v in by_step[s].items() if k.startswith("val_loss/")}
                    for s in steps if "val_loss/all" in by_step[s]}
     events = [row for row in read_jsonl(run_dir / "events.jsonl")
               if row.get("event") in ("lr_rewarm", "loss_spike", "nonfinite_step_skipped", "resumed",
-                                      "checkpoint_withheld", "rolled_back", "run_finished")]
+                                      "checkpoint_withheld", "rolled_back", "run_finished", "cooldown_started",
+                                      "cooldown_finished")]
     latest = json.loads((run_dir / "latest.json").read_text()) if (run_dir / "latest.json").is_file() else {}
     return {
         "train_loss": [[s, round(by_step[s]["loss"], 5)] for s in steps if "loss" in by_step[s]],
         "lr": [[s, by_step[s]["lr"]] for s in steps if "lr" in by_step[s]],
         "val_loss": [[s, round(v, 5)] for s, v in val.items()],
         "val_loss_by_source": val_sources,
+        "milestone_val_loss": {str(s): round(row["cooldown/val_loss/all"], 5) for s, row in sorted(cooled.items())
+                               if "cooldown/val_loss/all" in row},
+        "cooldown_lr": [[s, row["cooldown/lr"]] for s, row in sorted(cooled.items()) if "cooldown/lr" in row],
+        "cooldown_train_loss": [[s, round(row["cooldown/loss"], 5)] for s, row in sorted(cooled.items())
+                                if "cooldown/loss" in row],
         "events": [{k: v for k, v in row.items() if k not in ("time", "path")} for row in events],
         "health": latest.get("health"),
         "repetition": latest.get("repetition"),
@@ -316,8 +330,8 @@ def summarize(plan: Plan, runs: dict[str, dict]) -> dict:
     """The top-level figures of the issue from the three runs (None where a run did not reach a milestone)."""
     val_loss = {}
     for schedule, run in runs.items():
-        at = dict(run["val_loss"])
-        val_loss[schedule] = {str(m): at.get(m) for m in plan.milestones}
+        at = {**{str(s): v for s, v in run["val_loss"]}, **run.get("milestone_val_loss", {})}  # cooled, if any
+        val_loss[schedule] = {str(m): at.get(str(m)) for m in plan.milestones}
     last = str(plan.milestones[-1])
     wsd, straight = val_loss.get("wsd", {}), val_loss.get("cosine_straight", {})
     extended = val_loss.get("cosine_extended", {})
@@ -343,7 +357,7 @@ def summarize(plan: Plan, runs: dict[str, dict]) -> dict:
 
 
 SCHEDULE_STYLE = {"cosine_extended": ("cosine to N, extended twice (extended_from, re-warm)", "tab:red"),
-                  "wsd": ("WSD trunk, cool-down into each milestone", "tab:blue"),
+                  "wsd": ("WSD trunk at peak LR; ◆ its milestones, each cooled off it", "tab:blue"),
                   "cosine_straight": ("cosine straight to 3N", "tab:gray")}
 
 
@@ -371,6 +385,12 @@ def plot(plan: Plan, runs: dict[str, dict], summary: dict, out: Path, title: str
             train_axis.plot(steps, losses, color=color, linewidth=0.8, alpha=0.85, label=schedule)
         if run["lr"]:
             lr_axis.plot(*zip(*run["lr"]), color=color, linewidth=1.1)
+        for m in plan.milestones:  # each milestone's cool-down, dashed, ending at min_lr on the milestone
+            segment = [(s, lr) for s, lr in run.get("cooldown_lr", []) if m - plan.steps_per_cycle < s <= m]
+            if segment:
+                lr_axis.plot(*zip(*segment), color=color, linewidth=1.1, linestyle="--")
+        if run.get("cooldown_train_loss"):
+            train_axis.scatter(*zip(*run["cooldown_train_loss"]), color=color, s=3, marker="x", alpha=0.7)
     for axis in (val_axis, train_axis, lr_axis):
         for m in plan.milestones:
             axis.axvline(m, color="black", linestyle=":", linewidth=0.8, alpha=0.6)

@@ -96,10 +96,16 @@ class OptimizerConfig(StrictModel):
         default="cosine",
         description="'cosine': warmup, then cosine to min_lr at max_steps (a fixed-length run). 'wsd': "
                     "warmup-stable-decay for a trunk that grows: each cycle (ending at every "
-                    "checkpoint.milestone_every and at max_steps) holds lr, then cools down to min_lr over its "
-                    "last decay_fraction, so every milestone is fully decayed; the next cycle re-warms")
+                    "checkpoint.milestone_every) holds lr and every milestone is fully decayed (see cooldown)")
+    cooldown: Literal["fork", "inline"] = Field(
+        default="fork",
+        description="wsd: how a milestone is cooled down. 'fork': the trunk stays at lr for good; at "
+                    "milestone − decay_fraction·milestone_every the trainer saves the trunk, cools a copy of it "
+                    "down to min_lr into the milestone over the same data, and goes on from the saved trunk (the "
+                    "cool-down's steps are paid twice; the trunk never re-warms). 'inline': the trunk itself "
+                    "cools into each milestone (and into max_steps) and re-warms after it")
     decay_fraction: float = Field(default=0.2, gt=0, le=1,
-                                  description="wsd: the share of each cycle spent cooling down to min_lr")
+                                  description="wsd: the share of each cycle (milestone_every) spent cooling down")
     decay_shape: Literal["1-sqrt", "linear"] = Field(
         default="1-sqrt", description="wsd: the cool-down's shape (1-sqrt: Hägele et al. 2024's best)")
     rewarm_steps: int | None = Field(
@@ -309,6 +315,15 @@ class TrainConfig(StrictModel):
     def _seq_len_fits(self) -> "TrainConfig":
         if self.seq_len is not None and self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len {self.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        return self
+
+    @model_validator(mode="after")
+    def _forked_cooldowns_need_milestones(self) -> "TrainConfig":
+        optimizer = self.optimizer
+        if optimizer.schedule == "wsd" and optimizer.cooldown == "fork" and not self.checkpoint.milestone_every:
+            raise ValueError("optimizer.cooldown=fork cools each milestone off the trunk, and "
+                             "checkpoint.milestone_every is 0 (no milestone, so nothing would ever decay): set "
+                             "checkpoint.milestone_every, or optimizer.cooldown=inline to decay into max_steps")
         return self
 
     @property

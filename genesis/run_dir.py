@@ -183,8 +183,21 @@ def list_archives(run_dir: Path) -> list[Path]:
     return [path for path in sorted((Path(run_dir) / ARCHIVE_DIR).glob("step_*")) if path.is_dir() and is_complete(path)]
 
 
+def is_cooled_off_trunk(ref: CheckpointRef) -> bool:
+    """A milestone cooled down off the trunk (optimizer.cooldown=fork; its meta names the fork): a model to
+    branch from, not the trunk's state. Resuming the trunk there would grow it from decayed weights."""
+    if not ref.milestone:
+        return False
+    try:
+        return "cooldown" in json.loads((ref.path / META).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def latest_checkpoint(run_dir: Path) -> CheckpointRef | None:
-    refs = list_checkpoints(run_dir)
+    """The newest complete checkpoint the trunk continues from (`--resume auto`, a rollback): milestones cooled
+    off the trunk are not the trunk's state and are skipped."""
+    refs = [ref for ref in list_checkpoints(run_dir) if not is_cooled_off_trunk(ref)]
     return refs[-1] if refs else None
 
 

@@ -61,6 +61,9 @@ class Callback:
     def on_checkpoint_saved(self, trainer, ref: CheckpointRef, seconds: float) -> None:
         pass
 
+    def on_cooldown_step(self, trainer, milestone: int, done: int, steps: int, metrics: dict) -> None:
+        """After each update of a milestone's cool-down off the trunk (`done` of `steps`; `cooldown/` metrics)."""
+
     def on_fit_end(self, trainer, status: str) -> None:
         pass
 
@@ -342,6 +345,11 @@ class StatusFile(Callback):
     def on_checkpoint_saved(self, trainer, ref: CheckpointRef, seconds: float) -> None:
         if ref.milestone:
             self._last_milestone = ref.path
+
+    def on_cooldown_step(self, trainer, milestone: int, done: int, steps: int, metrics: dict) -> None:
+        # Hours at genesis-1b (4,000 updates): the file says what runs instead of freezing at the fork's step.
+        self.write(trainer, "cooling_down", {**metrics, "cooldown": {"milestone": milestone, "done": done,
+                                                                     "steps": steps}})
 
     def on_fit_end(self, trainer, status: str) -> None:
         self.write(trainer, status, self._metrics if status == "stopped_nonfinite" else None)

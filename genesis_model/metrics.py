@@ -55,15 +55,22 @@ class ProgressLine:
         self.interactive = self.stream.isatty()
 
     def log_metrics(self, step: int, metrics: dict) -> None:
-        fraction = min(1.0, step / max(1, self.target_step))
-        bar = "█" * int(fraction * 20) + "░" * (20 - int(fraction * 20))
-        parts = [f"step {step}/{self.target_step} {bar} {fraction:6.1%}", f"loss {metrics['loss']:.4f}",
-                 f"lr {metrics['lr']:.2e}", f"gnorm {metrics['grad_norm']:.3f}",
-                 f"{metrics['tokens_per_s']:,.0f} tok/s"]
-        if metrics.get("mfu") is not None:
-            parts.append(f"mfu {metrics['mfu']:.1%}")
-        parts.append(f"eta {format_duration(metrics.get('eta_s'))}")
-        line = " | ".join(parts)
+        if "loss" not in metrics:
+            if "cooldown/loss" not in metrics:
+                return  # a milestone's validation after its cool-down: in the files, not on the line
+            # A milestone cooled off the trunk (optimizer.cooldown=fork): its own line, the trunk's bar stays put.
+            line = (f"cool-down to milestone, step {step} | loss {metrics['cooldown/loss']:.4f} | "
+                    f"lr {metrics['cooldown/lr']:.2e} | gnorm {metrics['cooldown/grad_norm']:.3f}")
+        else:
+            fraction = min(1.0, step / max(1, self.target_step))
+            bar = "█" * int(fraction * 20) + "░" * (20 - int(fraction * 20))
+            parts = [f"step {step}/{self.target_step} {bar} {fraction:6.1%}", f"loss {metrics['loss']:.4f}",
+                     f"lr {metrics['lr']:.2e}", f"gnorm {metrics['grad_norm']:.3f}",
+                     f"{metrics['tokens_per_s']:,.0f} tok/s"]
+            if metrics.get("mfu") is not None:
+                parts.append(f"mfu {metrics['mfu']:.1%}")
+            parts.append(f"eta {format_duration(metrics.get('eta_s'))}")
+            line = " | ".join(parts)
         if self.interactive:
             self.stream.write("\r" + line + "\x1b[K")
         else:

@@ -172,18 +172,43 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 # Compute-Optimal Training Beyond Fixed Training Durations"; MiniCPM) holds the peak LR and cools down only over
 # the last `decay_fraction` of each cycle, a cycle ending at every milestone and at max_steps: every milestone is
 # a fully decayed base model, and the steps before a milestone never depend on a later max_steps, so a trunk
-# extended from one continues exactly. The cool-down is part of the trunk, and the next cycle re-warms from
-# min_lr to lr over `rewarm_steps` (an `lr_rewarm` event). The alternative, a cool-down branched off a stable
-# trunk that is itself never decayed (the paper's setup), costs the cool-down's steps twice and needs the
-# trainer to save, cool down, and reload the pre-cool-down state with its data position; it is not done here.
-# A cosine run (or a WSD run ending off a milestone) is extended only explicitly: `extended_from` ends the old
-# cycle where it was planned to end, and the next one re-warms (`check_schedule_continues`).
+# extended from one continues exactly. Two ways to cool down (`cooldown`):
+#   fork (default): the paper's setup. The trunk holds lr for good (its LR here: warm-up, then lr); each
+#     milestone M is cooled off it (`Trainer._cool_down`): at step M − D (D = decay_fraction·milestone_every) the
+#     trainer saves the trunk, trains a copy D steps on the same data with the LR falling to min_lr
+#     (`cooldown_lr`), saves that as milestone M, and goes on from the saved trunk. The D steps are paid twice;
+#     in return the trunk never re-warms, so growing it costs nothing.
+#   inline: the trunk itself cools into each milestone (and into max_steps), and the next cycle re-warms from
+#     min_lr to lr over `rewarm_steps` (an `lr_rewarm` event). No step is paid twice; every re-warm costs loss.
+# A cosine run (or an inline WSD run ending off a milestone) is extended only explicitly: `extended_from` ends the
+# old cycle where it was planned to end, and the next one re-warms (`check_schedule_continues`).
+
+
+def forks_cooldowns(config: OptimizerConfig) -> bool:
+    """Whether milestones are cooled down off a trunk that never decays (wsd with cooldown=fork)."""
+    return config.schedule == "wsd" and config.cooldown == "fork"
+
+
+def cooldown_steps(config: OptimizerConfig, milestone_every: int) -> int:
+    """D: the updates of a forked cool-down, which starts at milestone − D."""
+    return max(1, min(milestone_every, round(config.decay_fraction * milestone_every)))
+
+
+def cooldown_lr(index: int, steps: int, from_lr: float, config: OptimizerConfig) -> float:
+    """The LR of update `index` (0 for the first) of a forked cool-down of `steps` updates, from the trunk's
+    `from_lr` down to min_lr at its last update (`decay_shape`, as inline wsd's)."""
+    progress = (index + 1) / steps
+    remaining = 1 - math.sqrt(progress) if config.decay_shape == "1-sqrt" else 1 - progress
+    return config.min_lr + (from_lr - config.min_lr) * remaining
 
 
 def cycle_bounds(step: int, config: OptimizerConfig, max_steps: int, milestone_every: int = 0) -> tuple[int, int]:
     """(start, end) of the schedule cycle holding `step` (0 ≤ step < max_steps). Cycles end at every
-    `extended_from` step, at every milestone under `wsd`, and at max_steps."""
+    `extended_from` step, at every milestone under inline `wsd`, and at max_steps; a trunk whose cool-downs are
+    forked is one cycle."""
     start, end = 0, max_steps
+    if forks_cooldowns(config):
+        return start, end
     for boundary in config.extended_from:
         if boundary <= step:
             start = max(start, boundary)
@@ -216,11 +241,14 @@ def lr_at(step: int, config: OptimizerConfig, max_steps: int, milestone_every: i
       cosine: cosine decay to min_lr at the cycle's end (one cycle, to max_steps, unless `extended_from`);
       wsd:    the peak lr, then a cool-down to min_lr over the cycle's last `decay_fraction` (1-sqrt or linear),
               reaching min_lr at the cycle's last update, so the checkpoint at its end is fully decayed.
+    A trunk whose cool-downs are forked: the warm-up, then lr (its milestones' cool-downs: `cooldown_lr`).
     At or past max_steps: min_lr. A pure function of the step and the config: a resumed run needs no scheduler
-    state (`milestone_every`: checkpoint.milestone_every, the ends of wsd's cycles).
+    state (`milestone_every`: checkpoint.milestone_every, the ends of inline wsd's cycles).
     """
     if step >= max_steps:
         return config.min_lr
+    if forks_cooldowns(config):
+        return config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
     start, end = cycle_bounds(step, config, max_steps, milestone_every)
     index, length = step - start, end - start
     floor = 0.0 if start == 0 else config.min_lr

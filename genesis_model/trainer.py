@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 
 from genesis.config import TrainConfig
-from genesis_model.callbacks import Callback, NonFiniteStop
+from genesis_model.callbacks import Callback, Evaluation, NonFiniteStop
 from genesis_model.checkpoint import Checkpointer, CheckpointRef, capture_rng_state, restore_rng_state
 from genesis_model.distributed import DistInfo, exit_if_longer_than
 from genesis_model.loader import TokenLoader
 from genesis_model.metrics import MetricsSink
-from genesis_model.optim import lr_at, rewarm_at
+from genesis_model.optim import cooldown_lr, cooldown_steps, forks_cooldowns, lr_at, rewarm_at
 from genesis_model.parallelize import ParallelPlan, compute_copies
 
 # Testing aids (a real fault's stand-in): comma-separated steps at which rank 0's loss is replaced by NaN, or
@@ -139,13 +139,14 @@ class Trainer:
         windows = windows.to(self.dist.device, non_blocking=True)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
-    def train_step(self) -> dict:
+    def train_step(self, lr: float | None = None) -> dict:
         """One optimizer step over `grad_accum_steps` micro-batches; returns its loss, lr, gradient norm and
-        whether the update was skipped."""
+        whether the update was skipped. `lr`: this update's learning rate, if not the schedule's (a cool-down)."""
         config, plan = self.config, self.plan
-        lr = lr_at(self.step, config.optimizer, config.max_steps, config.checkpoint.milestone_every)
-        if (rewarm := rewarm_at(self.step, config.optimizer, config.max_steps, config.checkpoint.milestone_every)):
-            self.event("lr_rewarm", **rewarm)  # a new cycle (after a milestone under wsd, or extended_from)
+        if lr is None:
+            lr = lr_at(self.step, config.optimizer, config.max_steps, config.checkpoint.milestone_every)
+            if (rewarm := rewarm_at(self.step, config.optimizer, config.max_steps, config.checkpoint.milestone_every)):
+                self.event("lr_rewarm", **rewarm)  # a new cycle (after a milestone under wsd, or extended_from)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.dist.device)
@@ -292,9 +293,13 @@ class Trainer:
     # The loop
 
     def _checkpoint_due(self) -> tuple[bool, bool]:
-        """(save now, as a milestone)."""
+        """(save now, as a milestone). With forked cool-downs, the trunk at a milestone's step is saved as a
+        rolling checkpoint (where it grows on from); the milestone itself is the cool-down's, and the trunk
+        becomes the milestone only if no cool-down made it (its meta then says `cooled: false`)."""
         ckpt = self.config.checkpoint
         if ckpt.milestone_every and self.step % ckpt.milestone_every == 0:
+            if forks_cooldowns(self.config.optimizer) and self._milestone_done(self.step):
+                return True, False
             return True, True
         if ckpt.save_every and self.step % ckpt.save_every == 0:
             return True, False
@@ -316,6 +321,96 @@ class Trainer:
         with exit_if_longer_than(timeout, message):
             return save_checkpoint()
 
+    # ---------------------------------------------------------------------------------------------------------
+    # Milestones cooled down off the trunk (optimizer.cooldown=fork)
+
+    def _milestone_done(self, step: int) -> bool:
+        from genesis.run_dir import MILESTONE_DIR, is_complete, step_dir_name
+
+        return is_complete(Path(self.config.run_dir) / MILESTONE_DIR / step_dir_name(step))
+
+    def _cooldown_due(self) -> int | None:
+        """The milestone whose cool-down starts at this step, or None: under forked cool-downs, a milestone M
+        (≤ max_steps) not yet made, with M − D ≤ step < M. Normally step = M − D; later only when the fork was
+        put off (unsound weights at M − D) or the run resumed inside the window, and then the cool-down is
+        shorter. Every rank reads the same milestone directory, so every rank decides alike."""
+        config = self.config
+        every = config.checkpoint.milestone_every
+        if not forks_cooldowns(config.optimizer) or not every:
+            return None
+        milestone = (self.step // every + 1) * every
+        if milestone > config.max_steps or milestone - self.step > cooldown_steps(config.optimizer, every):
+            return None
+        return None if self._milestone_done(milestone) else milestone
+
+    def _cool_down(self, milestone: int) -> str:
+        """Make `milestone` from the trunk at this step: save the trunk here (unless its newest checkpoint is
+        this step's), train on with the LR falling to min_lr until `milestone`, evaluate, save that as the
+        milestone, and load the trunk back. The cool-down reads the data the trunk reads next, so the milestone
+        has seen exactly the trunk's first `milestone` steps. Returns 'made', 'put_off' (the trunk's weights are
+        not fit to save; tried again next step), 'withheld' (the cooled weights were not; the trunk goes on) or
+        'stopped' (a signal: the trunk's checkpoint here is where a resumed run forks again)."""
+        from genesis.run_dir import latest_checkpoint
+        from genesis_model.parallelize import refresh_compute_copies
+
+        config, fork_step = self.config, self.step
+        newest = latest_checkpoint(Path(config.run_dir))
+        if newest is None or newest.step != fork_step:
+            if (withheld := self.unfit_to_save()):
+                self.event("cooldown_put_off", milestone=milestone, reason=withheld)
+                return "put_off"
+            self._sound_weight_norm = self.weight_norm()
+            self.save(milestone=False)
+        self.checkpointer.wait()
+        trunk = latest_checkpoint(Path(config.run_dir))
+        steps, from_lr = milestone - fork_step, lr_at(fork_step, config.optimizer, config.max_steps)
+        self.event("cooldown_started", milestone=milestone, from_step=fork_step, steps=steps, from_lr=from_lr,
+                   trunk_checkpoint=str(trunk.path))
+        started = time.perf_counter()
+        outcome = "made"
+        for index in range(steps):
+            result = self.train_step(lr=cooldown_lr(index, steps, from_lr, config.optimizer))
+            metrics = {f"cooldown/{key}": value for key, value in result.items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            self._notify("on_cooldown_step", milestone, index + 1, steps, metrics)
+            if self.dist.is_main and (self.log_due() or self.step == milestone):
+                for sink in self.sinks:
+                    sink.log_metrics(self.step, metrics)
+            if self._stop_signal is not None:
+                outcome = "stopped"
+                break
+        if outcome == "made":
+            for callback in self.callbacks:
+                if isinstance(callback, Evaluation):  # the milestone's own validation loss, whatever eval.every
+                    self.last_val = callback.evaluate(self)
+                    if self.dist.is_main:
+                        for sink in self.sinks:
+                            sink.log_metrics(self.step, {f"cooldown/val_loss/{name}": value
+                                                         for name, value in self.last_val.items()})
+            withheld = self.unfit_to_save()
+            if withheld:
+                self.health["checkpoints_withheld"] += 1
+                self.event("checkpoint_withheld", reason=withheld, milestone=True, cooldown=True)
+                outcome = "withheld"
+            else:
+                self.run_meta["cooldown"] = {"from_step": fork_step, "steps": steps, "from_lr": from_lr}
+                try:
+                    self.save(milestone=True)
+                    self.checkpointer.wait()
+                finally:
+                    del self.run_meta["cooldown"]
+        self.event("cooldown_finished", milestone=milestone, outcome=outcome, val_loss=self.last_val,
+                   seconds=round(time.perf_counter() - started, 3))
+        if outcome == "stopped":
+            return outcome
+        # Back to the trunk as it was at the fork: weights, optimizer, counters, data position, RNG, callbacks.
+        meta, rank_state = self.checkpointer.load(trunk.path, self.model, self.optimizer)
+        refresh_compute_copies(self.model)
+        self.restore(meta, rank_state)
+        self.last_val = dict(meta.get("val_loss") or {})
+        self._sound_weight_norm = self.weight_norm()
+        return outcome
+
     def _handle_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
@@ -333,6 +428,10 @@ class Trainer:
             self._sound_weight_norm = self.weight_norm()
             self._notify("on_fit_start")
             while self.step < config.max_steps:
+                if (milestone := self._cooldown_due()) is not None:
+                    if self._cool_down(milestone) == "stopped":
+                        status, just_saved = "stopped_by_signal", True  # the trunk is saved at the fork
+                        break
                 self._notify("on_step_start")
                 started = time.perf_counter()
                 result = self.train_step()

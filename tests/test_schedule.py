@@ -1,7 +1,8 @@
-"""The learning-rate schedule of a trunk that grows (issue #25, item 1): warmup–stable–decay with a cool-down
-into every milestone, no jump when max_steps is raised, and a cosine run extended only by an explicit,
-logged re-warm-up. The schedule is a pure function, so most of this is asserted step by step without training;
-one slow test runs the real trainer through an extension."""
+"""The learning-rate schedule of a trunk that grows (issue #25, item 1): warmup–stable–decay, no jump when
+max_steps is raised, and a cosine run extended only by an explicit, logged re-warm-up. WSD's milestones are
+cooled down either off a trunk that never decays (`cooldown: fork`, the default) or inside the trunk, which
+re-warms after each (`cooldown: inline`). The schedule is a pure function, so most of this is asserted step by
+step without training; slow tests run the real trainer through extensions and cool-downs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from genesis.config import OptimizerConfig, TrainConfig, load_config
 from genesis.errors import CheckpointError, ConfigError
-from genesis_model.optim import check_schedule_continues, lr_at, rewarm_at
+from genesis_model.optim import check_schedule_continues, cooldown_lr, cooldown_steps, lr_at, rewarm_at
 from genesis_model.train import check_resume_compatible
 from tests.conftest import REPO, TINY_CPU, assert_ok, read_jsonl, run_trainer
 
@@ -23,8 +24,9 @@ EXACT = dict(rel=1e-12, abs=0.0)
 
 
 def wsd(**changes) -> OptimizerConfig:
+    """A trunk that cools into its milestones itself (the schedule these pure-function tests spell out)."""
     return OptimizerConfig(**{"lr": PEAK, "min_lr": FLOOR, "warmup_steps": WARMUP, "rewarm_steps": REWARM,
-                              "schedule": "wsd", "decay_fraction": 0.2, **changes})
+                              "schedule": "wsd", "cooldown": "inline", "decay_fraction": 0.2, **changes})
 
 
 def cosine(**changes) -> OptimizerConfig:
@@ -198,16 +200,32 @@ def test_bad_schedule_settings_are_one_line_config_errors(override, field):
     assert "\n" not in message and f"field '{field}" in message and str(TINY_CPU) in message
 
 
-def test_the_growing_trunk_configs_use_wsd_and_the_test_config_keeps_cosine():
+def test_the_growing_trunk_configs_keep_their_trunk_at_peak_and_cool_each_milestone_off_it():
     for name in ("genesis-1b-2x4090", "genesis-1b-h100", "tiny-demo"):
         config = load_config(TrainConfig, REPO / "configs" / "train" / f"{name}.yaml")
-        assert config.optimizer.schedule == "wsd" and config.optimizer.decay_fraction == 0.2, name
-        assert config.checkpoint.milestone_every and config.max_steps % config.checkpoint.milestone_every == 0, name
-        lrs = schedule(config.optimizer, config.max_steps, config.checkpoint.milestone_every)
-        every = config.checkpoint.milestone_every
-        for milestone in range(every, config.max_steps + 1, every):
-            assert lrs[milestone - 1] == config.optimizer.min_lr, (name, milestone)
+        optimizer, every = config.optimizer, config.checkpoint.milestone_every
+        assert (optimizer.schedule, optimizer.cooldown, optimizer.decay_fraction) == ("wsd", "fork", 0.2), name
+        assert every and config.max_steps % every == 0, name
+        # The trunk: the warm-up, then the peak to the end, and as far as it is ever grown.
+        lrs = schedule(optimizer, 2 * config.max_steps, every)
+        assert lrs[optimizer.warmup_steps - 1:] == [optimizer.lr] * (2 * config.max_steps - optimizer.warmup_steps + 1)
+        assert lrs[:config.max_steps] == schedule(optimizer, config.max_steps, every), name
+        # Each milestone: a cool-down of 20% of a cycle, from the trunk's LR to min_lr at its last update.
+        steps = cooldown_steps(optimizer, every)
+        assert steps == round(0.2 * every), name
+        cooled = [cooldown_lr(index, steps, optimizer.lr, optimizer) for index in range(steps)]
+        assert cooled[-1] == optimizer.min_lr and cooled == sorted(cooled, reverse=True), name
     assert load_config(TrainConfig, TINY_CPU).optimizer.schedule == "cosine"
+
+
+def test_forked_cooldowns_without_milestones_are_refused_in_one_line():
+    with pytest.raises(ConfigError) as raised:
+        load_config(TrainConfig, TINY_CPU, ["optimizer.schedule=wsd", "checkpoint.milestone_every=0"])
+    message = str(raised.value)
+    assert "\n" not in message and "optimizer.cooldown=inline" in message and "milestone_every" in message
+    inline = load_config(TrainConfig, TINY_CPU, ["optimizer.schedule=wsd", "optimizer.cooldown=inline",
+                                                 "checkpoint.milestone_every=0"])
+    assert lr_at(inline.max_steps - 1, inline.optimizer, inline.max_steps) == inline.optimizer.min_lr
     # A single step given on the command line is a list of one.
     assert load_config(TrainConfig, TINY_CPU, ["optimizer.extended_from=300"]).optimizer.extended_from == [300]
 
@@ -221,11 +239,12 @@ def logged_lrs(run_dir) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_the_trainer_extends_a_wsd_trunk_without_a_jump_and_a_cosine_one_only_by_choice(token_data, tmp_path):
-    # WSD: milestones every 6, a first cycle to 12, then max_steps raised to 18 with --resume auto.
+def test_the_trainer_extends_an_inline_wsd_trunk_without_a_jump_and_a_cosine_one_only_by_choice(token_data, tmp_path):
+    # Inline WSD: milestones every 6, a first cycle to 12, then max_steps raised to 18 with --resume auto.
     trunk = tmp_path / "wsd"
     common = ["checkpoint.save_every=0", "checkpoint.milestone_every=6", "optimizer.schedule=wsd",
-              "optimizer.warmup_steps=2", "optimizer.rewarm_steps=2", "optimizer.decay_fraction=0.5"]
+              "optimizer.cooldown=inline", "optimizer.warmup_steps=2", "optimizer.rewarm_steps=2",
+              "optimizer.decay_fraction=0.5"]
     assert_ok(run_trainer(trunk, token_data, ["max_steps=12", *common], nproc=1))
     assert_ok(run_trainer(trunk, token_data, ["max_steps=18", *common], ["--resume", "auto"], nproc=1))
     config = load_config(TrainConfig, TINY_CPU, ["max_steps=18", *common])
@@ -261,3 +280,53 @@ def test_the_trainer_extends_a_wsd_trunk_without_a_jump_and_a_cosine_one_only_by
         assert lr == pytest.approx(lr_at(step - 1, extended, 8), **EXACT), step
     rewarms = [e for e in read_jsonl(fixed / "events.jsonl") if e["event"] == "lr_rewarm"]
     assert [(e["step"], e["schedule"]) for e in rewarms] == [(4, "cosine")]
+
+
+def trunk_rows(run_dir) -> dict[int, dict]:
+    return {row["step"]: row for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row}
+
+
+@pytest.mark.slow
+def test_each_milestone_is_cooled_off_a_trunk_that_trains_on_as_if_no_cooldown_had_happened(token_data, tmp_path):
+    # Milestones every 6 with cool-downs of 3 (decay_fraction 0.5): forks at steps 3, 9 and 15; the trunk grown
+    # 12 → 18 as a trunk grows. Beside it, the same trunk with no milestone in reach: nothing forks there.
+    common = ["checkpoint.save_every=0", "optimizer.schedule=wsd", "optimizer.warmup_steps=2",
+              "optimizer.decay_fraction=0.5"]
+    forked, plain = tmp_path / "forked", tmp_path / "plain"
+    for run_dir, every in ((forked, 6), (plain, 100)):
+        assert_ok(run_trainer(run_dir, token_data, ["max_steps=12", f"checkpoint.milestone_every={every}", *common],
+                              nproc=1))
+        assert_ok(run_trainer(run_dir, token_data, ["max_steps=18", f"checkpoint.milestone_every={every}", *common],
+                              ["--resume", "auto"], nproc=1))
+    optimizer = load_config(TrainConfig, TINY_CPU, ["max_steps=18", "checkpoint.milestone_every=6", *common]).optimizer
+
+    # The trunk never decays and never re-warms, and it trains exactly as if no cool-down had run: the same
+    # weights, optimizer state and data position at every step (losses bit for bit).
+    trunk, alone = trunk_rows(forked), trunk_rows(plain)
+    assert sorted(trunk) == list(range(1, 19))
+    assert [trunk[step]["loss"] for step in trunk] == [alone[step]["loss"] for step in trunk]
+    assert [trunk[step]["lr"] for step in trunk] == [optimizer.lr / 2] + [optimizer.lr] * 17
+    events = read_jsonl(forked / "events.jsonl")
+    assert not [e for e in events if e["event"] == "lr_rewarm"]
+
+    # Each milestone: 3 updates from the trunk at M − 3 over the data the trunk reads next, the LR falling to
+    # min_lr at the last, evaluated, saved as an immutable milestone that names its fork.
+    cooled = {row["step"]: row for row in read_jsonl(forked / "metrics.jsonl") if "cooldown/lr" in row}
+    assert sorted(cooled) == [4, 5, 6, 10, 11, 12, 16, 17, 18]
+    expected = [cooldown_lr(index, 3, optimizer.lr, optimizer) for index in range(3)]
+    for milestone in (6, 12, 18):
+        assert [cooled[step]["cooldown/lr"] for step in range(milestone - 2, milestone + 1)] == \
+            pytest.approx(expected, **EXACT)
+        assert cooled[milestone - 2]["cooldown/loss"] == trunk[milestone - 2]["loss"]  # same weights, same batch
+        meta = json.loads((forked / "milestones" / f"step_{milestone:08d}" / "meta.json").read_text())
+        assert meta["cooldown"]["from_step"] == milestone - 3 and meta["cooldown"]["steps"] == 3, meta
+        assert meta["step"] == milestone and "all" in meta["val_loss"]
+    assert expected[-1] == optimizer.min_lr
+    finished = [(e["milestone"], e["outcome"]) for e in events if e["event"] == "cooldown_finished"]
+    assert finished == [(6, "made"), (12, "made"), (18, "made")]
+
+    # The trunk resumes from its own state, never from a cooled milestone of the same step.
+    from genesis.run_dir import latest_checkpoint
+
+    newest = latest_checkpoint(forked)
+    assert (newest.step, newest.milestone) == (18, False)
