@@ -204,6 +204,14 @@ def latest_checkpoint(run_dir: Path) -> CheckpointRef | None:
 # -------------------------------------------------------------------------------------------------------------
 # metrics.jsonl, the one reader
 
+COOLDOWN_PREFIX = "cooldown/"
+
+
+def is_cooldown_row(row: dict) -> bool:
+    """A row of a milestone's cool-down off the trunk (`cooldown/...` metrics, optimizer.cooldown=fork): logged
+    at steps the trunk reaches only later, so it is not a point of the trunk's own history."""
+    return any(key.startswith(COOLDOWN_PREFIX) for key in row)
+
 
 class MetricsReader:
     """Reads metrics.jsonl incrementally: each `read_new()` parses only the bytes appended since the last call.

@@ -19,7 +19,7 @@ from branch.base import export_milestone
 from branch.config import EvalRecipe
 from branch.evaluate import format_check
 from genesis.manifest import MANIFEST_NAME
-from genesis.run_dir import TRAIN_LOG, BranchDir, MetricsReader, RunDir, read_meta
+from genesis.run_dir import TRAIN_LOG, BranchDir, MetricsReader, RunDir, is_cooldown_row, read_meta
 from lineage.models import log_hf_model
 from lineage.registry import (BASE, DPO, FORMAT_FLAG, SFT, Tracker, code_version, existing_version,
                               register_model, version_description)
@@ -125,10 +125,10 @@ def _read_json(path: Path) -> dict:
 
 
 def val_losses_at(run_dir: Path, step: int) -> dict[str, float]:
-    """The per-source validation losses logged at or before `step` (the milestone's own evaluation)."""
+    """The per-source validation losses of the trunk logged at or before `step`."""
     losses: dict[str, float] = {}
     for row in MetricsReader(RunDir(Path(run_dir)).metrics).all_rows():
-        if row["step"] <= step:
+        if row["step"] <= step and not is_cooldown_row(row):
             found = {k: v for k, v in row.items() if k.startswith("val_loss/")}
             if found:
                 losses = found
@@ -168,7 +168,11 @@ def record_milestone(tracker: Tracker, milestone: Path, parent_run_id: str | Non
             if existing is None:
                 log_params(tracker, run_id, {"step": step, "tokens_seen": meta.get("tokens_seen"),
                                              "milestone": str(milestone)})
-                log_metrics(tracker, run_id, val_losses_at(run.root, step), step=step)
+                # A milestone cooled off the trunk was evaluated after its cool-down (its meta); the trunk's
+                # losses at that step are another model's.
+                cooled = {f"val_loss/{name}": value for name, value in (meta.get("val_loss") or {}).items()}
+                log_metrics(tracker, run_id, cooled if "cooldown" in meta else val_losses_at(run.root, step),
+                            step=step)
                 what = (f"Trunk milestone at step {step} of `{run.root}` ({meta.get('tokens_seen')} tokens seen), "
                         f"exported as a Hugging Face directory (fp32).")
                 model_id = log_hf_model(tracker, run_id, hf_dir, "base", what)

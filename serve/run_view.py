@@ -22,7 +22,7 @@ from pathlib import Path
 from genesis.errors import GenesisError
 from genesis_model.gpu_stats import gpus_from_metrics
 from genesis.run_dir import (ARCHIVE_DIR, BRANCHES_DIR, LATEST, METRICS, MILESTONE_DIR, ROLLING_DIR, MetricsReader,
-                             RunDir, is_complete, stage_complete, step_of)
+                             RunDir, is_complete, is_cooldown_row, stage_complete, step_of)
 
 STEP_DIR = r"step_\d{8}"
 MODEL_ID = re.compile(rf"(checkpoint|milestone|archive)/({STEP_DIR})|branch/({STEP_DIR})/(sft|dpo)|registry/([\w.-]+)/(\d+)")
@@ -210,7 +210,7 @@ class CurveReader:
             if replaced:  # a new run in the same dir: start over
                 self._rows = []
                 self.generation += 1
-            self._rows += rows
+            self._rows += [row for row in rows if not is_cooldown_row(row)]  # the trunk's history only
 
     def last_row(self) -> dict:
         self._refresh()

@@ -389,6 +389,15 @@ def test_genesis_flow_grows_a_branch_at_each_milestone_while_the_trunk_trains(ha
     assert "loss.png" in {a.path for a in client.list_artifacts(pretrain.info.run_id)}
     history = client.get_metric_history(pretrain.info.run_id, "loss")
     assert [m.step for m in history] == list(range(10, 61, 10))
+    # Each milestone was cooled off the trunk, which never decayed; its registered validation loss is the cooled
+    # model's, not the trunk's at that step.
+    assert {m.value for m in client.get_metric_history(pretrain.info.run_id, "lr")} == {3.0e-3}
+    for step in (30, 60):
+        meta = json.loads((trunk / "milestones" / f"step_{step:08d}" / "meta.json").read_text())
+        assert meta["cooldown"]["steps"] == 6 and meta["cooldown"]["from_step"] == step - 6, meta["cooldown"]
+        [milestone_run] = client.search_runs([pretrain.info.experiment_id], filter_string=(
+            f"tags.`genesis.stage` = 'milestone' and tags.`genesis.milestone_step` = '{step}'"))
+        assert milestone_run.data.metrics["val_loss/all"] == pytest.approx(meta["val_loss"]["all"])
 
     # The watcher finds nothing left to do: every milestone has its branch.
     assert milestone_watcher(run_dirs=[str(trunk)], launch="inline") == []
