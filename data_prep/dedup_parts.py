@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep.dedup import MinHasher, bucket_pairs, jaccard_of_sorted
-from data_prep.executor import Executor, peak_rss_kib
+from data_prep.executor import Executor, stage_job
 from data_prep.read import open_clean_part
 
 EXACT = -1  # the "band" index of the exact-hash bucket jobs
@@ -90,6 +90,7 @@ def read_parts(parts_file: str) -> dict[int, Part]:
     return _parts_of(parts_file, (stat.st_mtime_ns, stat.st_size))
 
 
+@stage_job
 def bucket_job(band: int, hash_range: int, ranges: int, parts_file: str, data_dir: str, max_bucket_comparisons: int,
                out: str) -> dict:
     """One band's (or the exact hashes') keys in one hash range, from every part → pairs sharing a bucket."""
@@ -129,7 +130,7 @@ def bucket_job(band: int, hash_range: int, ranges: int, parts_file: str, data_di
             order = np.lexsort((gid, key))
             pairs = np.unique(bucket_pairs(key[order], gid[order], max_bucket_comparisons), axis=0)
     _save(target, pairs.astype(np.uint64))
-    return {"skipped": False, "docs": int(sum(len(k) for k in keys)), "peak_rss_kib": peak_rss_kib()}
+    return {"skipped": False, "docs": int(sum(len(k) for k in keys))}
 
 
 def _dedup_texts(data_dir: Path, parts: dict[int, Part], gids: np.ndarray) -> dict[int, str]:
@@ -145,6 +146,7 @@ def _dedup_texts(data_dir: Path, parts: dict[int, Part], gids: np.ndarray) -> di
     return texts
 
 
+@stage_job
 def verify_job(pairs: np.ndarray, parts_file: str, data_dir: str, shingle_words: int, min_jaccard: float,
                out: str) -> dict:
     """A chunk of candidate pairs → whether each pair's shingle sets reach `min_jaccard`."""
@@ -158,7 +160,7 @@ def verify_job(pairs: np.ndarray, parts_file: str, data_dir: str, shingle_words:
     linked = np.fromiter((jaccard_of_sorted(shingles[a], shingles[b]) >= min_jaccard for a, b in pairs.tolist()),
                          dtype=bool, count=len(pairs))
     _save(target, linked)
-    return {"skipped": False, "docs": len(texts), "peak_rss_kib": peak_rss_kib()}
+    return {"skipped": False, "docs": len(texts)}
 
 
 def _components(nodes_from: np.ndarray, nodes_to: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ terminal and as one log line every `log_every_s` seconds otherwise.
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import sys
@@ -26,9 +27,30 @@ logger = logging.getLogger("genesis.data")
 
 
 def peak_rss_kib() -> int:
-    """This process's peak resident memory so far (KiB on Linux): each job returns it as `peak_rss_kib`, so the
-    stage's report says after which phase a worker reached its peak (report.json `_jobs`)."""
+    """This process's peak resident memory so far (KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def current_rss_kib() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss // 1024
+
+
+def stage_job(function):
+    """A job of the data stage: its summary also says its process's memory, resident when it started
+    (`start_rss_kib`) and the peak so far when it ended (`peak_rss_kib`), so report.json's `_jobs` says in which
+    phase a worker grows, and whether by what a job holds or by what the process kept from jobs before."""
+
+    @functools.wraps(function)
+    def job(*args, **kwargs):
+        started_at = current_rss_kib()
+        summary = function(*args, **kwargs)
+        if isinstance(summary, dict):
+            summary |= {"start_rss_kib": started_at, "peak_rss_kib": peak_rss_kib()}
+        return summary
+
+    return job
 
 
 class Progress:

@@ -111,9 +111,10 @@ class TallyingExecutor:
         results = self.inner.map(function, jobs, label, sizes)
         skipped = sum(bool(isinstance(r, dict) and r.get("skipped")) for r in results)
         self.jobs[label] = {"total": len(results), "run": len(results) - skipped, "skipped": skipped}
-        peaks = [r["peak_rss_kib"] for r in results if isinstance(r, dict) and "peak_rss_kib" in r]
-        if peaks:  # the largest process peak seen at the end of this phase's jobs
-            self.jobs[label]["peak_rss_gib"] = round(max(peaks) / 2**20, 3)
+        ran = [r for r in results if isinstance(r, dict) and "peak_rss_kib" in r]
+        if ran:  # the largest process peak seen at the end of this phase's jobs; the most a job started from
+            self.jobs[label]["peak_rss_gib"] = round(max(r["peak_rss_kib"] for r in ran) / 2**20, 3)
+            self.jobs[label]["start_rss_gib"] = round(max(r["start_rss_kib"] for r in ran) / 2**20, 3)
         return results
 
     def close(self) -> None:
@@ -417,7 +418,7 @@ def stage_shards(config: CorpusConfig, data_dir: Path, executor: Executor | None
     by_source: dict[str, list] = {}
     beyond_budget: Counter = Counter()
     for owner, result in zip(owners, results):
-        for key in ("skipped", "docs", "bytes", "text_bytes", "peak_rss_kib"):
+        for key in ("skipped", "docs", "bytes", "text_bytes", "start_rss_kib", "peak_rss_kib"):
             result.pop(key, None)
         if not result["num_docs"]:
             continue

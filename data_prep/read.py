@@ -37,7 +37,7 @@ import xxhash
 
 from data_prep.clean import clean_text, normalise
 from data_prep.dedup import MinHasher, band_keys, band_starts, words_of
-from data_prep.executor import peak_rss_kib
+from data_prep.executor import stage_job
 from data_prep.sources import CleanConfig, CorpusConfig, SourceConfig, record_to_dedup_text, record_to_text
 from genesis.chat import strip_marker_sentinels
 from genesis.errors import DataError
@@ -185,13 +185,14 @@ def finished_unit(data_dir: Path, unit: ReadUnit, key: str) -> dict | None:
     return info
 
 
+@stage_job
 def read_unit(unit: ReadUnit, source: SourceConfig, clean: CleanConfig, docs_per_part: int, on_bad: str,
               data_dir: str, key: str) -> dict:
     """One read unit → clean parts with their signatures, then its marker. Returns the marker's content."""
     data_dir = Path(data_dir)
     done = finished_unit(data_dir, unit, key)
     if done is not None:
-        return done | {"skipped": True, "bytes": unit.size, "docs": done["docs_clean"], "peak_rss_kib": peak_rss_kib()}
+        return done | {"skipped": True, "bytes": unit.size, "docs": done["docs_clean"]}
     clean_dir, sig_dir = data_dir / "clean" / unit.source, data_dir / "sig" / unit.source
     clean_dir.mkdir(parents=True, exist_ok=True)
     sig_dir.mkdir(parents=True, exist_ok=True)
@@ -250,5 +251,4 @@ def read_unit(unit: ReadUnit, source: SourceConfig, clean: CleanConfig, docs_per
     tmp = marker.with_name(marker.name + ".tmp")
     tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, marker)
-    return info | {"skipped": False, "bytes": unit.size or produced_bytes, "docs": produced_docs,
-                   "peak_rss_kib": peak_rss_kib()}
+    return info | {"skipped": False, "bytes": unit.size or produced_bytes, "docs": produced_docs}

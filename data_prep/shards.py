@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from data_prep.executor import peak_rss_kib
+from data_prep.executor import stage_job
 from data_prep.tokenizer import encode_documents
 from genesis.manifest import ShardEntry, ShardReader, sha256_file, write_shard
 
@@ -55,6 +55,7 @@ def _tokenizer(model_path: str):
     return _TOKENIZERS[model_path]
 
 
+@stage_job
 def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, removed_rows_path: str, data_dir: str,
                   batch_docs: int = 512) -> dict:
     """One job: a clean part minus the rows dedup removed (`removed_rows_path`, absent when none) → a token shard
@@ -91,8 +92,7 @@ def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, removed
     tmp = sidecar.with_name(sidecar.name + ".tmp")
     tmp.write_text(entry.model_dump_json())
     os.replace(tmp, sidecar)
-    return entry.model_dump() | {"skipped": False, "docs": len(texts), "bytes": text_bytes, "text_bytes": text_bytes,
-                                 "peak_rss_kib": peak_rss_kib()}
+    return entry.model_dump() | {"skipped": False, "docs": len(texts), "bytes": text_bytes, "text_bytes": text_bytes}
 
 
 def dump_report(path: Path, report: dict) -> None:

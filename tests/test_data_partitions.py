@@ -212,6 +212,7 @@ def test_a_source_file_changed_since_the_last_run_is_read_again_and_the_others_a
     jobs = json.loads((tmp_path / "data" / "report.json").read_text())["_jobs"]["read + clean"]
     assert (jobs["run"], jobs["skipped"]) == (1, 3)
     assert 0 < jobs["peak_rss_gib"] < 24  # the largest peak memory of a process that ran one of its jobs
+    assert 0 < jobs["start_rss_gib"] <= jobs["peak_rss_gib"]  # the most memory a job of the phase started from
 
 
 def test_a_moved_data_directory_is_prepared_again_without_redoing_anything(planted, tmp_path):
