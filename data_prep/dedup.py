@@ -75,17 +75,36 @@ class MinHasher:
         """`signatures` of texts already split by `words_of`."""
         return self.signatures_of([self.shingles_of_words(words, distinct=False) for words in word_lists])
 
+    # Shingles hashed together: 32,768 × 8 bytes, so the arrays each permutation streams stay in a core's L2.
+    BLOCK_SHINGLES = 1 << 15
+
     def signatures_of(self, shingle_sets: list[np.ndarray]) -> np.ndarray:
-        """Signatures of precomputed shingle sets (the caller keeps the sets to verify candidate pairs)."""
-        lengths = np.array([len(s) for s in shingle_sets])
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        flat = np.concatenate(shingle_sets)
+        """Signatures of precomputed shingle sets (the caller keeps the sets to verify candidate pairs).
+
+        NOTE: documents are hashed in blocks of about BLOCK_SHINGLES shingles, in place: over a whole part at
+        once, each of the num_perm passes streamed three part-sized temporaries through memory, so the read
+        stage was bound by memory bandwidth (3-4× slower per core, and two workers on one box slowed each other:
+        1.52× one worker's read speed, bench/data_scale.py). The signatures are the same."""
         out = np.empty((len(shingle_sets), self.num_perm), dtype=np.uint32)
         shift = np.uint64(32)
-        with np.errstate(over="ignore"):  # wrap-around modulo 2^64 is the hash
-            for perm in range(self.num_perm):
-                hashed = (flat * self.a[perm] + self.b[perm]) >> shift
-                out[:, perm] = np.minimum.reduceat(hashed, starts)
+        first = 0
+        while first < len(shingle_sets):
+            last, size = first + 1, len(shingle_sets[first])  # a document longer than a block is a block
+            while last < len(shingle_sets) and size + len(shingle_sets[last]) <= self.BLOCK_SHINGLES:
+                size += len(shingle_sets[last])
+                last += 1
+            block = shingle_sets[first:last]
+            starts = np.zeros(len(block), dtype=np.int64)
+            np.cumsum([len(s) for s in block[:-1]], out=starts[1:])
+            flat = np.concatenate(block)
+            hashed = np.empty_like(flat)
+            with np.errstate(over="ignore"):  # wrap-around modulo 2^64 is the hash
+                for perm in range(self.num_perm):
+                    np.multiply(flat, self.a[perm], out=hashed)
+                    np.add(hashed, self.b[perm], out=hashed)
+                    np.right_shift(hashed, shift, out=hashed)
+                    out[first:last, perm] = np.minimum.reduceat(hashed, starts)
+            first = last
         return out
 
 
