@@ -133,17 +133,22 @@ def bucket_job(band: int, hash_range: int, ranges: int, parts_file: str, data_di
     return {"skipped": False, "docs": int(sum(len(k) for k in keys))}
 
 
-def _dedup_texts(data_dir: Path, parts: dict[int, Part], gids: np.ndarray) -> dict[int, str]:
-    """The text near-dedup compares for each gid, reading only those rows of their clean parts."""
-    texts: dict[int, str] = {}
+def _dedup_shingles(data_dir: Path, parts: dict[int, Part], gids: np.ndarray, hasher: MinHasher) -> dict[int, np.ndarray]:
+    """The shingle set near-dedup compares for each gid, reading only those rows of their clean parts.
+
+    NOTE: part by part, each text dropped once shingled: holding a verification chunk's ~4,000 texts as Python
+    strings at once (up to 4 bytes a character) with Arrow's copies of them cost ~100 MB for 16 MB of text, and
+    made the workers' peak grow with the corpus (a chunk's documents spread over more parts)."""
+    shingles: dict[int, np.ndarray] = {}
     part_of = gids >> np.uint64(32)
     for part_index in np.unique(part_of):
         wanted = gids[part_of == part_index]
         rows = (wanted & np.uint64(0xFFFFFFFF)).astype(np.int64)
         table = open_clean_part(parts[int(part_index)].clean_path(data_dir)).take(pa.array(rows))
         for gid, text, dedup in zip(wanted.tolist(), table.column("text").to_pylist(), table.column("dedup").to_pylist()):
-            texts[gid] = dedup if dedup is not None else text
-    return texts
+            shingles[gid] = hasher.shingles(dedup if dedup is not None else text)
+        del table
+    return shingles
 
 
 @stage_job
@@ -155,12 +160,11 @@ def verify_job(pairs: np.ndarray, parts_file: str, data_dir: str, shingle_words:
         return {"skipped": True, "docs": 0}
     parts = read_parts(parts_file)
     hasher = MinHasher(num_perm=8, shingle_words=shingle_words)  # only its shingling is used here
-    texts = _dedup_texts(Path(data_dir), parts, np.unique(pairs))
-    shingles = {gid: hasher.shingles(text) for gid, text in texts.items()}
+    shingles = _dedup_shingles(Path(data_dir), parts, np.unique(pairs), hasher)
     linked = np.fromiter((jaccard_of_sorted(shingles[a], shingles[b]) >= min_jaccard for a, b in pairs.tolist()),
                          dtype=bool, count=len(pairs))
     _save(target, linked)
-    return {"skipped": False, "docs": len(texts)}
+    return {"skipped": False, "docs": len(shingles)}
 
 
 def _components(nodes_from: np.ndarray, nodes_to: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

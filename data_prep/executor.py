@@ -37,18 +37,43 @@ def current_rss_kib() -> int:
     return psutil.Process().memory_info().rss // 1024
 
 
+@functools.cache
+def _libc_malloc_trim():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def release_memory() -> None:
+    """Give back to the OS what a finished job freed: Arrow's pool keeps freed buffers and glibc's malloc keeps
+    freed heap pages, so a worker's resident memory ratcheted up job after job (a verification job started from
+    the last one's 240 MB instead of 130 MB, measured on 1 GB)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    if (trim := _libc_malloc_trim()) is not None:
+        trim(0)
+
+
 def stage_job(function):
     """A job of the data stage: its summary also says its process's memory, resident when it started
     (`start_rss_kib`) and the peak so far when it ended (`peak_rss_kib`), so report.json's `_jobs` says in which
-    phase a worker grows, and whether by what a job holds or by what the process kept from jobs before."""
+    phase a worker grows, and whether by what a job holds or by what the process kept from jobs before. What the
+    job freed is given back to the OS before the next (`release_memory`)."""
 
     @functools.wraps(function)
     def job(*args, **kwargs):
         started_at = current_rss_kib()
-        summary = function(*args, **kwargs)
-        if isinstance(summary, dict):
-            summary |= {"start_rss_kib": started_at, "peak_rss_kib": peak_rss_kib()}
-        return summary
+        try:
+            summary = function(*args, **kwargs)
+            if isinstance(summary, dict):
+                summary |= {"start_rss_kib": started_at, "peak_rss_kib": peak_rss_kib()}
+            return summary
+        finally:
+            release_memory()
 
     return job
 
