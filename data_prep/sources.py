@@ -103,8 +103,9 @@ class CorpusConfig(StrictModel):
                                       "token_budget estimates (4 bytes a token), so the budget is met after dedup")
     dedup_shuffle_rows: int = Field(default=4_000_000, ge=1, description="band keys one dedup bucket job holds: "
                                     "the hash range count is total documents / this")
-    dedup_verify_pairs: int = Field(default=2_000, ge=1, description="candidate pairs per verification job: a job "
-                                    "holds both documents' texts and shingle sets of each of its pairs, so this "
+    dedup_verify_pairs: int = Field(default=1_000, ge=1, description="candidate pairs per verification job: a job "
+                                    "holds the shingle sets of both documents of each of its pairs (2,000 pairs: "
+                                    "~60 MB over a worker's baseline, the largest job of the stage), so this "
                                     "bounds a worker's memory")
     planned_tokens: int | None = Field(default=None, gt=0, description="tokens the trunk will draw from this "
                                        "data (steps × batch tokens): report.json says how often each source repeats")

@@ -53,6 +53,7 @@ class Trainer:
         self.health = {"healthy": True, "reason": None, "spikes_skipped": 0, "checkpoints_withheld": 0,
                        "rollbacks": 0, "tokens_skipped": 0}
         self._owed_save: bool | None = None  # a withheld save to make at the next healthy step (True: a milestone)
+        self._cooldowns_withheld: set[int] = set()  # milestones whose cooled weights were unfit: not tried again
         self._sound_weight_norm: float | None = None  # of the weights last saved (or started from)
         self.last_loss: float | None = None  # of the last update made (a skipped step's loss is not finite)
         self.last_val: dict[str, float] = {}  # the last evaluation's losses (callbacks.Evaluation)
@@ -295,7 +296,7 @@ class Trainer:
     def _checkpoint_due(self) -> tuple[bool, bool]:
         """(save now, as a milestone). With forked cool-downs, the trunk at a milestone's step is saved as a
         rolling checkpoint (where it grows on from); the milestone itself is the cool-down's, and the trunk
-        becomes the milestone only if no cool-down made it (its meta then says `cooled: false`)."""
+        becomes the milestone only if no cool-down made it (its meta then has no `cooldown`)."""
         ckpt = self.config.checkpoint
         if ckpt.milestone_every and self.step % ckpt.milestone_every == 0:
             if forks_cooldowns(self.config.optimizer) and self._milestone_done(self.step):
@@ -324,6 +325,14 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------------------
     # Milestones cooled down off the trunk (optimizer.cooldown=fork)
 
+    def _settle_checkpoints(self) -> None:
+        """Every save finished and on disk for every rank: rank 0 completes an async save (its rename and
+        marker) in a thread of its own, so without the barrier another rank could read the run directory
+        before it and decide differently (one rank saving alone would hang the run)."""
+        self.checkpointer.wait()
+        if self.dist.world_size > 1:
+            dist.barrier()
+
     def _milestone_done(self, step: int) -> bool:
         from genesis.run_dir import MILESTONE_DIR, is_complete, step_dir_name
 
@@ -341,7 +350,9 @@ class Trainer:
         milestone = (self.step // every + 1) * every
         if milestone > config.max_steps or milestone - self.step > cooldown_steps(config.optimizer, every):
             return None
-        return None if self._milestone_done(milestone) else milestone
+        if milestone in self._cooldowns_withheld or self._milestone_done(milestone):
+            return None
+        return milestone
 
     def _cool_down(self, milestone: int) -> str:
         """Make `milestone` from the trunk at this step: save the trunk here (unless its newest checkpoint is
@@ -353,7 +364,8 @@ class Trainer:
         from genesis.run_dir import latest_checkpoint
         from genesis_model.parallelize import refresh_compute_copies
 
-        config, fork_step = self.config, self.step
+        config, fork_step, fork_tokens = self.config, self.step, self.tokens_seen
+        self._settle_checkpoints()
         newest = latest_checkpoint(Path(config.run_dir))
         if newest is None or newest.step != fork_step:
             if (withheld := self.unfit_to_save()):
@@ -361,7 +373,7 @@ class Trainer:
                 return "put_off"
             self._sound_weight_norm = self.weight_norm()
             self.save(milestone=False)
-        self.checkpointer.wait()
+            self._settle_checkpoints()
         trunk = latest_checkpoint(Path(config.run_dir))
         steps, from_lr = milestone - fork_step, lr_at(fork_step, config.optimizer, config.max_steps)
         self.event("cooldown_started", milestone=milestone, from_step=fork_step, steps=steps, from_lr=from_lr,
@@ -391,17 +403,19 @@ class Trainer:
             if withheld:
                 self.health["checkpoints_withheld"] += 1
                 self.event("checkpoint_withheld", reason=withheld, milestone=True, cooldown=True)
+                self._cooldowns_withheld.add(milestone)  # the trunk at the milestone's step becomes it instead
                 outcome = "withheld"
             else:
                 self.run_meta["cooldown"] = {"from_step": fork_step, "steps": steps, "from_lr": from_lr}
                 try:
                     self.save(milestone=True)
-                    self.checkpointer.wait()
+                    self._settle_checkpoints()
                 finally:
                     del self.run_meta["cooldown"]
         self.event("cooldown_finished", milestone=milestone, outcome=outcome, val_loss=self.last_val,
                    seconds=round(time.perf_counter() - started, 3))
         if outcome == "stopped":
+            self.step, self.tokens_seen = fork_step, fork_tokens  # what latest.json says: where the trunk is saved
             return outcome
         # Back to the trunk as it was at the fork: weights, optimizer, counters, data position, RNG, callbacks.
         meta, rank_state = self.checkpointer.load(trunk.path, self.model, self.optimizer)

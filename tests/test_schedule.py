@@ -330,3 +330,38 @@ def test_each_milestone_is_cooled_off_a_trunk_that_trains_on_as_if_no_cooldown_h
 
     newest = latest_checkpoint(forked)
     assert (newest.step, newest.milestone) == (18, False)
+
+
+@pytest.mark.slow
+def test_a_cooldown_whose_weights_are_unfit_is_not_retried_and_the_trunk_becomes_the_milestone(token_data, tmp_path):
+    # The cool-down of milestone 6 (from step 3) ends in a non-finite update (an injected NaN at update 6), so its
+    # weights are withheld. It is not tried again from steps 4 and 5; the trunk goes on, meets the same NaN at
+    # update 6, and its own state becomes the milestone at the next healthy step, uncooled (no `cooldown` in meta).
+    run_dir = tmp_path / "trunk"
+    assert_ok(run_trainer(run_dir, token_data, ["max_steps=8", "checkpoint.milestone_every=6", "checkpoint.save_every=0",
+                                                "optimizer.schedule=wsd", "optimizer.warmup_steps=2",
+                                                "optimizer.decay_fraction=0.5"],
+                          nproc=1, env={"GENESIS_INJECT_NAN_STEPS": "6"}))
+    events = read_jsonl(run_dir / "events.jsonl")
+    assert [(e["step"], e["milestone"]) for e in events if e["event"] == "cooldown_started"] == [(3, 6)]
+    assert [e["outcome"] for e in events if e["event"] == "cooldown_finished"] == ["withheld"]
+    [milestone] = list((run_dir / "milestones").iterdir())
+    assert milestone.name == "step_00000007"
+    assert "cooldown" not in json.loads((milestone / "meta.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_ranks_with_asynchronous_saves_fork_a_cooldown_alike(token_data, tmp_path):
+    # Rank 0 completes an async save in a thread of its own: every rank must still see the same run directory
+    # when it decides to save the fork and which checkpoint to load back (else one rank saves alone and hangs).
+    from genesis.run_dir import latest_checkpoint
+
+    run_dir = tmp_path / "trunk"
+    assert_ok(run_trainer(run_dir, token_data, ["max_steps=6", "checkpoint.milestone_every=6", "checkpoint.save_every=3",
+                                                "checkpoint.async_save=true", "optimizer.schedule=wsd",
+                                                "optimizer.warmup_steps=2", "optimizer.decay_fraction=0.5"],
+                          nproc=2, timeout=300))
+    meta = json.loads((run_dir / "milestones" / "step_00000006" / "meta.json").read_text())
+    assert meta["cooldown"]["from_step"] == 3 and meta["world_size"] == 2
+    newest = latest_checkpoint(run_dir)
+    assert (newest.step, newest.milestone) == (6, False)
