@@ -20,8 +20,9 @@ Device command (one call on `nvidia-h200`, carry `.whl` and `runs/trunk-cycles-d
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; export PYTHONUNBUFFERED=1 GENESIS_GIT_REV=<rev>; python3 bench/trunk_cycles.py --steps-per-cycle 320 --data runs/trunk-cycles-data --work /tmp/tc --out bench/results; rc=$?; cp bench/results/trunk_cycles.json bench/results/trunk_cycles.png /tmp/tc/logs.txt $OUT/; exit $rc
 
-Expected: about 6–6.5 minutes at N = 320 (3 × 960 steps = 2,880 steps of 32,768 tokens at ≈ 15 steps/s of GPU
-time; 7 trainer processes and one refused extension, the first three compiling at once). `--time-budget-s` (530)
+Expected: about 6–6.5 minutes at N = 320 with inline cool-downs (3 × 960 steps = 2,880 steps of 32,768 tokens at
+≈ 15 steps/s of GPU time; 7 trainer processes and one refused extension, the first three compiling at once); the
+forked cool-downs add 3 × 64 steps and three checkpoint reloads to `wsd` (not yet timed). `--time-budget-s` (530)
 stops the runs and writes what there is.
 
 `runs/trunk-cycles-data` (ignored by git) is the data kit's token shards, made beforehand on a machine with
