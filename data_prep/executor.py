@@ -157,6 +157,20 @@ class SerialExecutor:
         pass
 
 
+def local_cluster_options(workers: int) -> dict:
+    """The LocalCluster the stage starts on this box (DaskExecutor, and the data flow through prefect-dask).
+
+    One thread per worker: the jobs are Python- and numpy-bound; processes, not threads, give parallelism.
+    NOTE: memory_limit=0 leaves memory to the jobs' own bounds (one partition each) instead of Dask pausing and
+    spilling workers whose RSS its heuristics misjudge. silence_logs: a job's error (e.g. one bad record) reaches
+    the caller as its exception, said in one line there; the workers' own logs would only repeat it, and a worker
+    whose heartbeat races the cluster's close logs a normal shutdown as an ERROR with a traceback. No dashboard;
+    the scheduler's HTTP server (health and metrics routes, always started) on a free port: on its default 8787 a
+    second cluster on the box (another prepare, a user's own) printed "UserWarning: Port 8787 is already in use"."""
+    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+            "scheduler_kwargs": {"dashboard_address": ":0"}, "memory_limit": 0, "silence_logs": logging.CRITICAL}
+
+
 class DaskExecutor:
     """Jobs on a Dask cluster: a LocalCluster of `workers` one-thread processes, or the one at `address`."""
 
@@ -168,13 +182,7 @@ class DaskExecutor:
         if address:
             self.client = Client(address)
         else:
-            # One thread per worker: the jobs are Python- and numpy-bound; processes, not threads, give
-            # parallelism. NOTE: memory_limit=0 leaves memory to the jobs' own bounds (one partition each)
-            # instead of Dask pausing and spilling workers whose RSS its heuristics misjudge.
-            # silence_logs: a job's error (e.g. one bad record) reaches the caller as its exception, said in one
-            # line there; the workers' own "compute failed" log with its traceback would only repeat it.
-            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, memory_limit=0, silence_logs=logging.CRITICAL)
+            self.cluster = LocalCluster(**local_cluster_options(workers))
             self.client = Client(self.cluster)
         self.workers = len(self.client.scheduler_info().get("workers", {})) or workers
 

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from data_prep import finished, stage_clean, stage_shards, stage_tokenizer
-from data_prep.executor import Progress, SerialExecutor
+from data_prep.executor import Progress, SerialExecutor, local_cluster_options
 from data_prep.sources import CorpusConfig
 from tasks import stage_task
 
@@ -35,11 +35,8 @@ class PrefectDaskJobs:
         from prefect_dask import DaskTaskRunner
 
         # Dask's own chatter (scheduler and nanny start-up and shutdown, "worker still alive after 4 s, killing")
-        # stays out of the flow's log; a job's error reaches the task as its exception. The workers' is silenced
-        # below CRITICAL: a worker whose heartbeat races the scheduler's close logs a normal shutdown at ERROR,
-        # with a CommClosedError traceback.
-        cluster = {"n_workers": corpus.workers, "threads_per_worker": 1, "processes": True,
-                   "dashboard_address": None, "memory_limit": 0, "silence_logs": logging.CRITICAL}
+        # stays out of the flow's log (local_cluster_options); a job's error reaches the task as its exception.
+        cluster = local_cluster_options(corpus.workers)
         logging.getLogger("distributed").setLevel(logging.ERROR)  # silence_logs covers only the cluster's start
         logging.getLogger("prefect.task_runner.dask").setLevel(logging.WARNING)  # "dashboard at :8787" (there is none)
         self.runner = DaskTaskRunner(address=corpus.dask_address) if corpus.dask_address else \
