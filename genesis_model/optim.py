@@ -293,8 +293,12 @@ def check_schedule_continues(saved: dict | None, new: dict, step: int) -> str | 
         return None  # nothing done, or nothing left to train
     try:
         new_opt = OptimizerConfig.model_validate(new["optimizer"])
-        old_opt = OptimizerConfig.model_validate({**saved.get("optimizer", {}), "lr": new_opt.lr,
-                                                  "min_lr": new_opt.min_lr})
+        trained = dict(saved.get("optimizer", {}))
+        if trained.get("schedule") == "wsd":
+            # A wsd trunk saved before `cooldown` existed cooled into its milestones itself: read it as inline,
+            # or a resume past a milestone would jump from min_lr to the peak under today's default (fork).
+            trained.setdefault("cooldown", "inline")
+        old_opt = OptimizerConfig.model_validate({**trained, "lr": new_opt.lr, "min_lr": new_opt.min_lr})
         old_max, new_max = int(saved["max_steps"]), int(new["max_steps"])
     except (KeyError, TypeError, ValueError):
         return None  # a config this version cannot read: nothing to compare
@@ -316,6 +320,8 @@ def check_schedule_continues(saved: dict | None, new: dict, step: int) -> str | 
         return None
     what = (f"max_steps {old_max} → {new_max}" if new_max != old_max else "the schedule's settings")
     fix = "restore the checkpoint's optimizer schedule settings"
+    if old_opt.schedule == new_opt.schedule == "wsd" and old_opt.cooldown != new_opt.cooldown:
+        fix = f"pass optimizer.cooldown={old_opt.cooldown}, as this trunk was trained"
     if new_max > old_max:
         suggested = sorted({*new_opt.extended_from, old_max})
         if first_difference(new_opt.model_copy(update={"extended_from": suggested})) is None:

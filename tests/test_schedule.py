@@ -368,3 +368,14 @@ def test_two_ranks_with_asynchronous_saves_fork_a_cooldown_alike(token_data, tmp
     assert meta["cooldown"]["from_step"] == 3 and meta["world_size"] == 2
     newest = latest_checkpoint(run_dir)
     assert (newest.step, newest.milestone) == (6, False)
+
+
+def test_a_wsd_trunk_saved_before_forked_cooldowns_resumes_only_as_it_was_trained():
+    # Saved before `cooldown` existed: its milestones were cooled inline, so step 200 ran at min_lr. Under today's
+    # default (fork) the next update would be at the peak: refused in one line that says how to go on.
+    old = saved_config(wsd(), 400, EVERY)
+    del old["optimizer"]["cooldown"]
+    forked = saved_config(wsd(cooldown="fork"), 600, EVERY)
+    message = refusal(old, forked, 200)
+    assert "optimizer.cooldown=inline" in message
+    accepted(old, saved_config(wsd(), 600, EVERY), 200)
