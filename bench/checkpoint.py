@@ -340,13 +340,20 @@ def time_load(tree: Path, workdir: Path, run_dir: Path, data_dir: Path, steps: i
     return figures
 
 
+def inline_cooldown(tree: Path) -> list[str]:
+    """Without milestones the config's wsd trunk must decay into max_steps (`optimizer.cooldown=inline`), as it
+    did before the option existed; a tree older than the option (the previous code path) gets nothing."""
+    return ["optimizer.cooldown=inline"] if "cooldown" in (tree / "genesis" / "config.py").read_text() else []
+
+
 def load_only_run(workdir: Path, data_dir: Path, loads, steps: int = 2) -> dict:
     """A genesis-1b checkpoint made quickly (every torch.compile'd function eager, `steps` steps, one synchronous
     save at the end), then each of `loads` ((label, tree, cold) tuples) resumes it without training a step."""
     run_dir = workdir / "load-only"
     stats = workdir / "compile-load-only-train.json"
     overrides = [f"max_steps={steps}", "checkpoint.save_every=0", "checkpoint.milestone_every=0",
-                 "checkpoint.keep_last=1", "checkpoint.async_save=false", "checkpoint.save_at_end=true"]
+                 *inline_cooldown(REPO), "checkpoint.keep_last=1", "checkpoint.async_save=false",
+                 "checkpoint.save_at_end=true"]
     started = time.monotonic()
     result = subprocess.run(command_for(REPO, run_dir, data_dir, overrides, False), cwd=REPO, capture_output=True,
                             text=True, env=env_for(REPO, workdir, stats, eager=True))
@@ -377,7 +384,8 @@ def async_run(tree: Path, workdir: Path, data_dir: Path, name: str, saves: int, 
     # max_steps would change the schedule of the steps already done, which the trainer refuses (WSD ends its
     # cycle at max_steps).
     overrides = [f"max_steps={steps + 2}", f"checkpoint.save_every={save_every}", "checkpoint.milestone_every=0",
-                 "checkpoint.keep_last=1", "checkpoint.async_save=true", "checkpoint.save_at_end=false", *extra]
+                 *inline_cooldown(tree), "checkpoint.keep_last=1", "checkpoint.async_save=true",
+                 "checkpoint.save_at_end=false", *extra]
     metrics, events, compiled = train(tree, workdir, run_dir, data_dir, overrides, ("--stop-at-step", str(steps)))
     checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     figures = save_figures(events, checkpoint)

@@ -58,8 +58,9 @@ PROFILES = {
         "micro_batch": 1,
         # NOTE: accumulation 1 outside the scaling runs (the config's 64 would make the 300-step smoke matrix
         # 40M tokens), and the reshard check's 1-GPU run doubles it to keep the global batch.
+        # optimizer.cooldown=inline: no milestones here, so the config's wsd trunk decays into max_steps.
         "overrides": ["grad_accum_steps=1", "eval.every=0", "log_every=1", "verify_data_checksums=false",
-                      "checkpoint.milestone_every=0", "checkpoint.keep_last=3"],
+                      "checkpoint.milestone_every=0", "optimizer.cooldown=inline", "checkpoint.keep_last=3"],
         # The headline setup (HEADLINE_SETUP), then the reference run's micro-batch 1 × accumulation 64, then
         # accumulation 8 (profiled: where a slow step's time went).
         "scaling_setups": ["4x16:6", "1x64:8", "1x8:14"],
