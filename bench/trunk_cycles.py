@@ -27,7 +27,7 @@ stops the runs and writes what there is.
 
 `runs/trunk-cycles-data` (ignored by git) is the data kit's token shards, made beforehand on a machine with
 `datasets` (the device has none) by `python bench/trunk_cycles.py --prepare-data --data runs/trunk-cycles-data`
-(configs/corpus/data-kit.yaml; the cleaned-text stage is deleted after, leaving ~38 MiB of shards and tokenizer).
+(configs/corpus/data-kit.yaml; the intermediate stages are deleted after, leaving ~38 MiB of shards and tokenizer).
 
 Writes `<out>/trunk_cycles.png` (validation loss of the three, milestones marked; LR below) and appends the run to
 `<out>/trunk_cycles.json` (bench.common.append_run): top level `val_loss` per schedule and milestone,
@@ -82,14 +82,16 @@ class BenchError(Exception):
 
 
 def prepare_data(data_dir: Path, workers: int) -> None:
-    """The data kit's token shards (needs `datasets`, so not on the device); the cleaned text is dropped."""
+    """The data kit's token shards (needs `datasets`, so not on the device); the intermediate stages (cleaned
+    text, MinHash signatures, dedup lists) are dropped: the trainer reads the manifest, shards and tokenizer."""
     from data_prep.pipeline import prepare
     from data_prep.sources import CorpusConfig
     from genesis.config import load_config
 
     started = time.time()
     manifest = prepare(load_config(CorpusConfig, CORPUS, [f"workers={workers}"]), data_dir)
-    shutil.rmtree(data_dir / "clean", ignore_errors=True)
+    for stage in ("clean", "sig", "dedup"):
+        shutil.rmtree(data_dir / stage, ignore_errors=True)
     size = sum(path.stat().st_size for path in data_dir.rglob("*") if path.is_file())
     print(f"{data_dir}: {manifest.num_tokens:,} tokens, {size / 2**20:.1f} MiB, {time.time() - started:.0f} s")
 
