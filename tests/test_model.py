@@ -128,6 +128,21 @@ def test_greedy_decoding_with_kv_cache_equals_decoding_without_cache():
     assert len(set(cached)) > 3
 
 
+def test_each_cached_decode_step_gives_the_logits_of_the_whole_sequence_run_without_cache():
+    # 4 query heads over 2 key/value heads: the cache path folds each group's queries onto its shared head.
+    model = Transformer(small_config(init_std=0.3))
+    model.init_weights(seed=3)
+    tokens = torch.tensor([[5, 17, 42, 9, 100, 7, 81, 3]])
+    with torch.inference_mode():
+        full = model(tokens)[0]
+        model.setup_kv_cache(batch_size=1)
+        prefill = model(tokens[:, :3], positions=torch.arange(3))[0]
+        steps = [model(tokens[:, p : p + 1], positions=torch.tensor([p]))[0, -1] for p in range(3, 8)]
+        model.clear_kv_cache()
+    torch.testing.assert_close(prefill, full[:3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(steps), full[3:], atol=1e-5, rtol=1e-5)
+
+
 def test_same_seed_gives_the_same_sample_and_another_seed_a_different_one():
     model = Transformer(small_config())
     model.init_weights(seed=3)
