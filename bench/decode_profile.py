@@ -35,6 +35,8 @@ def kind_of(name: str) -> str:
     lowered = name.lower()
     if "gemv" in lowered or "gemm" in lowered or "xmma" in lowered or "cutlass" in lowered or "sm90" in lowered:
         return "matmul (cuBLAS)"
+    if "cudnn" in lowered and "sdpa" in lowered:
+        return "attention"
     if "flash" in lowered or "fmha" in lowered or "attention" in lowered or "efficient" in lowered:
         return "attention"
     if lowered.startswith("triton"):
@@ -96,7 +98,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="genesis-1b")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--coordinate-descent", action="store_true",
+                        help="compile with Inductor's coordinate-descent tuning (its matrix-vector products become "
+                             "Triton reductions instead of cuBLAS calls)")
     args = parser.parse_args()
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     config = load_model_config(args.model)
     model = Transformer(config)
     model.init_weights(seed=0)
@@ -104,7 +113,7 @@ def main() -> None:
     matrix_bytes = sum(p.numel() * 2 for name, p in model.named_parameters() if p.dim() == 2)
     result = {**environment(), "git_rev": git_rev(), "command": " ".join(sys.argv),
               "gpu": torch.cuda.get_device_name(0), "model": args.model, "cache_len": CACHE_LEN,
-              "matrix_bytes_per_step": matrix_bytes}
+              "matrix_bytes_per_step": matrix_bytes, "coordinate_descent": args.coordinate_descent}
     result["profile"] = profile_step(model)
     result["graph_step_us"] = round(graph_step_us(model), 1)
     result["gap_us_per_step"] = round(result["graph_step_us"] - result["profile"]["kernel_us_per_step"], 1)
