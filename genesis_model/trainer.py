@@ -334,9 +334,15 @@ class Trainer:
             dist.barrier()
 
     def _milestone_done(self, step: int) -> bool:
-        from genesis.run_dir import MILESTONE_DIR, is_complete, step_dir_name
+        from genesis.run_dir import RunDir, is_complete, step_dir_name
 
-        return is_complete(Path(self.config.run_dir) / MILESTONE_DIR / step_dir_name(step))
+        return is_complete(RunDir(Path(self.config.run_dir)).milestones_dir / step_dir_name(step))
+
+    def _log_metrics(self, metrics: dict) -> None:
+        """Rank 0 hands this step's metrics to every sink (metrics.jsonl, the console, MLflow's callback)."""
+        if self.dist.is_main:
+            for sink in self.sinks:
+                sink.log_metrics(self.step, metrics)
 
     def _cooldown_due(self) -> int | None:
         """The milestone whose cool-down starts at this step, or None: under forked cool-downs, a milestone M
@@ -385,9 +391,8 @@ class Trainer:
             metrics = {f"cooldown/{key}": value for key, value in result.items()
                        if isinstance(value, (int, float)) and not isinstance(value, bool)}
             self._notify("on_cooldown_step", milestone, index + 1, steps, metrics)
-            if self.dist.is_main and (self.log_due() or self.step == milestone):
-                for sink in self.sinks:
-                    sink.log_metrics(self.step, metrics)
+            if self.log_due() or self.step == milestone:
+                self._log_metrics(metrics)
             if self._stop_signal is not None:
                 outcome = "stopped"
                 break
@@ -395,10 +400,7 @@ class Trainer:
             for callback in self.callbacks:
                 if isinstance(callback, Evaluation):  # the milestone's own validation loss, whatever eval.every
                     self.last_val = callback.evaluate(self)
-                    if self.dist.is_main:
-                        for sink in self.sinks:
-                            sink.log_metrics(self.step, {f"cooldown/val_loss/{name}": value
-                                                         for name, value in self.last_val.items()})
+                    self._log_metrics({f"cooldown/val_loss/{name}": value for name, value in self.last_val.items()})
             withheld = self.unfit_to_save()
             if withheld:
                 self.health["checkpoints_withheld"] += 1
@@ -454,10 +456,8 @@ class Trainer:
                 metrics = {**result, "tokens_seen": self.tokens_seen, "step_time_s": elapsed,
                            **self.loader.repetition_metrics()}  # repetition/<source>: passes over its data
                 self._notify("on_step_metrics", metrics)
-                if self.dist.is_main and self.log_due():
-                    logged = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
-                    for sink in self.sinks:
-                        sink.log_metrics(self.step, logged)
+                if self.log_due():
+                    self._log_metrics({key: value for key, value in metrics.items() if isinstance(value, (int, float))})
                 due, milestone = self._checkpoint_due()
                 if due or self._owed_save is not None:
                     milestone = milestone or bool(self._owed_save)
