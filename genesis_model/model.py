@@ -153,7 +153,7 @@ class Attention(nn.Module):
             # Decoding: attend over the whole static cache; `mask` hides the positions not yet written.
             # NOTE: measured on an H200 (bench/generate.py, BENCHMARKS "Generation"): folding each key/value
             # head's query group into its rows and writing the one-token step's attention out as two products
-            # and a softmax gave +0.6% at batch 1 and -6.5% / -4.4% at batch 8 / 32 against this call; kept.
+            # and a softmax gave +0.6% at batch 1 and -6.5% / -4.4% at batch 8 / 32 against this path; kept.
             k, v = self.kv_cache.update(positions, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:

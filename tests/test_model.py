@@ -129,7 +129,7 @@ def test_greedy_decoding_with_kv_cache_equals_decoding_without_cache():
 
 
 def test_each_cached_decode_step_gives_the_logits_of_the_whole_sequence_run_without_cache():
-    # 4 query heads over 2 key/value heads: the cache path folds each group's queries onto its shared head.
+    # 4 query heads over 2 key/value heads: grouped-query attention over the cache, one token a step.
     model = Transformer(small_config(init_std=0.3))
     model.init_weights(seed=3)
     tokens = torch.tensor([[5, 17, 42, 9, 100, 7, 81, 3]])
