@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,25 +47,35 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_step(model: Transformer) -> dict:
-    generator = Generator(model, max_seq_len=CACHE_LEN, compile_decode=True, compile_mode="default")
+@contextmanager
+def warm_decode_step(model: Transformer, mode: str):
+    """The batch-1 decode step compiled in `mode`, warmed up (compiled, captured), as a no-argument call run
+    under inference mode; the cache and compiled graphs are dropped after."""
+    generator = Generator(model, max_seq_len=CACHE_LEN, compile_decode=True, compile_mode=mode)
     token = torch.full((1, 1), 5, dtype=torch.long, device="cuda")
     position = torch.tensor([PROMPT_TOKENS], device="cuda")
-    with torch.inference_mode():
-        for _ in range(5):
-            generator._decode(token, position)
-        torch.cuda.synchronize()
+    try:
+        with torch.inference_mode():
+            for _ in range(5):
+                generator._decode(token, position)
+            torch.cuda.synchronize()
+            yield lambda: generator._decode(token, position)
+    finally:
+        model.clear_kv_cache()
+        torch._dynamo.reset()
+
+
+def profile_step(model: Transformer) -> dict:
+    with warm_decode_step(model, "default") as step:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(STEPS):
-                generator._decode(token, position)
+                step()
             torch.cuda.synchronize()
     kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name][0] += 1
             kernels[event.name][1] += event.device_time_total
-    model.clear_kv_cache()
-    torch._dynamo.reset()
     rows = sorted(({"kernel": name[:160], "kind": kind_of(name), "per_step": count / STEPS,
                     "us_per_step": round(total / STEPS, 2)} for name, (count, total) in kernels.items()),
                   key=lambda row: -row["us_per_step"])
@@ -77,21 +88,13 @@ def profile_step(model: Transformer) -> dict:
             "by_kind": dict(by_kind), "top_kernels": rows[:30]}
 
 
-def graph_step_us(model: Transformer) -> float:
-    generator = Generator(model, max_seq_len=CACHE_LEN, compile_decode=True, compile_mode="reduce-overhead")
-    token = torch.full((1, 1), 5, dtype=torch.long, device="cuda")
-    position = torch.tensor([PROMPT_TOKENS], device="cuda")
-    with torch.inference_mode():
-        for _ in range(5):
-            generator._decode(token, position)
-        torch.cuda.synchronize()
+def graph_step_us(model: Transformer, replays: int = 200) -> float:
+    with warm_decode_step(model, "reduce-overhead") as step:
         start = time.perf_counter()
-        for _ in range(200):
-            generator._decode(token, position)
+        for _ in range(replays):
+            step()
         torch.cuda.synchronize()
-    model.clear_kv_cache()
-    torch._dynamo.reset()
-    return (time.perf_counter() - start) / 200 * 1e6
+        return (time.perf_counter() - start) / replays * 1e6
 
 
 def main() -> None:
