@@ -14,6 +14,7 @@ check comes before the first write.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -103,7 +104,13 @@ def collective_check(fn, rank: int, share_result: bool = True):
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                # NOTE: unbound, as `except ... as` does: this frame, kept by the error's traceback, must not keep
+                # the error (a cycle lives until a garbage collection, holding the caller's frames, the device
+                # mesh and the process group's threads with them; see `exit_code`).
+                del error
         kind, message = box[0]
         passed_on = {"RunDirError": RunDirError, "DataError": DataError, "CheckpointError": CheckpointError,
                      "ConfigError": ConfigError}.get(kind, GenesisError)(message)
@@ -269,6 +276,18 @@ def exit_code(run: Callable[[], str]) -> int:
 
     The line goes through `report_error`: under `genesis train --nproc N` the launcher prints the one from the
     rank that saw the cause; under plain torchrun a rank that was passed rank 0's error stays quiet."""
+    code = _run_and_report(run)
+    # NOTE: `destroy_process_group` unregisters the process group but its gloo worker threads live on while the
+    # device mesh does, and the mesh is held by reference cycles (the model's DTensors, the trainer, a failed
+    # check's traceback) that only a garbage collection frees. Left to interpreter shutdown, a worker dropping
+    # the last collective's tensors needs the GIL, is ended by the finalizing interpreter, and the process
+    # aborts after its last line ("terminate called without an active exception"). Freed here, the threads
+    # are joined while Python is alive.
+    gc.collect()
+    return code
+
+
+def _run_and_report(run: Callable[[], str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         status = run()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from conftest import REPO, TINY_CORPUS
 
 from genesis_model.launch import free_port
 
+RETRY_CODES, RETRIES = (429, 502, 503), 5  # Prefect's client defaults (PREFECT_CLIENT_MAX_RETRIES)
 QUICK_BRANCH = ["sft.max_steps=3", "dpo.max_steps=2", "eval.max_prompts=2", "eval.max_pairs=8", "eval.max_new_tokens=12"]
 
 
@@ -52,11 +54,20 @@ class Server:
         pytest.fail("prefect server did not start")
 
     def call(self, method: str, path: str, body: dict | None = None):
-        request = urllib.request.Request(f"{self.api}{path}", method=method,
-                                         data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read() or b"null")
+        """One API call, retried on 429/502/503 as Prefect's own client does: the server answers 503 when its
+        SQLite database is busy (the worker, the trunk's events and the branch runs write to it at once)."""
+        for attempt in range(RETRIES + 1):
+            request = urllib.request.Request(f"{self.api}{path}", method=method,
+                                             data=None if body is None else json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return json.loads(response.read() or b"null")
+            except urllib.error.HTTPError as err:
+                if err.code not in RETRY_CODES or attempt == RETRIES:
+                    raise
+                retry_after = err.headers.get("Retry-After")
+                time.sleep(float(retry_after) if retry_after and retry_after.isdigit() else 2 ** attempt)
 
     def deployment(self, name: str) -> dict:
         return self.call("GET", f"/deployments/name/{name}")

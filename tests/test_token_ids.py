@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from genesis.manifest import read_manifest, write_manifest, write_shard
 from tests.conftest import REPO, TINY_CPU, make_token_data
 
@@ -139,3 +141,31 @@ def test_a_prepare_rerun_records_the_max_id_of_a_shard_whose_sidecar_predates_it
     entry = write_shard(shard, [[5, 1234, 2]], eos_id=2)
     sidecar_of(shard).write_text(entry.model_dump_json(exclude={"max_token_id"}))
     assert completed_entry(shard).max_token_id == 1234
+
+
+
+@pytest.mark.parametrize("outcome", ["refused", "completed"])
+def test_training_joins_the_process_groups_threads_before_it_returns(tmp_path, outcome):
+    """The last line is the run's own: gloo's worker threads must be joined while the interpreter lives. Left to
+    interpreter shutdown (the device mesh, and through it the process group, is kept by reference cycles: a
+    failed check's traceback, the model's DTensors), a worker releasing the last collective's tensors needs the
+    GIL, is ended by the finalizing interpreter, and aborts the process after the error line ("terminate called
+    without an active exception", seen in CI under load)."""
+    data = make_data(tmp_path)
+    if outcome == "refused":
+        add_shard(data, [[8, VOCAB + 4, 9, 2]])
+    script = (
+        "import os, sys\n"
+        "from genesis_model.train import main\n"
+        "threads = lambda: len(os.listdir('/proc/self/task'))\n"
+        "before = threads()\n"
+        "code = main(sys.argv[1:])\n"
+        "print(code, before, threads())\n"
+    )
+    command = [sys.executable, "-c", script, "--config", str(TINY_CPU), f"data_dir={data}",
+               f"run_dir={tmp_path / 'run'}", "max_steps=2", "micro_batch_size=2", "seq_len=64", "eval.every=0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code, before, after = map(int, result.stdout.split()[-3:])
+    assert code == (2 if outcome == "refused" else 0), result.stderr[-2000:]
+    assert after == before, f"{after - before} threads left running after the run {outcome}"
