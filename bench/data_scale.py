@@ -394,6 +394,9 @@ def run_genesis(root: Path, out_dir: Path, workers: int, args, log_dir: Path) ->
         data = json.loads(report.read_text())
         result["timings"] = data.get("_timings")
         result["dedup_totals"] = data.get("_dedup_totals")
+        # Per phase, the workers' largest resident memory when a job started and the peak so far when one ended:
+        # which phase sets a worker's peak, and whether by what a job holds or what the process kept.
+        result["jobs_rss"] = data.get("_jobs")
         sources = [v for k, v in data.items() if not k.startswith("_") and isinstance(v, dict)]
         result["docs_clean"] = sum(v.get("docs_clean", 0) for v in sources)  # = the corpus's docs: nothing filtered
         result["docs_out"] = sum(v.get("docs_out", 0) for v in sources)
