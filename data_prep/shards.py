@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from data_prep.executor import stage_job
 from data_prep.tokenizer import encode_documents
@@ -55,9 +56,22 @@ def _tokenizer(model_path: str):
     return _TOKENIZERS[model_path]
 
 
+def _batches(lengths: np.ndarray, max_docs: int, max_bytes: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most `max_docs` documents and, past the first, at most `max_bytes` of text:
+    what one encode call holds as Python lists is bounded whatever the documents' length."""
+    batches, start, size = [], 0, 0
+    for row, length in enumerate(lengths.tolist()):
+        if row > start and (row - start >= max_docs or size + length > max_bytes):
+            batches.append((start, row))
+            start, size = row, 0
+        size += length
+    batches.append((start, len(lengths)))
+    return batches
+
+
 @stage_job
 def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, removed_rows_path: str, data_dir: str,
-                  batch_docs: int = 512) -> dict:
+                  batch_docs: int = 512, batch_bytes: int = 1 << 18) -> dict:
     """One job: a clean part minus the rows dedup removed (`removed_rows_path`, absent when none) → a token shard
     plus its sidecar. Returns the manifest entry as a dict (`num_docs` 0 and no file when every document of the
     part was removed)."""
@@ -72,19 +86,20 @@ def tokenize_part(part_path: str, shard_path: str, tokenizer_model: str, removed
     keep = np.ones(table.num_rows, dtype=bool)
     if Path(removed_rows_path).is_file():
         keep[np.load(removed_rows_path)] = False
-    texts = table.column("text").filter(pa.array(keep)).to_pylist()
-    text_bytes = sum(len(text.encode("utf-8")) for text in texts)
-    if not texts:
+    texts = table.column("text").filter(pa.array(keep))
+    if not len(texts):
         return {"path": str(shard.relative_to(data_dir_path)), "num_docs": 0, "num_tokens": 0, "sha256": "",
                 "skipped": False, "docs": 0, "bytes": 0, "text_bytes": 0}
+    text_lengths = pc.binary_length(texts).to_numpy(zero_copy_only=False)
+    text_bytes = int(text_lengths.sum())
     documents = []
-    for start in range(0, len(texts), batch_docs):
+    for start, stop in _batches(text_lengths, batch_docs, batch_bytes):
         # One thread per process: parallelism comes from processes or Dask workers. Markers are ids only where
         # the chat renderer put them; any other text, literal "<|im_start|>" included, is text.
-        for ids in encode_documents(sp, texts[start : start + batch_docs], num_threads=1):
+        for ids in encode_documents(sp, texts.slice(start, stop - start).to_pylist(), num_threads=1):
             ids.append(eos)
-            # int32 arrays at once, not the part's ids as Python ints until the shard is written (36 bytes a
-            # token: a 20,000-document part of 5 kB documents, about 0.9 GB)
+            # int32 arrays at once: as Python ints a batch's ids take 36 bytes a token (hence batches bounded in
+            # bytes as well as documents: 512 of a part's long documents were the whole part, 1.2M ids, 43 MB)
             documents.append(np.array(ids, dtype=np.int32))
     entry = write_shard(shard, documents, eos_id=eos)
     entry.path = str(shard.resolve().relative_to(data_dir_path))

@@ -255,6 +255,37 @@ def test_in_shards_a_web_page_quoting_chat_markers_is_text_and_a_dialogue_s_mark
     assert "<|im_end|> mean?" in sp.decode([i for i in chat if i not in marker_ids])
 
 
+def test_a_tokenize_job_encodes_a_bounded_amount_of_text_at_a_time_and_the_shard_does_not_depend_on_it(
+        planted, tmp_path, monkeypatch):
+    """An encode call's ids are Python ints (36 bytes a token) until copied into arrays: a job bounds each call's
+    text in bytes as well as in documents, so a part of long documents is never encoded, and held, whole (a
+    worker's peak followed the longest part it met). The shard is the same whatever the batches."""
+    import data_prep.shards as shards
+
+    data_dir = tmp_path / "data"
+    prepare(planted_corpus(planted["root"]), data_dir)
+    part = sorted((data_dir / "clean" / "books").glob("*.arrow"))[0]
+    encode, calls = shards.encode_documents, []
+
+    def recording(processor, texts, num_threads=1):
+        calls.append([len(text.encode("utf-8")) for text in texts])
+        return encode(processor, texts, num_threads=num_threads)
+
+    monkeypatch.setattr(shards, "encode_documents", recording)
+    written = {}
+    for batch_bytes in (1 << 18, 4096):
+        calls.clear()
+        out = tmp_path / f"out-{batch_bytes}"
+        entry = shards.tokenize_part(str(part), str(out / "books" / "part.arrow"),
+                                     str(data_dir / "tokenizer" / "tokenizer.model"), str(tmp_path / "none.npy"),
+                                     str(out), batch_bytes=batch_bytes)
+        assert all(len(texts) == 1 or sum(texts) <= batch_bytes for texts in calls), calls
+        assert sum(len(texts) for texts in calls) == entry["num_docs"] == entry["docs"]
+        written[batch_bytes] = (out / "books" / "part.arrow").read_bytes()
+    assert sum(map(sum, calls)) > 4 * 4096 and len(calls) > 4  # the small bound did split the part
+    assert written[4096] == written[1 << 18]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Budgets, repetition, the tokenizer sample
 
