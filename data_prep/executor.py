@@ -15,6 +15,7 @@ terminal and as one log line every `log_every_s` seconds otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import resource
@@ -171,6 +172,23 @@ def local_cluster_options(workers: int) -> dict:
             "scheduler_kwargs": {"dashboard_address": ":0"}, "memory_limit": 0, "silence_logs": logging.CRITICAL}
 
 
+@contextlib.contextmanager
+def worker_spawn_environment():
+    """Start a LocalCluster's workers inside this: they keep glibc's own malloc thresholds.
+
+    NOTE: Dask's nannies export MALLOC_TRIM_THRESHOLD_=65536 to the workers they spawn, so that freed heap is
+    returned to the OS eagerly; setting it also fixes glibc's mmap threshold, and a tokenize job, which builds
+    and drops tens of MB of Python lists a part, then maps and unmaps them again and again: 3.81 against
+    4.27 MB/s in one process with and without it, and 3.83-3.90 against 4.08-4.32 MB/s in a one-worker cluster
+    over the 0.25 GB scale corpus's 60 parts. Every job already gives its memory back when it ends
+    (`release_memory`), so the workers lose nothing by going without it."""
+    import dask
+    import distributed  # noqa: F401  first imported inside the scope, its config defaults would leave with it
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        yield
+
+
 class DaskExecutor:
     """Jobs on a Dask cluster: a LocalCluster of `workers` one-thread processes, or the one at `address`."""
 
@@ -182,7 +200,8 @@ class DaskExecutor:
         if address:
             self.client = Client(address)
         else:
-            self.cluster = LocalCluster(**local_cluster_options(workers))
+            with worker_spawn_environment():
+                self.cluster = LocalCluster(**local_cluster_options(workers))
             self.client = Client(self.cluster)
         self.workers = len(self.client.scheduler_info().get("workers", {})) or workers
 

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from data_prep import finished, stage_clean, stage_shards, stage_tokenizer
-from data_prep.executor import Progress, SerialExecutor, local_cluster_options
+from data_prep.executor import Progress, SerialExecutor, local_cluster_options, worker_spawn_environment
 from data_prep.sources import CorpusConfig
 from tasks import stage_task
 
@@ -41,7 +41,8 @@ class PrefectDaskJobs:
         logging.getLogger("prefect.task_runner.dask").setLevel(logging.WARNING)  # "dashboard at :8787" (there is none)
         self.runner = DaskTaskRunner(address=corpus.dask_address) if corpus.dask_address else \
             DaskTaskRunner(cluster_kwargs=cluster)
-        self.runner.__enter__()
+        with worker_spawn_environment():
+            self.runner.__enter__()
         self.workers = corpus.workers
         self.log = get_run_logger().info
 
