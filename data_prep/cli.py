@@ -10,10 +10,12 @@ from genesis.cli_help import examples
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from data_prep.executor import share_one_malloc_arena
     from data_prep.pipeline import prepare
     from data_prep.sources import CorpusConfig
     from genesis.config import load_config
 
+    share_one_malloc_arena()  # this process is the stage's driver: before its first thread (see the NOTE there)
     config = load_config(CorpusConfig, args.corpus, args.overrides)
     manifest = prepare(config, args.out)
     report = json.loads((Path(args.out) / "report.json").read_text())

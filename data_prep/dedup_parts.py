@@ -11,7 +11,7 @@ list. Each step is a list of jobs with its own output file, so a killed run redo
                   → dedup/buckets/<band>_<range>.npy
     verify jobs   chunks of candidate pairs, sorted by document: both documents' shingle sets from their clean
                   parts (only those rows are read), linked when their exact Jaccard reaches `near_min_jaccard`.
-                  → dedup/verified/<chunk>.npy
+                  → dedup/verified/chunk<pairs per chunk>_<chunk>.npy
     components    scipy's connected components over the verified links; each component keeps its earliest
                   document (earlier sources, then earlier units and rows, win). Exact duplicates are linked to
                   their group's first document without verification (128-bit hashes of the normalised text).
@@ -241,11 +241,17 @@ def deduplicate_parts(data_dir: Path, parts: list[Part], clean, executor: Execut
     candidates = np.unique(candidates, axis=0) if len(candidates) else candidates
 
     chunks = [candidates[start : start + verify_pairs_per_job] for start in range(0, len(candidates), verify_pairs_per_job)]
-    executor.map(verify_job, [(chunk, parts_file, str(data_dir), clean.shingle_words, clean.near_min_jaccard,
-                               str(work / "verified" / f"chunk_{number:06d}.npy")) for number, chunk in enumerate(chunks)],
+    # A chunk's file names its size: a run resumed with another `dedup_verify_pairs` cuts the candidates
+    # differently, and must neither reuse nor keep the other size's chunks.
+    prefix = f"chunk{verify_pairs_per_job}_"
+    for stale in (work / "verified").glob("*.npy"):
+        if not stale.name.startswith(prefix):
+            stale.unlink()
+    chunk_paths = [work / "verified" / f"{prefix}{number:06d}.npy" for number in range(len(chunks))]
+    executor.map(verify_job, [(chunk, parts_file, str(data_dir), clean.shingle_words, clean.near_min_jaccard, str(path))
+                              for chunk, path in zip(chunks, chunk_paths)],
                  "dedup: verify pairs")
-    linked = (np.concatenate([np.load(work / "verified" / f"chunk_{n:06d}.npy") for n in range(len(chunks))])
-              if chunks else np.zeros(0, dtype=bool))
+    linked = np.concatenate([np.load(path) for path in chunk_paths]) if chunks else np.zeros(0, dtype=bool)
     links = candidates[linked]
 
     # The driver holds arrays the size of the duplicates found, never of the corpus.

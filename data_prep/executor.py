@@ -172,6 +172,27 @@ def local_cluster_options(workers: int) -> dict:
             "scheduler_kwargs": {"dashboard_address": ":0"}, "memory_limit": 0, "silence_logs": logging.CRITICAL}
 
 
+def share_one_malloc_arena() -> None:
+    """Make the threads this process starts from now on allocate from glibc's main malloc arena.
+
+    NOTE: glibc gives each new thread an arena of its own (up to 8 per core), and what a thread frees stays in
+    its arena. `genesis data prepare`'s driver trains SentencePiece with `tokenizer.threads` (8) threads: over the
+    same 200,000-sentence sample its peak rose 55-72 MB above the one-arena figure, differently from run to run,
+    and that noise was the driver's peak growth between corpus sizes (0.25 and 3 GB: 0.62 and 0.686 GiB, the
+    sample the same size). With one arena the training stays at the sample's own footprint, as fast (6.7-7.3 s
+    against 6.6-7.8 s). Called where the driver starts, before any thread; no-op where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    m_arena_max = -8  # glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(m_arena_max, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 @contextlib.contextmanager
 def worker_spawn_environment():
     """Start a LocalCluster's workers inside this: they keep glibc's own malloc thresholds.

@@ -103,10 +103,11 @@ class CorpusConfig(StrictModel):
                                       "token_budget estimates (4 bytes a token), so the budget is met after dedup")
     dedup_shuffle_rows: int = Field(default=4_000_000, ge=1, description="band keys one dedup bucket job holds: "
                                     "the hash range count is total documents / this")
-    dedup_verify_pairs: int = Field(default=1_000, ge=1, description="candidate pairs per verification job: a job "
-                                    "holds the shingle sets of both documents of each of its pairs (2,000 pairs: "
-                                    "~60 MB over a worker's baseline, the largest job of the stage), so this "
-                                    "bounds a worker's memory")
+    dedup_verify_pairs: int = Field(default=500, ge=1, description="candidate pairs per verification job: a job "
+                                    "holds the shingle sets of both documents of each of its pairs and the clean "
+                                    "parts' pages it reads them from, so this bounds a worker's memory (1,000 pairs "
+                                    "held 5-20 MB of shingle sets and raised a worker's peak 11-13 MB above every "
+                                    "other phase's on the 1 and 3 GB scale corpora: the stage's largest job)")
     planned_tokens: int | None = Field(default=None, gt=0, description="tokens the trunk will draw from this "
                                        "data (steps × batch tokens): report.json says how often each source repeats")
 
