@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "branch_small.json")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="trunk length; the milestone branched from")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override of configs/branch/small.yaml (sft and branch phases)")
+                        help="override of configs/branch/small.yaml (sft, sweep, seeds and branch phases)")
     args = parser.parse_args()
     if args.phase == "pretrain":
         pretrain(args.work, args.steps, args.data, args.train_config, args.trunk_overrides)
