@@ -27,6 +27,7 @@ recipe evaluates (300 replies per model):
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -155,9 +156,11 @@ def _run_all(commands: dict[str, list[str]], logs: Path) -> None:
     """Run the commands at once (each its own process, its output in logs/NAME.log); fail when any fails."""
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    running = {name: subprocess.Popen(command, cwd=REPO, env=env, stdout=(logs / f"{name}.log").open("w"),
-                                      stderr=subprocess.STDOUT) for name, command in commands.items()}
-    failed = [name for name, process in running.items() if process.wait() != 0]
+    with contextlib.ExitStack() as stack:
+        running = {name: subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.STDOUT,
+                                          stdout=stack.enter_context((logs / f"{name}.log").open("w")))
+                   for name, command in commands.items()}
+        failed = [name for name, process in running.items() if process.wait() != 0]
     if failed:
         raise SystemExit(f"failed: {failed}; see {[str(logs / f'{name}.log') for name in failed]}")
 
@@ -181,8 +184,7 @@ def seeds(work: Path, seed_list: list[int], variants: list[str], out: Path, step
         f"--out={readings / f's{seed}-{names[variant]}.json'}", "--variants", variant]
         for seed in seed_list for variant in variants}, work / "logs")
     by_variant: dict[str, dict] = {}
-    for variant in variants:
-        name = variant.partition(":")[0]
+    for variant, name in names.items():
         per_seed = {seed: json.loads((readings / f"s{seed}-{name}.json").read_text())["variants"][name]
                     for seed in seed_list}
         drops = {seed: round(r["sft"]["format_adherence"] - r["dpo"]["format_adherence"], 4)
