@@ -1,0 +1,140 @@
+"""The one-row matrix products of genesis-1b's batch-1 decode step, kernel by kernel (#27 item 2): cuBLAS (what
+`F.linear` picks), cuBLASLt, and genesis_model.gemv's Triton kernel in each configuration of a grid, on every
+weight shape a decode step reads (wqkv, wo, w13, w2, the tied output projection).
+
+Each variant is captured in a CUDA graph that runs it `--repeats` times over rotating copies of the weight
+(together larger than the GPU's L2 cache, as a decode step's 2 GB of weights are), so the time is the kernel's
+own with nothing from the host between launches. Reported per shape: µs per product, GB/s on the weight's
+bytes, and the largest difference from an fp32 product. The best Triton configuration per shape is what
+`genesis_model.gemv.CONFIGS` should hold.
+
+    python bench/gemv.py --out $OUT/gemv.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.common import append_run, environment, git_rev  # noqa: E402
+from genesis.config import load_model_config  # noqa: E402
+from genesis_model import gemv  # noqa: E402
+
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+def decode_shapes(config) -> dict[str, tuple[int, int]]:
+    head_dim = config.dim // config.n_heads
+    return {
+        "wqkv": ((config.n_heads + 2 * config.n_kv_heads) * head_dim, config.dim),
+        "wo": (config.dim, config.n_heads * head_dim),
+        "w13": (2 * config.ffn_dim, config.dim),
+        "w2": (config.dim, config.ffn_dim),
+        "output": (config.vocab_size, config.dim),
+    }
+
+
+def graph_time_us(op, copies: int, repeats: int, replays: int) -> float:
+    """µs per call of op(i) (i cycling over the weight copies), from a CUDA graph of `repeats` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            op(i % copies)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(repeats):
+            op(i % copies)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * repeats)
+
+
+def measure_shape(name: str, n: int, k: int, grid: list[tuple[int, int, int]], repeats: int, replays: int) -> dict:
+    weight_bytes = n * k * 2
+    copies = max(2, -(-L2_FLUSH_BYTES // weight_bytes))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=generator) * k ** -0.5
+               for _ in range(copies)]
+    x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16, generator=generator)
+    reference = F.linear(x.float(), weights[0].float())
+    row = {"shape": name, "out_features": n, "in_features": k, "weight_mb": round(weight_bytes / 1e6, 2),
+           "copies": copies, "variants": []}
+
+    def record(variant: str, op, config=None):
+        with torch.inference_mode():
+            try:
+                error = (op(0).float() - reference).abs().max().item()
+                us = graph_time_us(op, copies, repeats, replays)
+            except Exception as err:  # a configuration Triton cannot build is recorded, not fatal
+                row["variants"].append({"variant": variant, "config": config, "error": repr(err)[:300]})
+                return
+        row["variants"].append({"variant": variant, "config": config, "us": round(us, 2),
+                                "gb_s": round(weight_bytes / us / 1e3, 1), "max_abs_err": round(error, 5)})
+
+    record("cublas", lambda i: F.linear(x, weights[i]))
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    record("cublaslt", lambda i: F.linear(x, weights[i]))
+    torch.backends.cuda.preferred_blas_library("cublas")
+    for block_n, block_k, warps in grid:
+        if block_k > max(k, 16) * 2:
+            continue
+        record("triton", lambda i, c=(block_n, block_k, warps): gemv.gemv(x, weights[i], *c),
+               [block_n, block_k, warps])
+    timed = [v for v in row["variants"] if "us" in v]
+    triton_rows = [v for v in timed if v["variant"] == "triton"]
+    row["best_triton"] = min(triton_rows, key=lambda v: v["us"]) if triton_rows else None
+    row["cublas_us"] = next((v["us"] for v in timed if v["variant"] == "cublas"), None)
+    if row["best_triton"] and row["cublas_us"]:
+        row["triton_speedup"] = round(row["cublas_us"] / row["best_triton"]["us"], 3)
+    print(f"gemv {name} {n}x{k}: cublas {row['cublas_us']} us, best triton {row['best_triton']}", flush=True)
+    del weights
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="genesis-1b")
+    parser.add_argument("--block-n", type=int, nargs="*", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--block-k", type=int, nargs="*", default=[128, 256, 512, 1024])
+    parser.add_argument("--warps", type=int, nargs="*", default=[2, 4, 8])
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--replays", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gemv.json")
+    args = parser.parse_args()
+    if gemv.triton is None or not torch.cuda.is_available():
+        sys.exit("bench/gemv.py: needs a CUDA GPU and Triton (run it on the device)")
+    started = time.time()
+    config = load_model_config(args.model)
+    grid = list(itertools.product(args.block_n, args.block_k, args.warps))
+    shapes = [measure_shape(name, n, k, grid, args.repeats, args.replays)
+              for name, (n, k) in decode_shapes(config).items()]
+    run = {"command": "python " + " ".join(sys.argv), "git_rev": git_rev(), **environment(),
+           "triton": gemv.triton.__version__, "model": args.model, "shapes": shapes,
+           "seconds": round(time.time() - started, 1)}
+    latest = {"gpu": run["machine"], "command": run["command"], "git_rev": run["git_rev"],
+              "best_triton_config": {s["shape"]: s["best_triton"]["config"] for s in shapes if s["best_triton"]},
+              "triton_speedup": {s["shape"]: s.get("triton_speedup") for s in shapes}}
+    append_run(args.out, run, latest)
+    print(json.dumps(latest, indent=1))
+
+
+if __name__ == "__main__":
+    main()
