@@ -1,12 +1,15 @@
-"""The one-row matrix products of genesis-1b's batch-1 decode step, kernel by kernel (#27 item 2): cuBLAS (what
-`F.linear` picks), cuBLASLt, and genesis_model.gemv's Triton kernel in each configuration of a grid, on every
-weight shape a decode step reads (wqkv, wo, w13, w2, the tied output projection).
+"""The kernels of genesis-1b's batch-1 decode step, one by one (#27 item 2). The one-row matrix products: cuBLAS
+(what `F.linear` picks), cuBLASLt, and genesis_model.decode_kernels's Triton GEMV in each configuration of a
+grid, on every weight shape a decode step reads (wqkv, wo, w13, w2, the tied output projection). The one-token
+attention over the cache (`--cache-lens`, the mask hiding the slots past the middle): SDPA as decoding called it
+before, and decode_kernels.one_token_attention.
 
 Each variant is captured in a CUDA graph that runs it `--repeats` times over rotating copies of the weight
 (together larger than the GPU's L2 cache, as a decode step's 2 GB of weights are), so the time is the kernel's
 own with nothing from the host between launches. Reported per shape: µs per product, GB/s on the weight's
 bytes, and the largest difference from an fp32 product. The best Triton configuration per shape is what
-`genesis_model.gemv.CONFIGS` should hold.
+`genesis_model.decode_kernels.GEMV_CONFIGS` should hold. The attention's copies rotate alike (the caches of 20
+layers).
 
     python bench/gemv.py --out $OUT/gemv.json
 """
@@ -27,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.common import append_run, environment, git_rev  # noqa: E402
 from genesis.config import load_model_config  # noqa: E402
-from genesis_model import gemv  # noqa: E402
+from genesis_model import decode_kernels  # noqa: E402
+
 
 L2_FLUSH_BYTES = 256 * 2**20
 
@@ -95,7 +99,7 @@ def measure_shape(name: str, n: int, k: int, grid: list[tuple[int, int, int]], r
     for block_n, block_k, warps in grid:
         if block_k > max(k, 16) * 2:
             continue
-        record("triton", lambda i, c=(block_n, block_k, warps): gemv.gemv(x, weights[i], *c),
+        record("triton", lambda i, c=(block_n, block_k, warps): decode_kernels.gemv(x, weights[i], *c),
                [block_n, block_k, warps])
     timed = [v for v in row["variants"] if "us" in v]
     triton_rows = [v for v in timed if v["variant"] == "triton"]
@@ -109,29 +113,98 @@ def measure_shape(name: str, n: int, k: int, grid: list[tuple[int, int, int]], r
     return row
 
 
+def measure_attention(config, cache_len: int, repeats: int, replays: int) -> dict:
+    head_dim = config.dim // config.n_heads
+    cache_bytes = 2 * config.n_kv_heads * cache_len * head_dim * 2
+    copies = config.n_layers
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, config.n_heads, 1, head_dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+    caches = [(torch.randn(1, config.n_kv_heads, cache_len, head_dim, device="cuda", dtype=torch.bfloat16,
+                           generator=generator),
+               torch.randn(1, config.n_kv_heads, cache_len, head_dim, device="cuda", dtype=torch.bfloat16,
+                           generator=generator)) for _ in range(copies)]
+    mask = (torch.arange(cache_len, device="cuda") <= cache_len // 2)[None, None, None]
+    k0, v0 = caches[0]
+    reference = F.scaled_dot_product_attention(q.float(), k0.float(), v0.float(), attn_mask=mask, enable_gqa=True)
+    row = {"cache_len": cache_len, "cache_mb": round(cache_bytes / 1e6, 3), "variants": []}
+    ops = {"sdpa": lambda i: F.scaled_dot_product_attention(q, *caches[i], attn_mask=mask, enable_gqa=True),
+           "triton": lambda i: decode_kernels.one_token_attention(q, *caches[i], mask)}
+    for name, op in ops.items():
+        with torch.inference_mode():
+            try:
+                error = (op(0).float() - reference).abs().max().item()
+                us = graph_time_us(op, copies, repeats, replays)
+            except Exception as err:
+                row["variants"].append({"variant": name, "error": repr(err)[:300]})
+                continue
+        row["variants"].append({"variant": name, "us": round(us, 2), "max_abs_err": round(error, 5)})
+    timed = {v["variant"]: v["us"] for v in row["variants"] if "us" in v}
+    if len(timed) == 2:
+        row["triton_speedup"] = round(timed["sdpa"] / timed["triton"], 3)
+    print(f"attention cache {cache_len}: {row['variants']}", flush=True)
+    return row
+
+
+def decode_check(model_name: str, prompt_tokens: int = 128) -> dict:
+    """genesis-1b (random bf16 weights): the logits of one cached decode step, through the Triton kernels,
+    against the uncached forward's last position (cuBLAS GEMMs and SDPA over the whole sequence)."""
+    from genesis_model.model import Transformer
+
+    config = load_model_config(model_name)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Transformer(config)
+    model.init_weights(seed=0)
+    model = model.to(torch.bfloat16).eval()
+    tokens = torch.randint(0, config.vocab_size, (1, prompt_tokens + 1), device="cuda")
+    with torch.inference_mode():
+        full = model(tokens)[:, -1]
+        model.setup_kv_cache(batch_size=1, max_seq_len=prompt_tokens + 64)
+        model(tokens[:, :-1], positions=torch.arange(prompt_tokens, device="cuda"))
+        step = model(tokens[:, -1:], positions=torch.tensor([prompt_tokens], device="cuda"))[:, -1]
+        model.clear_kv_cache()
+    diff = (step - full).abs()
+    check = {"max_abs_diff": round(diff.max().item(), 5), "mean_abs_diff": round(diff.mean().item(), 6),
+             "logit_std": round(full.std().item(), 4), "same_argmax": bool(step.argmax() == full.argmax()),
+             "top10_overlap": len(set(step.topk(10).indices.tolist()[0]) & set(full.topk(10).indices.tolist()[0]))}
+    print("decode check", check, flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return check
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="genesis-1b")
     parser.add_argument("--block-n", type=int, nargs="*", default=[1, 2, 4, 8, 16])
     parser.add_argument("--block-k", type=int, nargs="*", default=[128, 256, 512, 1024])
     parser.add_argument("--warps", type=int, nargs="*", default=[2, 4, 8])
+    parser.add_argument("--cache-lens", type=int, nargs="*", default=[384, 2048])
+    parser.add_argument("--skip-gemv", action="store_true", help="the attention only")
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--replays", type=int, default=10)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gemv.json")
     args = parser.parse_args()
-    if gemv.triton is None or not torch.cuda.is_available():
+    if decode_kernels.triton is None or not torch.cuda.is_available():
         sys.exit("bench/gemv.py: needs a CUDA GPU and Triton (run it on the device)")
     started = time.time()
     config = load_model_config(args.model)
     grid = list(itertools.product(args.block_n, args.block_k, args.warps))
-    shapes = [measure_shape(name, n, k, grid, args.repeats, args.replays)
-              for name, (n, k) in decode_shapes(config).items()]
+    shapes = [] if args.skip_gemv else [measure_shape(name, n, k, grid, args.repeats, args.replays)
+                                        for name, (n, k) in decode_shapes(config).items()]
+    check = decode_check(args.model)
+    attention = [measure_attention(config, cache_len, args.repeats, args.replays) for cache_len in args.cache_lens]
     run = {"command": "python " + " ".join(sys.argv), "git_rev": git_rev(), **environment(),
-           "triton": gemv.triton.__version__, "model": args.model, "shapes": shapes,
+           "triton": decode_kernels.triton.__version__, "model": args.model, "shapes": shapes,
+           "attention": attention, "decode_check": check,
            "seconds": round(time.time() - started, 1)}
     latest = {"gpu": run["machine"], "command": run["command"], "git_rev": run["git_rev"],
               "best_triton_config": {s["shape"]: s["best_triton"]["config"] for s in shapes if s["best_triton"]},
-              "triton_speedup": {s["shape"]: s.get("triton_speedup") for s in shapes}}
+              "triton_speedup": {s["shape"]: s.get("triton_speedup") for s in shapes},
+              "attention_triton_speedup": {a["cache_len"]: a.get("triton_speedup") for a in attention},
+              "decode_check": check}
+    if not shapes:  # an attention-only run leaves the GEMV figures of the run before
+        del latest["best_triton_config"], latest["triton_speedup"]
     append_run(args.out, run, latest)
     print(json.dumps(latest, indent=1))
 

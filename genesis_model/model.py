@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genesis.config import ModelConfig
+from genesis_model.decode_kernels import one_row_linear, one_token_attention
 from genesis_model.loss import fused_linear_cross_entropy
 
 
@@ -47,7 +48,8 @@ class Linear(nn.Linear):
         self.register_buffer("compute_weight", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight_for_compute(self).to(x.dtype))
+        # A batch-1 decode step's one row goes to a matrix-vector kernel on a GPU (decode_kernels.py).
+        return one_row_linear(x, weight_for_compute(self).to(x.dtype))
 
 
 class Embedding(nn.Embedding):
@@ -151,11 +153,12 @@ class Attention(nn.Module):
 
         if self.kv_cache is not None:
             # Decoding: attend over the whole static cache; `mask` hides the positions not yet written.
+            # A batch-1 step's one query runs flash-decoding on a GPU (decode_kernels.py), else SDPA.
             # NOTE: measured on an H200 (bench/generate.py, BENCHMARKS "Generation"): folding each key/value
             # head's query group into its rows and writing the one-token step's attention out as two products
-            # and a softmax gave +0.6% at batch 1 and -6.5% / -4.4% at batch 8 / 32 against this path; kept.
+            # and a softmax gave +0.6% at batch 1 and -6.5% / -4.4% at batch 8 / 32 against SDPA.
             k, v = self.kv_cache.update(positions, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            y = one_token_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, q_size)
@@ -277,7 +280,7 @@ class Transformer(nn.Module):
             # The loss casts the weight itself, so its gradient comes back in the weight's dtype (fp32 masters).
             return fused_linear_cross_entropy(x.flatten(0, 1), self.output_weight_for_compute, targets.flatten(),
                                               ignore_index)
-        return F.linear(x, self.output_weight_for_compute.to(x.dtype)).float()
+        return one_row_linear(x, self.output_weight_for_compute.to(x.dtype)).float()
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       slot_mask: torch.Tensor | None = None) -> torch.Tensor:
