@@ -178,12 +178,17 @@ def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
                         ) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)` for q (B, H, T, E) and k, v
     (B, KH, L, E); one query row (B = T = 1) on a GPU outside autograd runs flash-decoding in Triton."""
-    if not attention_applies(q, k, mask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if attention_applies(q, k, mask):
+        return flash_decode(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The Triton path of `one_token_attention` (q (1, H, 1, E), k and v (1, KH, L, E), mask of L booleans)."""
     n_heads, head_dim = q.shape[1], q.shape[3]
     running_max, running_sum, acc = one_token_attention_chunks(
-        q.reshape(n_heads, head_dim).contiguous(), k[0].contiguous(), v[0].contiguous(), mask.reshape(-1).contiguous(),
-        attention_chunk(k.shape[2]))
+        q.reshape(n_heads, head_dim).contiguous(), k[0].contiguous(), v[0].contiguous(),
+        mask.reshape(-1).contiguous(), attention_chunk(k.shape[2]))
     # Merge the chunks: each is weighted by exp(its max − the overall max); a chunk with nothing visible has
     # max -inf and weight 0 (the query's own slot is always visible, so the overall max is finite).
     weights = torch.exp(running_max - running_max.amax(dim=0, keepdim=True))

@@ -1,0 +1,104 @@
+"""The batch-1 decode kernels (genesis_model/decode_kernels.py) compute what F.linear and SDPA compute.
+
+The kernels are Triton; this box has no GPU, so they run in Triton's CPU interpreter (TRITON_INTERPRET=1, which
+Triton reads when a kernel is defined: hence a fresh interpreter process per check). On a GPU they are timed and
+checked end to end by bench/gemv.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from genesis_model import decode_kernels
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_interpreted(code: str) -> dict:
+    """Run `code` (which prints one JSON line last) with the kernels in Triton's interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_triton_is_installed_so_the_kernels_are_tested_here():
+    # CPU torch wheels do not bring Triton; the dev extra does, for the interpreter.
+    assert decode_kernels.triton is not None
+
+
+def test_the_gemv_kernel_matches_an_fp32_product_on_ragged_shapes():
+    errors = run_interpreted("""
+        import json, torch, torch.nn.functional as F
+        from genesis_model import decode_kernels as dk
+        torch.manual_seed(0)
+        errors = []
+        # rows not a multiple of the rows per program, inner dimensions not a multiple of the chunk
+        for (n, k), config in [((200, 96), (1, 64, 4)), ((37, 130), (4, 64, 4)), ((64, 512), (2, 1024, 8))]:
+            weight = torch.randn(n, k, dtype=torch.bfloat16) * k ** -0.5
+            x = torch.randn(1, 1, k, dtype=torch.bfloat16)
+            out = dk.gemv(x, weight, *config)
+            assert out.shape == (1, 1, n) and out.dtype == torch.bfloat16
+            errors.append((out.float() - F.linear(x.float(), weight.float())).abs().max().item())
+        print(json.dumps(errors))
+    """)
+    # the products are within bf16's rounding of the output (values of order 1: 2^-8 relative)
+    assert max(errors) < 0.02
+
+
+def test_flash_decoding_matches_sdpa_for_grouped_queries_and_any_visible_slots():
+    errors = run_interpreted("""
+        import json, torch, torch.nn.functional as F
+        from genesis_model import decode_kernels as dk
+        torch.manual_seed(0)
+        errors = {}
+        cases = {
+            # query heads, key/value heads, head dim, cache length, the visible slots
+            "first_slot_only": (8, 2, 32, 100, torch.arange(100) <= 0),
+            "causal_prefix_across_chunks": (8, 2, 32, 100, torch.arange(100) <= 70),
+            "whole_cache": (4, 4, 16, 64, torch.ones(64, dtype=torch.bool)),
+            "three_queries_per_group": (6, 2, 16, 50, torch.arange(50) <= 33),
+            "left_padding_holes": (8, 1, 32, 80, (torch.arange(80) >= 20) & (torch.arange(80) <= 60)),
+            # chunks of 64 slots: two blocks each, the running max rescaled within a program
+            "long_cache": (4, 2, 16, 1100, torch.arange(1100) <= 1000),
+        }
+        for name, (heads, kv_heads, dim, length, visible) in cases.items():
+            q = torch.randn(1, heads, 1, dim, dtype=torch.bfloat16)
+            k = torch.randn(1, kv_heads, length, dim, dtype=torch.bfloat16)
+            v = torch.randn(1, kv_heads, length, dim, dtype=torch.bfloat16)
+            mask = visible[None, None, None]
+            out = dk.flash_decode(q, k, v, mask)
+            assert out.shape == q.shape and out.dtype == q.dtype
+            reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                       enable_gqa=True)
+            errors[name] = (out.float() - reference).abs().max().item()
+        print(json.dumps(errors))
+    """)
+    assert all(error < 0.02 for error in errors.values()), errors
+
+
+def test_the_cache_is_cut_into_chunks_of_whole_blocks_about_32_of_them():
+    assert decode_kernels.attention_chunk(384) == 32  # 12 chunks
+    assert decode_kernels.attention_chunk(2048) == 64  # 32 chunks
+    assert decode_kernels.attention_chunk(40) == 32
+    for length in (1, 100, 384, 2048, 4097):
+        chunk = decode_kernels.attention_chunk(length)
+        assert chunk % decode_kernels.ATTENTION_BLOCK == 0
+        assert -(-length // chunk) <= decode_kernels.ATTENTION_TARGET_CHUNKS
+
+
+def test_on_the_cpu_and_under_autograd_the_plain_ops_run():
+    x, weight = torch.randn(1, 1, 64, dtype=torch.bfloat16), torch.randn(32, 64, dtype=torch.bfloat16)
+    assert not decode_kernels.gemv_applies(x, weight)
+    assert torch.equal(decode_kernels.one_row_linear(x, weight), torch.nn.functional.linear(x, weight))
+    q, k = torch.randn(1, 4, 1, 16, dtype=torch.bfloat16), torch.randn(1, 2, 32, 16, dtype=torch.bfloat16)
+    assert not decode_kernels.attention_applies(q, k, torch.ones(1, 1, 1, 32, dtype=torch.bool))
