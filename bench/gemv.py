@@ -147,7 +147,8 @@ def measure_attention(config, cache_len: int, repeats: int, replays: int) -> dic
 
 def decode_check(model_name: str, prompt_tokens: int = 128) -> dict:
     """genesis-1b (random bf16 weights): the logits of one cached decode step, through the Triton kernels,
-    against the uncached forward's last position (cuBLAS GEMMs and SDPA over the whole sequence)."""
+    against the uncached forward's last position (cuBLAS GEMMs and SDPA over the whole sequence); beside it the
+    same step with the kernels switched off (cuBLAS and SDPA), whose difference is bf16's alone."""
     from genesis_model.model import Transformer
 
     config = load_model_config(model_name)
@@ -159,14 +160,21 @@ def decode_check(model_name: str, prompt_tokens: int = 128) -> dict:
     tokens = torch.randint(0, config.vocab_size, (1, prompt_tokens + 1), device="cuda")
     with torch.inference_mode():
         full = model(tokens)[:, -1]
-        model.setup_kv_cache(batch_size=1, max_seq_len=prompt_tokens + 64)
-        model(tokens[:, :-1], positions=torch.arange(prompt_tokens, device="cuda"))
-        step = model(tokens[:, -1:], positions=torch.tensor([prompt_tokens], device="cuda"))[:, -1]
-        model.clear_kv_cache()
-    diff = (step - full).abs()
-    check = {"max_abs_diff": round(diff.max().item(), 5), "mean_abs_diff": round(diff.mean().item(), 6),
-             "logit_std": round(full.std().item(), 4), "same_argmax": bool(step.argmax() == full.argmax()),
-             "top10_overlap": len(set(step.topk(10).indices.tolist()[0]) & set(full.topk(10).indices.tolist()[0]))}
+        steps = {}
+        for name, use in (("kernels", True), ("cublas_sdpa", False)):
+            decode_kernels.USE_GEMV = decode_kernels.USE_FLASH_DECODE = use
+            model.setup_kv_cache(batch_size=1, max_seq_len=prompt_tokens + 64)
+            model(tokens[:, :-1], positions=torch.arange(prompt_tokens, device="cuda"))
+            steps[name] = model(tokens[:, -1:], positions=torch.tensor([prompt_tokens], device="cuda"))[:, -1]
+            model.clear_kv_cache()
+        decode_kernels.USE_GEMV = decode_kernels.USE_FLASH_DECODE = True
+    check = {"logit_std": round(full.std().item(), 4)}
+    for name, step in steps.items():
+        diff = (step - full).abs()
+        check[name] = {"max_abs_diff": round(diff.max().item(), 5), "mean_abs_diff": round(diff.mean().item(), 6),
+                       "same_argmax": bool(step.argmax() == full.argmax()),
+                       "top10_overlap": len(set(step.topk(10).indices.tolist()[0])
+                                            & set(full.topk(10).indices.tolist()[0]))}
     print("decode check", check, flush=True)
     del model
     torch.cuda.empty_cache()

@@ -34,6 +34,11 @@ try:
 except ImportError:
     triton = None
 
+# Switches for benchmarks that measure decoding with a kernel and without it in one process (bench/generate.py,
+# bench/gemv.py); read when a decode step is traced, so a compiled step keeps the choice it was compiled with.
+USE_GEMV = True
+USE_FLASH_DECODE = True
+
 # (rows per program, inner-dimension chunk, warps) of the GEMV by weight shape (out_features, in_features):
 # the fastest of bench/gemv.py's grid on an H200 (bench/results/gemv.json). One row per program won on every
 # genesis-1b shape; other shapes take DEFAULT_GEMV_CONFIG.
@@ -92,8 +97,8 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _one_token_attention_kernel(q_ptr, k_ptr, v_ptr, visible_ptr, max_ptr, sum_ptr, acc_ptr, scale,
-                                    L: tl.constexpr, E: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    def _one_token_attention_kernel(q_ptr, k_ptr, v_ptr, visible_ptr, max_ptr, sum_ptr, acc_ptr,
+                                    SCALE: tl.constexpr, L: tl.constexpr, E: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                                     CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         """One (key/value head, chunk of the cache): the head's G queries (rows kv_head·G … of q, (H, E)) over
         slots [chunk·CHUNK, (chunk+1)·CHUNK) of its keys and values ((KH, L, E) each), masked by `visible`
@@ -119,7 +124,7 @@ if triton is not None:
                         other=0.0).to(tl.float32)
             v = tl.load(v_ptr + cache + slots[:, None] * E + dims[None, :], mask=in_cache[:, None],
                         other=0.0).to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision="tf32") * scale  # (G_PAD, BLOCK)
+            scores = tl.dot(q, tl.trans(k), input_precision="tf32") * SCALE  # (G_PAD, BLOCK)
             scores = tl.where(visible[None, :], scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             # A row with nothing visible yet keeps max -inf: exp against 0 instead gives 0 weights, not NaN.
@@ -147,14 +152,16 @@ if triton is not None:
         running_sum = torch.empty((chunks, n_heads), dtype=torch.float32, device=q.device)
         acc = torch.empty((chunks, n_heads, head_dim), dtype=torch.float32, device=q.device)
         torch.library.wrap_triton(_one_token_attention_kernel)[(n_kv_heads, chunks)](
-            q, k, v, visible, running_max, running_sum, acc, 1.0 / math.sqrt(head_dim), L=cache_len, E=head_dim,
+            # NOTE: the scale is a compile-time constant: as a float argument Inductor passes it in fp64, which
+            # turned the scores fp64 and the second product's operands mismatched.
+            q, k, v, visible, running_max, running_sum, acc, SCALE=1.0 / math.sqrt(head_dim), L=cache_len, E=head_dim,
             G=group, G_PAD=max(16, triton.next_power_of_2(group)), CHUNK=chunk, BLOCK=ATTENTION_BLOCK,
             num_warps=4)
         return running_max, running_sum, acc
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    return (USE_GEMV and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and weight.dtype == x.dtype and x.shape[:-1].numel() == 1 and not torch.is_grad_enabled()
             and x.is_contiguous() and weight.is_contiguous())
 
@@ -168,7 +175,7 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
     head_dim = q.shape[-1]
-    return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
+    return (USE_FLASH_DECODE and triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
             and q.shape[0] == 1 and q.shape[2] == 1 and mask is not None and mask.numel() == k.shape[2]
             and mask.dtype == torch.bool and q.shape[1] % k.shape[1] == 0 and head_dim >= 16
             and head_dim & (head_dim - 1) == 0 and not torch.is_grad_enabled())
