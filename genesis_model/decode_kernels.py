@@ -24,15 +24,20 @@ autograd (no backward is written), and for more than one row or query.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+triton = None
+# NOTE: Triton is imported only where a kernel can run (a CUDA device, or Triton's CPU interpreter in the tests):
+# a trainer or test process on a CPU box would pay its import (~0.25 s) for nothing.
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # CPU-only torch wheels ship without Triton
+        triton = None
 
 # Switches for benchmarks that measure decoding with a kernel and without it in one process (bench/generate.py,
 # bench/gemv.py); read when a decode step is traced, so a compiled step keeps the choice it was compiled with.
