@@ -2,7 +2,7 @@
 (what `F.linear` picks), cuBLASLt, and genesis_model.decode_kernels's Triton GEMV in each configuration of a
 grid, on every weight shape a decode step reads (wqkv, wo, w13, w2, the tied output projection). The one-token
 attention over the cache (`--cache-lens`, the mask hiding the slots past the middle): SDPA as decoding called it
-before, and decode_kernels.one_token_attention.
+before, and decode_kernels.flash_decode (switched on or not).
 
 Each variant is captured in a CUDA graph that runs it `--repeats` times over rotating copies of the weight
 (together larger than the GPU's L2 cache, as a decode step's 2 GB of weights are), so the time is the kernel's
@@ -128,7 +128,7 @@ def measure_attention(config, cache_len: int, repeats: int, replays: int) -> dic
     reference = F.scaled_dot_product_attention(q.float(), k0.float(), v0.float(), attn_mask=mask, enable_gqa=True)
     row = {"cache_len": cache_len, "cache_mb": round(cache_bytes / 1e6, 3), "variants": []}
     ops = {"sdpa": lambda i: F.scaled_dot_product_attention(q, *caches[i], attn_mask=mask, enable_gqa=True),
-           "triton": lambda i: decode_kernels.one_token_attention(q, *caches[i], mask)}
+           "triton": lambda i: decode_kernels.flash_decode(q, *caches[i], mask)}
     for name, op in ops.items():
         with torch.inference_mode():
             try:
@@ -161,13 +161,14 @@ def decode_check(model_name: str, prompt_tokens: int = 128) -> dict:
     with torch.inference_mode():
         full = model(tokens)[:, -1]
         steps = {}
+        defaults = decode_kernels.USE_GEMV, decode_kernels.USE_FLASH_DECODE
         for name, use in (("kernels", True), ("cublas_sdpa", False)):
             decode_kernels.USE_GEMV = decode_kernels.USE_FLASH_DECODE = use
             model.setup_kv_cache(batch_size=1, max_seq_len=prompt_tokens + 64)
             model(tokens[:, :-1], positions=torch.arange(prompt_tokens, device="cuda"))
             steps[name] = model(tokens[:, -1:], positions=torch.tensor([prompt_tokens], device="cuda"))[:, -1]
             model.clear_kv_cache()
-        decode_kernels.USE_GEMV = decode_kernels.USE_FLASH_DECODE = True
+        decode_kernels.USE_GEMV, decode_kernels.USE_FLASH_DECODE = defaults
     check = {"logit_std": round(full.std().item(), 4)}
     for name, step in steps.items():
         diff = (step - full).abs()

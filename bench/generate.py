@@ -176,9 +176,9 @@ def main() -> None:
     parser.add_argument("--coordinate-descent", action="store_true",
                         help="also measure Genesis with Inductor's coordinate-descent kernel tuning")
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--without-kernels", action="store_true",
-                        help="also Genesis at batch 1 with SDPA for the attention, then with cuBLAS too "
-                             "(genesis_model.decode_kernels switched off one by one)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also Genesis at batch 1 with genesis_model.decode_kernels's GEMV, then with its "
+                             "flash-decoding too (switched on one by one)")
     parser.add_argument("--max-autotune", action="store_true",
                         help="also measure Genesis with the decode step compiled in mode 'max-autotune'")
     parser.add_argument("--genesis-only", action="store_true", help="(the anchor's subprocess) Genesis only")
@@ -206,14 +206,15 @@ def main() -> None:
                          else {"git_rev": args.anchor_rev, "error": result.stderr[-1500:]})
         print("anchor", json.dumps(run["anchor"]), flush=True)
     run["genesis"] = run_genesis(config, args.batches, args.budget_s)
-    if args.without_kernels:
+    if args.kernels:
         from genesis_model import decode_kernels
 
-        decode_kernels.USE_FLASH_DECODE = False
-        run["genesis_sdpa_attention"] = run_genesis(config, [1], args.budget_s)
-        decode_kernels.USE_GEMV = False
-        run["genesis_sdpa_cublas"] = run_genesis(config, [1], args.budget_s)
-        decode_kernels.USE_GEMV = decode_kernels.USE_FLASH_DECODE = True
+        defaults = decode_kernels.USE_GEMV, decode_kernels.USE_FLASH_DECODE
+        decode_kernels.USE_GEMV = True
+        run["genesis_gemv"] = run_genesis(config, [1], args.budget_s)
+        decode_kernels.USE_FLASH_DECODE = True
+        run["genesis_gemv_flash_decode"] = run_genesis(config, [1], args.budget_s)
+        decode_kernels.USE_GEMV, decode_kernels.USE_FLASH_DECODE = defaults
     if args.coordinate_descent:
         import torch._inductor.config as inductor_config
 
@@ -236,7 +237,7 @@ def main() -> None:
             print(name, json.dumps(run[name]), flush=True)
 
     bound = run["copy_bandwidth_gb_s"] * 1e9
-    rows = [(batch, row) for variant in ("genesis", "genesis_sdpa_attention", "genesis_sdpa_cublas",
+    rows = [(batch, row) for variant in ("genesis", "genesis_gemv", "genesis_gemv_flash_decode",
                                          "genesis_coordinate_descent", "genesis_max_autotune", "anchor")
             for batch in args.batches if (row := run.get(variant, {}).get(f"batch_{batch}", {})).get("tok_s")]
     for batch, row in rows:

@@ -17,7 +17,8 @@ coordinate-descent tuning, max-autotune's templates; BENCHMARKS.md "Generation")
 torchao's GEMV kernels are for quantised weights (decoding keeps bf16 weights), and the flash-decoding kernels
 of serving engines come with their engines' paged caches.
 
-Both are the plain op everywhere else: on the CPU, with Triton missing (CPU torch wheels ship without it), under
+Both are off unless switched on (USE_GEMV, USE_FLASH_DECODE: see the NOTE there), and the plain op everywhere
+else: on the CPU, with Triton missing (CPU torch wheels ship without it), under
 autograd (no backward is written), and for more than one row or query.
 """
 
@@ -39,10 +40,14 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     except ImportError:  # CPU-only torch wheels ship without Triton
         triton = None
 
-# Switches for benchmarks that measure decoding with a kernel and without it in one process (bench/generate.py,
-# bench/gemv.py); read when a decode step is traced, so a compiled step keeps the choice it was compiled with.
-USE_GEMV = True
-USE_FLASH_DECODE = True
+# Whether decoding takes each kernel; read when a decode step is traced, so a compiled step keeps the choice it
+# was compiled with. bench/generate.py --kernels and bench/gemv.py switch them on to measure them.
+# NOTE: both are off by default: each kernel was measured alone on an H200 (the GEMV faster than cuBLAS on every
+# genesis-1b shape, bench/results/gemv.json), but no decode step compiled with them (CUDA graph, as `genesis
+# serve` and the branch evaluation decode) has been measured yet, and the one that was tried failed to compile
+# (since fixed: the attention's scale). A kernel joins the default path once that step is measured faster.
+USE_GEMV = False
+USE_FLASH_DECODE = False
 
 # (rows per program, inner-dimension chunk, warps) of the GEMV by weight shape (out_features, in_features):
 # the fastest of bench/gemv.py's grid on an H200 (bench/results/gemv.json). One row per program won on every

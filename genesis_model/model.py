@@ -48,7 +48,7 @@ class Linear(nn.Linear):
         self.register_buffer("compute_weight", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A batch-1 decode step's one row goes to a matrix-vector kernel on a GPU (decode_kernels.py).
+        # A batch-1 decode step's one row may go to a matrix-vector kernel on a GPU (decode_kernels.USE_GEMV).
         return one_row_linear(x, weight_for_compute(self).to(x.dtype))
 
 
@@ -153,7 +153,7 @@ class Attention(nn.Module):
 
         if self.kv_cache is not None:
             # Decoding: attend over the whole static cache; `mask` hides the positions not yet written.
-            # A batch-1 step's one query runs flash-decoding on a GPU (decode_kernels.py), else SDPA.
+            # A batch-1 step's one query may run flash-decoding on a GPU (decode_kernels.USE_FLASH_DECODE).
             # NOTE: measured on an H200 (bench/generate.py, BENCHMARKS "Generation"): folding each key/value
             # head's query group into its rows and writing the one-token step's attention out as two products
             # and a softmax gave +0.6% at batch 1 and -6.5% / -4.4% at batch 8 / 32 against SDPA.
