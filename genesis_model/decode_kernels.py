@@ -18,8 +18,8 @@ torchao's GEMV kernels are for quantised weights (decoding keeps bf16 weights), 
 of serving engines come with their engines' paged caches.
 
 Both are off unless switched on (USE_GEMV, USE_FLASH_DECODE: see the NOTE there), and the plain op everywhere
-else: on the CPU, with Triton missing (CPU torch wheels ship without it), under
-autograd (no backward is written), and for more than one row or query.
+else: on the CPU, with Triton missing (CPU torch wheels ship without it), under autograd (no backward is
+written), and for more than one row or query.
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ if triton is not None:
 
     @triton.jit
     def _one_token_attention_kernel(q_ptr, k_ptr, v_ptr, visible_ptr, max_ptr, sum_ptr, acc_ptr,
-                                    SCALE: tl.constexpr, L: tl.constexpr, E: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                                    CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                                    SCALE: tl.constexpr, L: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
+                                    G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         """One (key/value head, chunk of the cache): the head's G queries (rows kv_head·G … of q, (H, E)) over
         slots [chunk·CHUNK, (chunk+1)·CHUNK) of its keys and values ((KH, L, E) each), masked by `visible`
         (L,). Writes the chunk's running max and sum (CHUNKS, H) and unnormalised output (CHUNKS, H, E)."""
@@ -161,11 +161,11 @@ if triton is not None:
         running_max = torch.empty((chunks, n_heads), dtype=torch.float32, device=q.device)
         running_sum = torch.empty((chunks, n_heads), dtype=torch.float32, device=q.device)
         acc = torch.empty((chunks, n_heads, head_dim), dtype=torch.float32, device=q.device)
+        # NOTE: the scale is a compile-time constant: as a float argument Inductor passed it in fp64, which made
+        # the scores fp64 and the second product's operands mismatched (the decode step failed to compile).
         torch.library.wrap_triton(_one_token_attention_kernel)[(n_kv_heads, chunks)](
-            # NOTE: the scale is a compile-time constant: as a float argument Inductor passes it in fp64, which
-            # turned the scores fp64 and the second product's operands mismatched.
-            q, k, v, visible, running_max, running_sum, acc, SCALE=1.0 / math.sqrt(head_dim), L=cache_len, E=head_dim,
-            G=group, G_PAD=max(16, triton.next_power_of_2(group)), CHUNK=chunk, BLOCK=ATTENTION_BLOCK,
+            q, k, v, visible, running_max, running_sum, acc, SCALE=1.0 / math.sqrt(head_dim), L=cache_len,
+            E=head_dim, G=group, G_PAD=max(16, triton.next_power_of_2(group)), CHUNK=chunk, BLOCK=ATTENTION_BLOCK,
             num_warps=4)
         return running_max, running_sum, acc
 
@@ -185,8 +185,8 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
     head_dim = q.shape[-1]
-    return (USE_FLASH_DECODE and triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
-            and q.shape[0] == 1 and q.shape[2] == 1 and mask is not None and mask.numel() == k.shape[2]
+    return (USE_FLASH_DECODE and triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and k.dtype == q.dtype and q.shape[0] == 1 and q.shape[2] == 1 and mask is not None and mask.numel() == k.shape[2]
             and mask.dtype == torch.bool and q.shape[1] % k.shape[1] == 0 and head_dim >= 16
             and head_dim & (head_dim - 1) == 0 and not torch.is_grad_enabled())
 
