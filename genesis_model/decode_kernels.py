@@ -187,8 +187,8 @@ def attention_applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
     head_dim = q.shape[-1]
     return (USE_FLASH_DECODE and triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and k.dtype == q.dtype and q.shape[0] == 1 and q.shape[2] == 1 and mask is not None
-            and mask.numel() == k.shape[2] and mask.dtype == torch.bool and q.shape[1] % k.shape[1] == 0 and head_dim >= 16
-            and head_dim & (head_dim - 1) == 0 and not torch.is_grad_enabled())
+            and mask.numel() == k.shape[2] and mask.dtype == torch.bool and q.shape[1] % k.shape[1] == 0
+            and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and not torch.is_grad_enabled())
 
 
 def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
