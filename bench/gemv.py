@@ -37,7 +37,7 @@ L2_FLUSH_BYTES = 256 * 2**20
 
 
 def decode_shapes(config) -> dict[str, tuple[int, int]]:
-    head_dim = config.dim // config.n_heads
+    head_dim = config.head_dim
     return {
         "wqkv": ((config.n_heads + 2 * config.n_kv_heads) * head_dim, config.dim),
         "wo": (config.dim, config.n_heads * head_dim),
@@ -70,6 +70,19 @@ def graph_time_us(op, copies: int, repeats: int, replays: int) -> float:
     return start.elapsed_time(end) * 1000 / (replays * repeats)
 
 
+def time_variant(variant: str, op, reference: torch.Tensor, copies: int, repeats: int, replays: int,
+                 **labels) -> dict:
+    """One variant's row: µs per call and the largest difference of op(0) from `reference`, or the error that
+    stopped it (a configuration Triton cannot build is recorded, not fatal)."""
+    with torch.inference_mode():
+        try:
+            error = (op(0).float() - reference).abs().max().item()
+            us = graph_time_us(op, copies, repeats, replays)
+        except Exception as err:  # noqa: BLE001
+            return {"variant": variant, **labels, "error": repr(err)[:300]}
+    return {"variant": variant, **labels, "us": round(us, 2), "max_abs_err": round(error, 5)}
+
+
 def measure_shape(name: str, n: int, k: int, grid: list[tuple[int, int, int]], repeats: int, replays: int) -> dict:
     weight_bytes = n * k * 2
     copies = max(2, -(-L2_FLUSH_BYTES // weight_bytes))
@@ -82,15 +95,10 @@ def measure_shape(name: str, n: int, k: int, grid: list[tuple[int, int, int]], r
            "copies": copies, "variants": []}
 
     def record(variant: str, op, config=None):
-        with torch.inference_mode():
-            try:
-                error = (op(0).float() - reference).abs().max().item()
-                us = graph_time_us(op, copies, repeats, replays)
-            except Exception as err:  # a configuration Triton cannot build is recorded, not fatal
-                row["variants"].append({"variant": variant, "config": config, "error": repr(err)[:300]})
-                return
-        row["variants"].append({"variant": variant, "config": config, "us": round(us, 2),
-                                "gb_s": round(weight_bytes / us / 1e3, 1), "max_abs_err": round(error, 5)})
+        timed = time_variant(variant, op, reference, copies, repeats, replays, config=config)
+        if "us" in timed:
+            timed["gb_s"] = round(weight_bytes / timed["us"] / 1e3, 1)
+        row["variants"].append(timed)
 
     record("cublas", lambda i: F.linear(x, weights[i]))
     torch.backends.cuda.preferred_blas_library("cublaslt")
@@ -114,7 +122,7 @@ def measure_shape(name: str, n: int, k: int, grid: list[tuple[int, int, int]], r
 
 
 def measure_attention(config, cache_len: int, repeats: int, replays: int) -> dict:
-    head_dim = config.dim // config.n_heads
+    head_dim = config.head_dim
     cache_bytes = 2 * config.n_kv_heads * cache_len * head_dim * 2
     copies = config.n_layers
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -126,18 +134,10 @@ def measure_attention(config, cache_len: int, repeats: int, replays: int) -> dic
     mask = (torch.arange(cache_len, device="cuda") <= cache_len // 2)[None, None, None]
     k0, v0 = caches[0]
     reference = F.scaled_dot_product_attention(q.float(), k0.float(), v0.float(), attn_mask=mask, enable_gqa=True)
-    row = {"cache_len": cache_len, "cache_mb": round(cache_bytes / 1e6, 3), "variants": []}
+    row = {"cache_len": cache_len, "cache_mb": round(cache_bytes / 1e6, 3)}
     ops = {"sdpa": lambda i: F.scaled_dot_product_attention(q, *caches[i], attn_mask=mask, enable_gqa=True),
            "triton": lambda i: decode_kernels.flash_decode(q, *caches[i], mask)}
-    for name, op in ops.items():
-        with torch.inference_mode():
-            try:
-                error = (op(0).float() - reference).abs().max().item()
-                us = graph_time_us(op, copies, repeats, replays)
-            except Exception as err:
-                row["variants"].append({"variant": name, "error": repr(err)[:300]})
-                continue
-        row["variants"].append({"variant": name, "us": round(us, 2), "max_abs_err": round(error, 5)})
+    row["variants"] = [time_variant(name, op, reference, copies, repeats, replays) for name, op in ops.items()]
     timed = {v["variant"]: v["us"] for v in row["variants"] if "us" in v}
     if len(timed) == 2:
         row["triton_speedup"] = round(timed["sdpa"] / timed["triton"], 3)

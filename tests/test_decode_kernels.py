@@ -98,7 +98,7 @@ def test_the_cache_is_cut_into_chunks_of_whole_blocks_about_32_of_them():
         assert -(-length // chunk) <= decode_kernels.ATTENTION_TARGET_CHUNKS
 
 
-def test_on_the_cpu_and_under_autograd_the_plain_ops_run():
+def test_on_the_cpu_the_plain_ops_run():
     x, weight = torch.randn(1, 1, 64, dtype=torch.bfloat16), torch.randn(32, 64, dtype=torch.bfloat16)
     assert not decode_kernels.gemv_applies(x, weight)
     assert torch.equal(decode_kernels.one_row_linear(x, weight), torch.nn.functional.linear(x, weight))
