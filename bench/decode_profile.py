@@ -109,12 +109,13 @@ def main() -> None:
                         help="compile with Inductor's coordinate-descent tuning (its matrix-vector products become "
                              "Triton reductions instead of cuBLAS calls)")
     parser.add_argument("--kernels", action="store_true",
-                        help="switch on genesis_model.decode_kernels's GEMV and flash-decoding")
+                        help="switch on every kernel of genesis_model.decode_kernels")
     args = parser.parse_args()
     if args.kernels:
         from genesis_model import decode_kernels
 
-        decode_kernels.USE_GEMV = decode_kernels.USE_FLASH_DECODE = True
+        for name in decode_kernels.SWITCHES:
+            setattr(decode_kernels, name, True)
     if args.coordinate_descent:
         import torch._inductor.config as inductor_config
 

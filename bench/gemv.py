@@ -161,14 +161,12 @@ def decode_check(model_name: str, prompt_tokens: int = 128) -> dict:
     with torch.inference_mode():
         full = model(tokens)[:, -1]
         steps = {}
-        defaults = decode_kernels.USE_GEMV, decode_kernels.USE_FLASH_DECODE
         for name, use in (("kernels", True), ("cublas_sdpa", False)):
-            decode_kernels.USE_GEMV = decode_kernels.USE_FLASH_DECODE = use
-            model.setup_kv_cache(batch_size=1, max_seq_len=prompt_tokens + 64)
-            model(tokens[:, :-1], positions=torch.arange(prompt_tokens, device="cuda"))
-            steps[name] = model(tokens[:, -1:], positions=torch.tensor([prompt_tokens], device="cuda"))[:, -1]
-            model.clear_kv_cache()
-        decode_kernels.USE_GEMV, decode_kernels.USE_FLASH_DECODE = defaults
+            with decode_kernels.switched(**{switch: use for switch in decode_kernels.SWITCHES}):
+                model.setup_kv_cache(batch_size=1, max_seq_len=prompt_tokens + 64)
+                model(tokens[:, :-1], positions=torch.arange(prompt_tokens, device="cuda"))
+                steps[name] = model(tokens[:, -1:], positions=torch.tensor([prompt_tokens], device="cuda"))[:, -1]
+                model.clear_kv_cache()
     check = {"logit_std": round(full.std().item(), 4)}
     for name, step in steps.items():
         diff = (step - full).abs()

@@ -38,10 +38,18 @@ from bench.common import RESULTS_DIR, append_run, environment, git_rev  # noqa: 
 from genesis.config import load_model_config  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS = 128, 256
+# --kernels: batch 1 with genesis_model.decode_kernels's switches set otherwise than by default, beside the default.
+ALL_ON = {"USE_GEMV": True, "USE_FLASH_DECODE": True, "USE_FUSED_BLOCK": True, "USE_ROPE_CACHE": True}
+KERNEL_VARIANTS = {
+    "genesis_cublas_sdpa": {name: False for name in ALL_ON},
+    "genesis_fused_block": {**ALL_ON, "USE_ROPE_CACHE": False},
+    "genesis_all_kernels": ALL_ON,
+}
 CALL_STARTED = time.monotonic()
 
 
-def best_tokens_per_s(run, tokens: int, repeats: int = 2) -> float:
+def best_seconds(run, tokens: int, repeats: int = 2) -> float:
+    """The best of `repeats` timed calls of `run` (which returns how many tokens it made) after a warm-up."""
     run()  # warm-up: compilation, graph capture
     best = float("inf")
     for _ in range(repeats):
@@ -51,7 +59,17 @@ def best_tokens_per_s(run, tokens: int, repeats: int = 2) -> float:
         torch.cuda.synchronize()
         assert produced == tokens, (produced, tokens)
         best = min(best, time.perf_counter() - start)
-    return tokens / best
+    return best
+
+
+def speeds(generate, batch: int) -> dict:
+    """`generate(new_tokens)` timed for NEW_TOKENS and for 1 new token per row: tokens/s of the whole call
+    (prompt's prefill included) and of the decoding alone, (NEW_TOKENS − 1) tokens a row over the difference.
+    The same split for every engine measured, so that a slower or faster prefill does not count as decoding."""
+    whole = best_seconds(lambda: generate(NEW_TOKENS), NEW_TOKENS * batch)
+    first = best_seconds(lambda: generate(1), batch)
+    return {"tok_s": round(NEW_TOKENS * batch / whole, 1), "first_token_ms": round(first * 1e3, 2),
+            "decode_tok_s": round((NEW_TOKENS - 1) * batch / (whole - first), 1)}
 
 
 def prompts_for(config, batch: int) -> list[list[int]]:
@@ -72,13 +90,15 @@ def bench_genesis(model, config, batch: int, mode: str = "reduce-overhead") -> d
 
     generator = Generator(model, max_seq_len=PROMPT_TOKENS + NEW_TOKENS, compile_decode=True, batch_size=batch,
                           compile_mode=mode)
-    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0)
     prompts = prompts_for(config, batch)
-    if batch == 1:
-        speed = best_tokens_per_s(lambda: len(generator.generate(prompts[0], sampling)), NEW_TOKENS)
-    else:
-        speed = best_tokens_per_s(lambda: sum(len(r) for r in generator.generate_batch(prompts, sampling)),
-                                  NEW_TOKENS * batch)
+
+    def generate(new_tokens: int) -> int:
+        sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
+        if batch == 1:
+            return len(generator.generate(prompts[0], sampling))
+        return sum(len(row) for row in generator.generate_batch(prompts, sampling))
+
+    measured = speeds(generate, batch)
     # The decode step alone: the captured graph replayed back to back, no sampling, no host round trip.
     token = torch.full((batch, 1), 5, dtype=torch.long, device="cuda")
     position = torch.tensor([PROMPT_TOKENS], device="cuda")
@@ -95,11 +115,11 @@ def bench_genesis(model, config, batch: int, mode: str = "reduce-overhead") -> d
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - start) / 100
     model.clear_kv_cache()
-    return {"tok_s": round(speed, 1), "decode_step_ms": round(step_s * 1e3, 4),
+    return {**measured, "decode_step_ms": round(step_s * 1e3, 4),
             "decode_step_tok_s": round(batch / step_s, 1)}
 
 
-def bench_hf(config, batch: int, static: bool) -> float:
+def bench_hf(config, batch: int, static: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from genesis_model.hf import hf_config_dict
@@ -107,18 +127,18 @@ def bench_hf(config, batch: int, static: bool) -> float:
     model = LlamaForCausalLM._from_config(LlamaConfig(**hf_config_dict(config)), torch_dtype=torch.bfloat16)
     model = model.cuda().eval()
     input_ids = torch.tensor(prompts_for(config, batch), device="cuda")
-    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    kwargs = dict(do_sample=False, pad_token_id=0)
     if static:
         kwargs["cache_implementation"] = "static"
         model.forward = torch.compile(model.forward)
 
-    def run():
+    def generate(new_tokens: int) -> int:
         with torch.inference_mode():
-            out = model.generate(input_ids, **kwargs)
+            out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
         return (out.shape[1] - input_ids.shape[1]) * batch
 
     try:
-        return best_tokens_per_s(run, NEW_TOKENS * batch)
+        return speeds(generate, batch)
     finally:
         torch._dynamo.reset()
         torch.cuda.empty_cache()
@@ -177,8 +197,7 @@ def main() -> None:
                         help="also measure Genesis with Inductor's coordinate-descent kernel tuning")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--kernels", action="store_true",
-                        help="also Genesis at batch 1 with genesis_model.decode_kernels's GEMV, then with its "
-                             "flash-decoding too (switched on one by one)")
+                        help="also Genesis at batch 1 in each of KERNEL_VARIANTS (decode_kernels's switches)")
     parser.add_argument("--max-autotune", action="store_true",
                         help="also measure Genesis with the decode step compiled in mode 'max-autotune'")
     parser.add_argument("--genesis-only", action="store_true", help="(the anchor's subprocess) Genesis only")
@@ -209,12 +228,10 @@ def main() -> None:
     if args.kernels:
         from genesis_model import decode_kernels
 
-        defaults = decode_kernels.USE_GEMV, decode_kernels.USE_FLASH_DECODE
-        decode_kernels.USE_GEMV = True
-        run["genesis_gemv"] = run_genesis(config, [1], args.budget_s)
-        decode_kernels.USE_FLASH_DECODE = True
-        run["genesis_gemv_flash_decode"] = run_genesis(config, [1], args.budget_s)
-        decode_kernels.USE_GEMV, decode_kernels.USE_FLASH_DECODE = defaults
+        for variant, switches in KERNEL_VARIANTS.items():
+            with decode_kernels.switched(**switches):
+                run[variant] = {"switches": {name: getattr(decode_kernels, name) for name in decode_kernels.SWITCHES},
+                                **run_genesis(config, [1], args.budget_s)}
     if args.coordinate_descent:
         import torch._inductor.config as inductor_config
 
@@ -230,27 +247,33 @@ def main() -> None:
                 run[name] = {"skipped": "not enough of the call's time left"}
                 continue
             try:
-                run[name] = {"tok_s": round(bench_hf(config, batch, static), 1)}
+                run[name] = bench_hf(config, batch, static)
             except Exception as err:  # noqa: BLE001
                 traceback.print_exc()
                 run[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
             print(name, json.dumps(run[name]), flush=True)
 
     bound = run["copy_bandwidth_gb_s"] * 1e9
-    rows = [(batch, row) for variant in ("genesis", "genesis_gemv", "genesis_gemv_flash_decode",
-                                         "genesis_coordinate_descent", "genesis_max_autotune", "anchor")
+    rows = [(batch, row) for variant in ("genesis", *KERNEL_VARIANTS, "genesis_coordinate_descent",
+                                         "genesis_max_autotune", "anchor")
             for batch in args.batches if (row := run.get(variant, {}).get(f"batch_{batch}", {})).get("tok_s")]
     for batch, row in rows:
         row["bytes_per_step"] = row.get("bytes_per_step") or run["genesis"].get(f"batch_{batch}", {}).get(
             "bytes_per_step")
         if row["bytes_per_step"]:
             row["fraction_of_bound"] = round(row["tok_s"] / batch * row["bytes_per_step"] / bound, 3)
+            if row.get("decode_tok_s"):
+                row["decode_fraction_of_bound"] = round(row["decode_tok_s"] / batch * row["bytes_per_step"] / bound, 3)
             row["bound_tok_s"] = round(bound / row["bytes_per_step"] * batch, 1)
     one = run["genesis"].get("batch_1", {})
     # `bound_fraction` is the issue's name (#27); `fraction_of_bound` the name earlier runs wrote at the top level.
+    # Both count the whole call, the prompt's prefill included; the `decode_` figures count the decoding alone.
     latest = {"genesis_tok_s": one.get("tok_s"), "bound_fraction": one.get("fraction_of_bound"),
               "fraction_of_bound": one.get("fraction_of_bound"),
+              "genesis_decode_tok_s": one.get("decode_tok_s"),
+              "decode_bound_fraction": one.get("decode_fraction_of_bound"),
               "hf_tok_s": run.get("hf_dynamic_batch_1", {}).get("tok_s"),
+              "hf_decode_tok_s": run.get("hf_dynamic_batch_1", {}).get("decode_tok_s"),
               "hf_static_compiled_tok_s": run.get("hf_static_compiled_batch_1", {}).get("tok_s"),
               "gpu": run["gpu"], "command": run["command"], "git_rev": run.get("git_rev")}
     # a call that skipped a measurement leaves the top-level figure of the call that made it

@@ -10,14 +10,17 @@ layer, bench/decode_profile.py). Here:
   a 2,048-row weight spreads over 2,048 programs streaming their rows once with wide loads.
 - `one_token_attention`: flash-decoding. The cache is cut into chunks along its length; one program per (key/
   value head, chunk) scores its chunk for the head's whole query group at once (the group padded to 16 rows for
-  the tensor cores) and keeps a running max, sum and weighted values; the chunks are merged after.
+  the tensor cores) and keeps a running max, sum and weighted values; a second kernel merges the chunks.
+- `norm_gemv` / `gemv_add`: the GEMV with a block's small ops folded in (the RMS norm before a product, SwiGLU
+  after w13's, the residual add after wo's and w2's): a batch-1 step is as much kernel launches as bytes, and
+  each small op was a kernel of its own (~1–1.6 µs each, nine a layer, bench/decode_profile.py --kernels).
 
 NOTE: hand-written rather than a library's: torch's own paths (cuBLAS, cuBLASLt, Inductor's reduction with
 coordinate-descent tuning, max-autotune's templates; BENCHMARKS.md "Generation") are what is measured slower,
 torchao's GEMV kernels are for quantised weights (decoding keeps bf16 weights), and the flash-decoding kernels
 of serving engines come with their engines' paged caches.
 
-Both are off unless switched on (USE_GEMV, USE_FLASH_DECODE: see the NOTE there), and the plain op everywhere
+Each has a switch (USE_GEMV, USE_FLASH_DECODE, USE_FUSED_BLOCK: see there), and the plain op runs everywhere
 else: on the CPU, with Triton missing (CPU torch wheels ship without it), under autograd (no backward is
 written), and for more than one row or query.
 """
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +46,33 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         triton = None
 
 # Whether decoding takes each kernel; read when a decode step is traced, so a compiled step keeps the choice it
-# was compiled with. bench/generate.py --kernels and bench/gemv.py switch them on to measure them.
-# NOTE: both are off by default: each kernel was measured alone on an H200 (the GEMV faster than cuBLAS on every
-# genesis-1b shape, bench/results/gemv.json), but no decode step compiled with them (CUDA graph, as `genesis
-# serve` and the branch evaluation decode) has been measured yet, and the one that was tried failed to compile
-# (since fixed: the attention's scale). A kernel joins the default path once that step is measured faster.
-USE_GEMV = False
-USE_FLASH_DECODE = False
+# was compiled with. bench/generate.py --kernels and bench/gemv.py switch them to measure them.
+# The GEMV and flash-decoding are on: the step compiled as a CUDA graph with them took 0.924 ms against 1.194 with
+# cuBLAS and SDPA, 982.5 against 781.0 tokens/s at batch 1 (genesis-1b, one H200, generate.json, 485f87a).
+USE_GEMV = True
+USE_FLASH_DECODE = True
+# The block's norms, SwiGLU and residual adds folded into its GEMVs (`fused_gemv`, Block's one-row path).
+# NOTE: off until the step compiled with it is measured faster (bench/generate.py --kernels).
+USE_FUSED_BLOCK = False
+# The rotary embedding of a one-token step's queries and keys, and its cache writes, in one kernel
+# (`rope_and_cache`) instead of Inductor's four a layer. NOTE: off until measured, as above.
+USE_ROPE_CACHE = False
+SWITCHES = ("USE_GEMV", "USE_FLASH_DECODE", "USE_FUSED_BLOCK", "USE_ROPE_CACHE")
+
+
+@contextmanager
+def switched(**values: bool) -> Iterator[None]:
+    """The switches set as given (e.g. `switched(USE_GEMV=False)`) for the block, as they were after it: the
+    benches measure each path in one process."""
+    unknown = set(values) - set(SWITCHES)
+    if unknown:
+        raise ValueError(f"decode_kernels.switched: no switch {sorted(unknown)}; the switches are {SWITCHES}")
+    before = {name: globals()[name] for name in SWITCHES}
+    globals().update(values)
+    try:
+        yield
+    finally:
+        globals().update(before)
 
 # (rows per program, inner-dimension chunk, warps) of the GEMV by weight shape (out_features, in_features):
 # the fastest of bench/gemv.py's grid on an H200 (bench/results/gemv.json). One row per program won on every
@@ -80,31 +105,122 @@ def attention_chunk(cache_len: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[n] = Σ_k x[k] · w[n, k] for BLOCK_N rows of w (row-major, N × K); fp32 accumulation, one sum
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, residual_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr, GATED: tl.constexpr,
+                     RESIDUAL: tl.constexpr):
+        """out[n] = Σ_k x[k] · w[n, k] for BLOCK_N rows of w (row-major, K columns); fp32 accumulation, one sum
         across the chunk at the end. K is a compile-time constant: a model has a few inner dimensions, and the
-        loop over them is then known to the compiler."""
+        loop over them is then known to the compiler. Optionally, each a compile-time switch:
+
+        - NORM: x is first RMS-normalised with gain `norm` (K,): out = rsqrt(mean(x²) + EPS) · Σ_k x[k]·norm[k]·w.
+          Every program reads all of x anyway, so the sum of squares costs no load; the scale applies once, at
+          the end (the plain norm rounds the normalised row to bf16 before the product; this does not).
+        - GATED: w holds 2N rows, gate rows then up rows (SwiGLU's fused w13): out[n] = silu(gate[n]) · up[n],
+          rounded as the plain ops round (each product to x's dtype, then silu, then the product).
+        - RESIDUAL: out[n] = residual[n] + the product rounded to x's dtype (the residual stream's add).
+        """
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_in = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             col_in = cols < K
-            x = tl.load(x_ptr + cols, mask=col_in, other=0.0)
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_in[:, None] & col_in[None, :],
-                        other=0.0, eviction_policy="evict_first")
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_in)
+            x = tl.load(x_ptr + cols, mask=col_in, other=0.0).to(tl.float32)
+            if NORM:
+                squares += x * x
+                x = x * tl.load(norm_ptr + cols, mask=col_in, other=0.0).to(tl.float32)
+            in_tile = row_in[:, None] & col_in[None, :]
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=in_tile, other=0.0,
+                        eviction_policy="evict_first")
+            acc += w.to(tl.float32) * x[None, :]
+            if GATED:
+                w_up = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=in_tile, other=0.0,
+                               eviction_policy="evict_first")
+                acc_up += w_up.to(tl.float32) * x[None, :]
+        dtype = out_ptr.dtype.element_ty
+        out = tl.sum(acc, axis=1)
+        if NORM:
+            scale = tl.rsqrt(tl.sum(squares, axis=0) / K + EPS)
+            out = out * scale
+        if GATED:
+            up = tl.sum(acc_up, axis=1)
+            if NORM:
+                up = up * scale
+            gate = out.to(dtype).to(tl.float32)
+            out = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+        if RESIDUAL:
+            out = tl.load(residual_ptr + rows, mask=row_in, other=0.0).to(tl.float32) + out.to(dtype).to(tl.float32)
+        tl.store(out_ptr + rows, out.to(dtype), mask=row_in)
+
+    def _launch_gemv(x, weight, norm_weight, residual, gated, eps, block_n, block_k, num_warps):
+        rows, k = weight.shape
+        n = rows // 2 if gated else rows
+        out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+        # NOTE: a switched-off operand's pointer is x's: the kernel never reads it, but Triton wants a tensor.
+        torch.library.wrap_triton(_gemv_kernel)[(triton.cdiv(n, block_n),)](
+            x, weight, out, x if norm_weight is None else norm_weight, x if residual is None else residual, n, k,
+            BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm_weight is not None, EPS=eps, GATED=gated,
+            RESIDUAL=residual is not None, num_warps=num_warps)
+        return out
 
     @torch.library.triton_op("genesis::gemv", mutates_args=())
     def gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, num_warps: int) -> torch.Tensor:
         """x (..., K) holding one row, weight (N, K) contiguous → (..., N) in x's dtype."""
-        n, k = weight.shape
-        out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(n, block_n),)
-        torch.library.wrap_triton(_gemv_kernel)[grid](x, weight, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                      num_warps=num_warps)
-        return out
+        return _launch_gemv(x, weight, None, None, False, 0.0, block_n, block_k, num_warps)
+
+    @torch.library.triton_op("genesis::fused_gemv", mutates_args=())
+    def fused_gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
+                   residual: torch.Tensor | None, gated: bool, eps: float, block_n: int, block_k: int,
+                   num_warps: int) -> torch.Tensor:
+        """`gemv` with what the neighbouring ops of a block do folded in (see `_gemv_kernel`): an RMS norm of x
+        with gain `norm_weight` (K,) and `eps` before; SwiGLU over weight's (2N, K) gate and up rows (`gated`),
+        and/or `residual` (..., N) added after. The eps is a compile-time constant of the kernel (a model has one)."""
+        return _launch_gemv(x, weight, norm_weight, residual, gated, eps, block_n, block_k, num_warps)
+
+    @triton.jit
+    def _rope_and_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, position_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                               H: tl.constexpr, KH: tl.constexpr, E: tl.constexpr, L: tl.constexpr):
+        """One head of the fused projection's row (H query heads, KH key heads, KH value heads of E each):
+        queries and keys rotated (model.apply_rope's "rotate half" layout and roundings: cos and sin cast to
+        the row's dtype, each product rounded, then their sum), queries written to q (H, E), keys and values
+        into the caches ((KH, L, E) each) at the slot `position` (a one-element tensor, so that a CUDA graph
+        replays the step at every position)."""
+        head = tl.program_id(0)
+        dims = tl.arange(0, E)
+        dtype = qkv_ptr.dtype.element_ty
+        x = tl.load(qkv_ptr + head * E + dims)
+        slot = tl.load(position_ptr)
+        if head < H + KH:
+            partner = tl.load(qkv_ptr + head * E + (dims + E // 2) % E).to(tl.float32)
+            rotated_half = tl.where(dims < E // 2, -partner, partner)
+            cos = tl.load(cos_ptr + dims).to(dtype).to(tl.float32)
+            sin = tl.load(sin_ptr + dims).to(dtype).to(tl.float32)
+            x = ((x.to(tl.float32) * cos).to(dtype).to(tl.float32)
+                 + (rotated_half * sin).to(dtype).to(tl.float32)).to(dtype)
+            if head < H:
+                tl.store(q_ptr + head * E + dims, x)
+            else:
+                tl.store(k_cache_ptr + ((head - H) * L + slot) * E + dims, x)
+        else:
+            tl.store(v_cache_ptr + ((head - H - KH) * L + slot) * E + dims, x)
+
+    @torch.library.triton_op("genesis::rope_and_cache", mutates_args=("k_cache", "v_cache"))
+    def rope_and_cache_heads(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: torch.Tensor,
+                             k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """qkv ((H + 2·KH)·E,) one token's fused projection, cos and sin (E,) fp32 at its position, position
+        (1,) → its rotated queries (H, E); its rotated keys and its values written into k_cache and v_cache
+        (1, KH, L, E), contiguous, at that slot.
+        NOTE: the caches are passed whole, not as views of their one row: a mutated view of a compiled graph's
+        input is one more thing for functionalization to undo."""
+        n_kv_heads, cache_len, head_dim = k_cache.shape[1:]
+        n_heads = qkv.shape[0] // head_dim - 2 * n_kv_heads
+        q = torch.empty((n_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+        torch.library.wrap_triton(_rope_and_cache_kernel)[(n_heads + 2 * n_kv_heads,)](
+            qkv, cos, sin, position, q, k_cache, v_cache, H=n_heads, KH=n_kv_heads, E=head_dim, L=cache_len,
+            num_warps=1)
+        return q
 
     @triton.jit
     def _one_token_attention_kernel(q_ptr, k_ptr, v_ptr, visible_ptr, max_ptr, sum_ptr, acc_ptr,
@@ -149,11 +265,31 @@ if triton is not None:
         tl.store(sum_ptr + out, running_sum, mask=in_group)
         tl.store(acc_ptr + out[:, None] * E + dims[None, :], acc, mask=in_group[:, None])
 
-    @torch.library.triton_op("genesis::one_token_attention_chunks", mutates_args=())
-    def one_token_attention_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
-                                   chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (H, E), k and v (KH, L, E), visible (L,) bool → per chunk of the cache: max (C, H), sum (C, H) and
-        unnormalised output (C, H, E), fp32."""
+    @triton.jit
+    def _merge_chunks_kernel(max_ptr, sum_ptr, acc_ptr, out_ptr, H: tl.constexpr, E: tl.constexpr,
+                             CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr):
+        """One query head: its chunks' partial softmaxes merged, each weighted by exp(its max − the overall
+        max); a chunk with nothing visible has max -inf and weight 0 (the query's own slot is always visible,
+        so the overall max is finite)."""
+        head = tl.program_id(0)
+        chunks = tl.arange(0, CHUNKS_PAD)
+        dims = tl.arange(0, E)
+        in_chunks = chunks < CHUNKS
+        chunk_max = tl.load(max_ptr + chunks * H + head, mask=in_chunks, other=float("-inf"))
+        chunk_sum = tl.load(sum_ptr + chunks * H + head, mask=in_chunks, other=0.0)
+        acc = tl.load(acc_ptr + (chunks[:, None] * H + head) * E + dims[None, :], mask=in_chunks[:, None],
+                      other=0.0)
+        weights = tl.exp(chunk_max - tl.max(chunk_max, axis=0))
+        out = tl.sum(weights[:, None] * acc, axis=0) / tl.sum(weights * chunk_sum, axis=0)
+        tl.store(out_ptr + head * E + dims, out.to(out_ptr.dtype.element_ty))
+
+    @torch.library.triton_op("genesis::flash_decode", mutates_args=())
+    def flash_decode_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                           chunk: int) -> torch.Tensor:
+        """q (H, E), k and v (KH, L, E), visible (L,) bool → the attention output (H, E) in q's dtype: a
+        program per (key/value head, chunk of `chunk` slots), then one per query head merging the chunks.
+        NOTE: the merge is a kernel of its own rather than torch ops after the op: Inductor made those two
+        kernels a layer (2.4 µs, bench/decode_profile.py --kernels)."""
         n_heads, head_dim = q.shape
         n_kv_heads, cache_len, _ = k.shape
         group = n_heads // n_kv_heads
@@ -167,7 +303,11 @@ if triton is not None:
             q, k, v, visible, running_max, running_sum, acc, SCALE=1.0 / math.sqrt(head_dim), L=cache_len,
             E=head_dim, G=group, G_PAD=max(16, triton.next_power_of_2(group)), CHUNK=chunk, BLOCK=ATTENTION_BLOCK,
             num_warps=4)
-        return running_max, running_sum, acc
+        out = torch.empty_like(q)
+        torch.library.wrap_triton(_merge_chunks_kernel)[(n_heads,)](
+            running_max, running_sum, acc, out, H=n_heads, E=head_dim, CHUNKS=chunks,
+            CHUNKS_PAD=triton.next_power_of_2(chunks), num_warps=1)
+        return out
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -181,6 +321,43 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if gemv_applies(x, weight):
         return gemv(x, weight, *gemv_config(*weight.shape))
     return F.linear(x, weight)
+
+
+def fused_block_applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a block's one-row step may run in `fused_gemv` kernels: the GEMV's conditions, for every weight
+    (matrices and norm gains alike, all in x's dtype)."""
+    return USE_FUSED_BLOCK and all(gemv_applies(x, weight) for weight in weights)
+
+
+def norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+              gated: bool = False) -> torch.Tensor:
+    """The kernel for `F.linear(rms_norm(x) · norm_weight, weight)`, or with `gated` SwiGLU's
+    silu(gate) · up over weight's gate and up halves; for rows where `fused_block_applies`."""
+    return fused_gemv(x, weight, norm_weight, None, gated, eps, *gemv_config(*weight.shape))
+
+
+def gemv_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The kernel for `residual + F.linear(x, weight)`; for rows where `fused_block_applies`."""
+    return fused_gemv(x, weight, None, residual, False, 0.0, *gemv_config(*weight.shape))
+
+
+def rope_cache_applies(qkv: torch.Tensor, k_cache: torch.Tensor, positions: torch.Tensor) -> bool:
+    head_dim = k_cache.shape[-1]
+    return (USE_ROPE_CACHE and triton is not None and qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)
+            and k_cache.dtype == qkv.dtype and qkv.shape[:-1].numel() == 1 and k_cache.shape[0] == 1
+            and positions.numel() == 1 and qkv.is_contiguous() and k_cache.is_contiguous()
+            and head_dim & (head_dim - 1) == 0
+            and not torch.is_grad_enabled())
+
+
+def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """For qkv (1, 1, (H + 2·KH)·E) where `rope_cache_applies`: the rotated queries (1, H, 1, E); the rotated
+    keys and the values written into k_cache and v_cache (1, KH, L, E) at `positions` (one)."""
+    head_dim = k_cache.shape[-1]
+    q = rope_and_cache_heads(qkv.reshape(-1), cos.reshape(-1).float().contiguous(),
+                             sin.reshape(-1).float().contiguous(), positions.reshape(1), k_cache, v_cache)
+    return q.view(1, -1, 1, head_dim)
 
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -203,11 +380,6 @@ def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The Triton path of `one_token_attention` (q (1, H, 1, E), k and v (1, KH, L, E), mask of L booleans)."""
     n_heads, head_dim = q.shape[1], q.shape[3]
-    running_max, running_sum, acc = one_token_attention_chunks(
-        q.reshape(n_heads, head_dim).contiguous(), k[0].contiguous(), v[0].contiguous(),
-        mask.reshape(-1).contiguous(), attention_chunk(k.shape[2]))
-    # Merge the chunks: each is weighted by exp(its max − the overall max); a chunk with nothing visible has
-    # max -inf and weight 0 (the query's own slot is always visible, so the overall max is finite).
-    weights = torch.exp(running_max - running_max.amax(dim=0, keepdim=True))
-    out = (weights[..., None] * acc).sum(dim=0) / (weights * running_sum).sum(dim=0)[:, None]
-    return out.to(q.dtype).view(1, n_heads, 1, head_dim)
+    out = flash_decode_heads(q.reshape(n_heads, head_dim).contiguous(), k[0].contiguous(), v[0].contiguous(),
+                             mask.reshape(-1).contiguous(), attention_chunk(k.shape[2]))
+    return out.view(1, n_heads, 1, head_dim)

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from genesis.config import ModelConfig
-from genesis_model.decode_kernels import one_row_linear, one_token_attention
+from genesis_model.decode_kernels import (
+    fused_block_applies,
+    gemv_add,
+    norm_gemv,
+    one_row_linear,
+    one_token_attention,
+    rope_and_cache,
+    rope_cache_applies,
+)
 from genesis_model.loss import fused_linear_cross_entropy
 
 
@@ -141,9 +149,19 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, positions=None, mask=None):
-        B, T, _ = x.shape
+        return self.wo(self.attend(self.wqkv(x), cos, sin, positions, mask))
+
+    def attend(self, qkv, cos, sin, positions=None, mask=None):
+        """The fused projection's q, k, v (B, T, (H + 2K)·E) → the heads' outputs (B, T, H·E), before `wo`."""
+        B, T, _ = qkv.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        cache = self.kv_cache
+        if cache is not None and rope_cache_applies(qkv, cache.k, positions):
+            # A batch-1 step on a GPU: the rotations and the cache writes in one kernel (decode_kernels).
+            y = one_token_attention(rope_and_cache(qkv, cos, sin, positions, cache.k, cache.v), cache.k, cache.v,
+                                    mask)
+            return y.transpose(1, 2).reshape(B, T, q_size)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         # NOTE: attention keeps q, k, v and its output for backward. `v` is copied out of the fused qkv
@@ -161,8 +179,7 @@ class Attention(nn.Module):
             y = one_token_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        y = y.transpose(1, 2).reshape(B, T, q_size)
-        return self.wo(y)
+        return y.transpose(1, 2).reshape(B, T, q_size)
 
 
 class FeedForward(nn.Module):
@@ -190,8 +207,26 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x, cos, sin, positions=None, mask=None):
+        if positions is not None and fused_block_applies(x, *self.one_row_weights()):
+            return self.forward_one_row(x, cos, sin, positions, mask)
         x = x + self.attention(self.attention_norm(x), cos, sin, positions, mask)
         return x + self.feed_forward(self.ffn_norm(x))
+
+    def one_row_weights(self) -> tuple[torch.Tensor, ...]:
+        attention, feed_forward = self.attention, self.feed_forward
+        return tuple(weight_for_compute(layer) for layer in (
+            self.attention_norm, attention.wqkv, attention.wo, self.ffn_norm, feed_forward.w13, feed_forward.w2))
+
+    def forward_one_row(self, x, cos, sin, positions, mask):
+        """`forward` for a batch-1 decode step on a GPU (decode_kernels.USE_FUSED_BLOCK): the same maths in
+        four matrix-vector kernels that carry the small ops between them (each norm in the product after it,
+        SwiGLU in w13's, each residual add in wo's and w2's), since at one row a kernel launch costs about what
+        the small op's bytes do."""
+        attention_norm, wqkv, wo, ffn_norm, w13, w2 = self.one_row_weights()
+        qkv = norm_gemv(x, attention_norm, self.attention_norm.eps, wqkv)
+        x = gemv_add(self.attention.attend(qkv, cos, sin, positions, mask), wo, x)
+        hidden = norm_gemv(x, ffn_norm, self.ffn_norm.eps, w13, gated=True)
+        return gemv_add(hidden, w2, x)
 
 
 class Transformer(nn.Module):

@@ -57,6 +57,103 @@ def test_the_gemv_kernel_matches_an_fp32_product_on_ragged_shapes():
     assert max(errors) < 0.02
 
 
+def test_the_fused_gemv_computes_the_norm_the_swiglu_and_the_residual_add_the_plain_ops_do():
+    errors = run_interpreted("""
+        import json, torch, torch.nn.functional as F
+        from genesis_model import decode_kernels as dk
+        torch.manual_seed(0)
+
+        def rms_norm(x, gain, eps):  # as model.RMSNorm: in fp32, then cast back, then the gain
+            normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+            return gain * normed.to(x.dtype)
+
+        def error(out, reference):  # relative to the output's scale
+            return ((out.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+
+        errors = {}
+        k, n, eps = 130, 37, 1e-5  # ragged against the chunk of 64 and the 2 rows per program
+        x = torch.randn(1, 1, k, dtype=torch.bfloat16) * 3
+        gain = (1 + 0.5 * torch.randn(k)).to(torch.bfloat16)
+        weight = torch.randn(n, k, dtype=torch.bfloat16) * k ** -0.5
+        gated_weight = torch.randn(2 * n, k, dtype=torch.bfloat16) * k ** -0.5
+        residual = torch.randn(1, 1, n, dtype=torch.bfloat16)
+        config = (2, 64, 4)
+        out = dk.fused_gemv(x, weight, gain, None, False, eps, *config)
+        errors["norm"] = error(out, F.linear(rms_norm(x, gain, eps), weight))
+        out = dk.fused_gemv(x, gated_weight, gain, None, True, eps, *config)
+        gate, up = F.linear(rms_norm(x, gain, eps), gated_weight).split(n, dim=-1)
+        assert out.shape == (1, 1, n)
+        errors["norm_swiglu"] = error(out, F.silu(gate) * up)
+        out = dk.fused_gemv(x, weight, None, residual, False, 0.0, *config)
+        errors["residual"] = error(out, residual + F.linear(x, weight))
+        print(json.dumps(errors))
+    """)
+    # a few bf16 roundings (2^-8 each, relative); the norm's product rounds once less than the plain ops do
+    assert all(error < 0.02 for error in errors.values()), errors
+
+
+def test_the_rope_and_cache_kernel_rotates_as_the_model_and_writes_one_slot_of_each_cache():
+    result = run_interpreted("""
+        import json, torch
+        from genesis_model import decode_kernels as dk
+        from genesis_model.model import apply_rope, rope_tables
+        torch.manual_seed(0)
+        # NOTE: fp16, not bf16: Triton's interpreter truncates fp32 to bf16 where a GPU rounds to nearest, so
+        # only in fp16 do the kernel's roundings and the plain ops' meet bit for bit here.
+        heads, kv_heads, dim, length, position = 6, 2, 16, 12, 7
+        cos, sin = rope_tables(dim, length, 500_000.0)
+        qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * dim, dtype=torch.float16)
+        k_cache = torch.randn(1, kv_heads, length, dim, dtype=torch.float16)
+        v_cache = torch.randn(1, kv_heads, length, dim, dtype=torch.float16)
+        expected_k, expected_v = k_cache.clone(), v_cache.clone()
+        positions = torch.tensor([position])
+        q = dk.rope_and_cache(qkv, cos[positions], sin[positions], positions, k_cache, v_cache)
+
+        q_plain, k_plain, v_plain = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        q_plain = apply_rope(q_plain.view(1, 1, heads, dim), cos[positions], sin[positions]).transpose(1, 2)
+        k_plain = apply_rope(k_plain.view(1, 1, kv_heads, dim), cos[positions], sin[positions]).transpose(1, 2)
+        expected_k.index_copy_(2, positions, k_plain)
+        expected_v.index_copy_(2, positions, v_plain.view(1, 1, kv_heads, dim).transpose(1, 2))
+        print(json.dumps({"q": torch.equal(q, q_plain), "k": torch.equal(k_cache, expected_k),
+                          "v": torch.equal(v_cache, expected_v), "q_shape": list(q.shape)}))
+    """)
+    # the same roundings as the plain ops: bit for bit, and the other slots untouched
+    assert result == {"q": True, "k": True, "v": True, "q_shape": [1, 6, 1, 16]}
+
+
+def test_a_blocks_one_row_path_decodes_as_its_plain_forward():
+    result = run_interpreted("""
+        import json, torch
+        from genesis.config import ModelConfig
+        from genesis_model.model import Transformer
+        config = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160,
+                             max_seq_len=32)
+        model = Transformer(config)
+        model.init_weights(seed=0)
+        with torch.no_grad():  # gains away from 1, so that a kernel that skipped them would show
+            for block in model.layers.values():
+                block.attention_norm.weight.normal_(1.0, 0.3)
+                block.ffn_norm.weight.normal_(1.0, 0.3)
+        model = model.to(torch.bfloat16)
+        model.setup_kv_cache(batch_size=1, max_seq_len=32)
+        with torch.inference_mode():
+            prompt = torch.randint(3, 96, (1, 9))
+            model(prompt, positions=torch.arange(9))
+            position = torch.tensor([9])
+            cos, sin = model.rope_cos[position], model.rope_sin[position]
+            mask = (torch.arange(32) <= position[:, None])[None, None]
+            x = model.tok_embeddings(torch.tensor([[7]]))
+            errors = []
+            for block in model.layers.values():
+                plain = block(x, cos, sin, position, mask)
+                fused = block.forward_one_row(x, cos, sin, position, mask)
+                errors.append((fused - plain).float().abs().max().item() / plain.float().abs().max().item())
+                x = plain
+        print(json.dumps(errors))
+    """)
+    assert max(result) < 0.02, result
+
+
 def test_flash_decoding_matches_sdpa_for_grouped_queries_and_any_visible_slots():
     errors = run_interpreted("""
         import json, torch, torch.nn.functional as F
@@ -104,3 +201,4 @@ def test_on_the_cpu_the_plain_ops_run():
     assert torch.equal(decode_kernels.one_row_linear(x, weight), torch.nn.functional.linear(x, weight))
     q, k = torch.randn(1, 4, 1, 16, dtype=torch.bfloat16), torch.randn(1, 2, 32, 16, dtype=torch.bfloat16)
     assert not decode_kernels.attention_applies(q, k, torch.ones(1, 1, 1, 32, dtype=torch.bool))
+    assert not decode_kernels.fused_block_applies(x, weight)
