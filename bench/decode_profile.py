@@ -7,7 +7,7 @@ per step minus the kernels' own time is what the gaps between kernels cost. Kern
 are (cuBLAS matrix-vector products, attention, Inductor's fused Triton kernels, copies) with their share of the
 step and, for the matrix products, the bandwidth they reach on the bytes the weights take.
 
-    python bench/decode_profile.py --out $OUT/decode_profile.json
+    python bench/decode_profile.py --out bench/results/decode_profile.json      # appended to its runs
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.common import environment, git_rev  # noqa: E402
+from bench.common import append_run, environment, git_rev  # noqa: E402
 from genesis.config import load_model_config  # noqa: E402
 from genesis_model.generate import Generator  # noqa: E402
 from genesis_model.model import Transformer  # noqa: E402
@@ -104,7 +104,7 @@ def graph_step_us(model: Transformer, replays: int = 200) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="genesis-1b")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "decode_profile.json")
     parser.add_argument("--coordinate-descent", action="store_true",
                         help="compile with Inductor's coordinate-descent tuning (its matrix-vector products become "
                              "Triton reductions instead of cuBLAS calls)")
@@ -137,8 +137,7 @@ def main() -> None:
                     for kind in ("matmul (cuBLAS)", "matmul (Triton GEMV)"))
     if matmul_us:
         result["matmul_tb_s"] = round(matrix_bytes / (matmul_us * 1e-6) / 1e12, 3)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    append_run(args.out, result, {key: result[key] for key in ("gpu", "command", "git_rev", "graph_step_us")})
     print(json.dumps({k: v for k, v in result.items() if k != "profile"}, indent=1))
     print(json.dumps(result["profile"]["by_kind"], indent=1))
     for row in result["profile"]["top_kernels"][:20]:

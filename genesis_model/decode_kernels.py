@@ -46,17 +46,18 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         triton = None
 
 # Whether decoding takes each kernel; read when a decode step is traced, so a compiled step keeps the choice it
-# was compiled with. bench/generate.py --kernels and bench/gemv.py switch them to measure them.
-# The GEMV and flash-decoding are on: the step compiled as a CUDA graph with them took 0.924 ms against 1.194 with
-# cuBLAS and SDPA, 982.5 against 781.0 tokens/s at batch 1 (genesis-1b, one H200, generate.json, 485f87a).
+# was compiled with. bench/generate.py --kernels and bench/gemv.py switch them to measure them. Each is on because
+# the batch-1 step compiled as a CUDA graph was measured faster with it (genesis-1b, one H200, generate.json):
+# the GEMV and flash-decoding 0.924 ms against 1.194 with cuBLAS and SDPA (git 485f87a); with them, the block's
+# norms, SwiGLU and residual adds folded into its GEMVs 0.900 against 0.904, and the rotations and cache writes in
+# one kernel as well 0.868 (git 8696f55).
 USE_GEMV = True
 USE_FLASH_DECODE = True
 # The block's norms, SwiGLU and residual adds folded into its GEMVs (`fused_gemv`, Block's one-row path).
-# NOTE: off until the step compiled with it is measured faster (bench/generate.py --kernels).
-USE_FUSED_BLOCK = False
+USE_FUSED_BLOCK = True
 # The rotary embedding of a one-token step's queries and keys, and its cache writes, in one kernel
-# (`rope_and_cache`) instead of Inductor's four a layer. NOTE: off until measured, as above.
-USE_ROPE_CACHE = False
+# (`rope_and_cache`) instead of Inductor's four a layer.
+USE_ROPE_CACHE = True
 SWITCHES = ("USE_GEMV", "USE_FLASH_DECODE", "USE_FUSED_BLOCK", "USE_ROPE_CACHE")
 
 
