@@ -197,7 +197,8 @@ def main() -> None:
                         help="also measure Genesis with Inductor's coordinate-descent kernel tuning")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--kernels", action="store_true",
-                        help="also Genesis at batch 1 in each of KERNEL_VARIANTS (decode_kernels's switches)")
+                        help="also Genesis at batch 1 in each of --variants (decode_kernels's switches)")
+    parser.add_argument("--variants", nargs="*", choices=list(KERNEL_VARIANTS), default=list(KERNEL_VARIANTS))
     parser.add_argument("--max-autotune", action="store_true",
                         help="also measure Genesis with the decode step compiled in mode 'max-autotune'")
     parser.add_argument("--genesis-only", action="store_true", help="(the anchor's subprocess) Genesis only")
@@ -228,7 +229,8 @@ def main() -> None:
     if args.kernels:
         from genesis_model import decode_kernels
 
-        for variant, switches in KERNEL_VARIANTS.items():
+        for variant in args.variants:
+            switches = KERNEL_VARIANTS[variant]
             with decode_kernels.switched(**switches):
                 run[variant] = {"switches": {name: getattr(decode_kernels, name) for name in decode_kernels.SWITCHES},
                                 **run_genesis(config, [1], args.budget_s)}
