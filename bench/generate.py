@@ -5,6 +5,9 @@ batch 8 / 32 (that many different prompts decoded together; tokens/s counts ever
 its static cache with the decode step compiled as a CUDA graph; HF runs its default dynamic cache, and a static
 cache with `torch.compile` (default mode: "reduce-overhead" fails for HF, see shared/NOTES.md).
 
+Each speed comes twice: the whole `generate` call (the prompt's prefill included, what a user waits for) and the
+decoding alone (the tokens after the first over the time after it; the same split for HF).
+
 Beside the speeds, what bounds them: the bytes one decode step reads (the bf16 weights once, the output
 projection included, plus the KV cache), the GPU's copy bandwidth measured here, and the fraction of the bound
 (bandwidth / bytes per step) each speed reaches; and the decode step's own GPU time (the CUDA graph replayed with
@@ -12,6 +15,7 @@ nothing between the replays), the floor of what the Python loop around it can re
 
     python bench/generate.py                              # Genesis, the anchor tree, HF; appended to generate.json
     python bench/generate.py --genesis-only --label anchor --json-out /tmp/anchor.json   # (run by the above)
+    python bench/generate.py --batches 1 --kernels --skip-hf   # batch 1 with decode_kernels's switches varied
 
 `--anchor TREE` runs the same Genesis measurements with the Genesis source tree TREE (an earlier revision) in a
 subprocess first: the previous path, in the same call.
