@@ -15,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from genesis_model import decode_kernels
@@ -202,3 +203,17 @@ def test_on_the_cpu_the_plain_ops_run():
     q, k = torch.randn(1, 4, 1, 16, dtype=torch.bfloat16), torch.randn(1, 2, 32, 16, dtype=torch.bfloat16)
     assert not decode_kernels.attention_applies(q, k, torch.ones(1, 1, 1, 32, dtype=torch.bool))
     assert not decode_kernels.fused_block_applies(x, weight)
+    qkv, cache = torch.randn(1, 1, 128, dtype=torch.bfloat16), torch.zeros(1, 2, 32, 16, dtype=torch.bfloat16)
+    assert not decode_kernels.rope_cache_applies(qkv, cache, torch.tensor([3]))
+
+
+def test_the_switches_are_set_for_a_block_and_restored_after_it_and_a_misspelt_one_is_refused():
+    before = {name: getattr(decode_kernels, name) for name in decode_kernels.SWITCHES}
+    with decode_kernels.switched(USE_GEMV=False, USE_ROPE_CACHE=False):
+        assert not decode_kernels.USE_GEMV and not decode_kernels.USE_ROPE_CACHE
+        assert decode_kernels.USE_FLASH_DECODE == before["USE_FLASH_DECODE"]
+    assert {name: getattr(decode_kernels, name) for name in decode_kernels.SWITCHES} == before
+    with pytest.raises(ValueError, match="USE_GEMM"):
+        with decode_kernels.switched(USE_GEMM=False):
+            pass
+    assert {name: getattr(decode_kernels, name) for name in decode_kernels.SWITCHES} == before
