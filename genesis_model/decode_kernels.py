@@ -14,14 +14,16 @@ layer, bench/decode_profile.py). Here:
 - `norm_gemv` / `gemv_add`: the GEMV with a block's small ops folded in (the RMS norm before a product, SwiGLU
   after w13's, the residual add after wo's and w2's): a batch-1 step is as much kernel launches as bytes, and
   each small op was a kernel of its own (~1–1.6 µs each, nine a layer, bench/decode_profile.py --kernels).
+- `rope_and_cache`: a one-token step's rotary embedding of its queries and keys, and the writes of its keys and
+  values into the cache, in one kernel (Inductor made four of them a layer).
 
 NOTE: hand-written rather than a library's: torch's own paths (cuBLAS, cuBLASLt, Inductor's reduction with
 coordinate-descent tuning, max-autotune's templates; BENCHMARKS.md "Generation") are what is measured slower,
 torchao's GEMV kernels are for quantised weights (decoding keeps bf16 weights), and the flash-decoding kernels
 of serving engines come with their engines' paged caches.
 
-Each has a switch (USE_GEMV, USE_FLASH_DECODE, USE_FUSED_BLOCK: see there), and the plain op runs everywhere
-else: on the CPU, with Triton missing (CPU torch wheels ship without it), under autograd (no backward is
+Each has a switch (USE_GEMV, USE_FLASH_DECODE, USE_FUSED_BLOCK, USE_ROPE_CACHE: see there), and the plain ops
+run everywhere else: on the CPU, with Triton missing (CPU torch wheels ship without it), under autograd (no backward is
 written), and for more than one row or query.
 """
 
@@ -78,6 +80,8 @@ def switched(**values: bool) -> Iterator[None]:
 # (rows per program, inner-dimension chunk, warps) of the GEMV by weight shape (out_features, in_features):
 # the fastest of bench/gemv.py's grid on an H200 (bench/results/gemv.json). One row per program won on every
 # genesis-1b shape; other shapes take DEFAULT_GEMV_CONFIG.
+# NOTE: `fused_gemv` takes the same configurations, untuned: in the profile of the step with the fused block the
+# GEMVs took ~110 µs more than the plain ones did (BENCHMARKS.md "Generation"). Tuning them per variant is next.
 DEFAULT_GEMV_CONFIG = (1, 512, 4)
 GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (3072, 2048): (1, 512, 4),  # wqkv: 4.80 µs against cuBLAS's 6.11
@@ -347,8 +351,7 @@ def rope_cache_applies(qkv: torch.Tensor, k_cache: torch.Tensor, positions: torc
     return (USE_ROPE_CACHE and triton is not None and qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)
             and k_cache.dtype == qkv.dtype and qkv.shape[:-1].numel() == 1 and k_cache.shape[0] == 1
             and positions.numel() == 1 and qkv.is_contiguous() and k_cache.is_contiguous()
-            and head_dim & (head_dim - 1) == 0
-            and not torch.is_grad_enabled())
+            and head_dim & (head_dim - 1) == 0 and not torch.is_grad_enabled())
 
 
 def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
