@@ -12,6 +12,7 @@ bytes, and the largest difference from an fp32 product. The best Triton configur
 layers).
 
     python bench/gemv.py --out $OUT/gemv.json
+    python bench/gemv.py --fused-only --block-n 1 2 4 --block-k 512 1024 --warps 4   # the block's fused GEMVs
 """
 
 from __future__ import annotations
@@ -121,6 +122,60 @@ def measure_shape(name: str, n: int, k: int, grid: list[tuple[int, int, int]], r
     return row
 
 
+# What each of a block's products carries in Block.forward_one_row: (norm before, SwiGLU after, residual after).
+FUSED_VARIANTS = {"wqkv": (True, False, False), "wo": (False, False, True), "w13": (True, True, False),
+                  "w2": (False, False, True)}
+
+
+def measure_fused(name: str, n: int, k: int, grid: list[tuple[int, int, int]], repeats: int, replays: int) -> dict:
+    """`decode_kernels.fused_gemv` as Block.forward_one_row calls it on this shape, over the grid, beside the
+    plain GEMV at its GEMV_CONFIGS configuration (the product alone, the small ops left out)."""
+    norm, gated, residual = FUSED_VARIANTS[name]
+    weight_bytes = n * k * 2
+    copies = max(2, -(-L2_FLUSH_BYTES // weight_bytes))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=generator) * k ** -0.5
+               for _ in range(copies)]
+    x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16, generator=generator)
+    gain = torch.rand(k, device="cuda", generator=generator).to(torch.bfloat16) + 0.5
+    out_features = n // 2 if gated else n
+    skip = torch.randn(1, 1, out_features, device="cuda", dtype=torch.bfloat16, generator=generator)
+    normed = x.float()
+    if norm:
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + 1e-5) * gain.float()
+    reference = F.linear(normed, weights[0].float())
+    if gated:
+        gate, up = reference.split(out_features, dim=-1)
+        reference = F.silu(gate) * up
+    if residual:
+        reference = reference + skip.float()
+    plain_reference = F.linear(x.float(), weights[0].float())
+    row = {"shape": name, "out_features": n, "in_features": k, "weight_mb": round(weight_bytes / 1e6, 2),
+           "norm": norm, "gated": gated, "residual": residual, "copies": copies, "variants": []}
+    plain_config = list(decode_kernels.gemv_config(n, k))
+    row["variants"].append(time_variant("plain", lambda i: decode_kernels.gemv(x, weights[i], *plain_config),
+                                        plain_reference, copies, repeats, replays, config=plain_config))
+    for block_n, block_k, warps in grid:
+        if block_k > max(k, 16) * 2:
+            continue
+        row["variants"].append(time_variant(
+            "fused", lambda i, c=(block_n, block_k, warps): decode_kernels.fused_gemv(
+                x, weights[i], gain if norm else None, skip if residual else None, gated, 1e-5, *c),
+            reference, copies, repeats, replays, config=[block_n, block_k, warps]))
+    for variant in row["variants"]:
+        if "us" in variant:
+            variant["gb_s"] = round(weight_bytes / variant["us"] / 1e3, 1)
+    fused = [v for v in row["variants"] if v["variant"] == "fused" and "us" in v]
+    row["best_fused"] = min(fused, key=lambda v: v["us"]) if fused else None
+    row["fused_at_plain_config"] = next((v for v in fused if v["config"] == plain_config), None)
+    row["plain_us"] = row["variants"][0].get("us")
+    print(f"fused {name}: plain {row['plain_us']} us, at its config {row['fused_at_plain_config']}, "
+          f"best {row['best_fused']}", flush=True)
+    del weights
+    torch.cuda.empty_cache()
+    return row
+
+
 def measure_attention(config, cache_len: int, repeats: int, replays: int) -> dict:
     head_dim = config.head_dim
     cache_bytes = 2 * config.n_kv_heads * cache_len * head_dim * 2
@@ -188,6 +243,8 @@ def main() -> None:
     parser.add_argument("--warps", type=int, nargs="*", default=[2, 4, 8])
     parser.add_argument("--cache-lens", type=int, nargs="*", default=[384, 2048])
     parser.add_argument("--skip-gemv", action="store_true", help="the attention only")
+    parser.add_argument("--fused-only", action="store_true",
+                        help="only the block's fused GEMVs (fused_gemv) over the grid, beside the plain GEMV")
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--replays", type=int, default=10)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gemv.json")
@@ -197,6 +254,15 @@ def main() -> None:
     started = time.time()
     config = load_model_config(args.model)
     grid = list(itertools.product(args.block_n, args.block_k, args.warps))
+    if args.fused_only:
+        fused = [measure_fused(name, n, k, grid, args.repeats, args.replays)
+                 for name, (n, k) in decode_shapes(config).items() if name in FUSED_VARIANTS]
+        run = {"command": "python " + " ".join(sys.argv), "git_rev": git_rev(), **environment(),
+               "triton": decode_kernels.triton.__version__, "model": args.model, "fused": fused,
+               "seconds": round(time.time() - started, 1)}
+        append_run(args.out, run, {"best_fused_config": {f["shape"]: f["best_fused"]["config"]
+                                                         for f in fused if f["best_fused"]}})
+        return
     shapes = [] if args.skip_gemv else [measure_shape(name, n, k, grid, args.repeats, args.replays)
                                         for name, (n, k) in decode_shapes(config).items()]
     check = decode_check(args.model)
