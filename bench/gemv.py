@@ -84,13 +84,19 @@ def time_variant(variant: str, op, reference: torch.Tensor, copies: int, repeats
     return {"variant": variant, **labels, "us": round(us, 2), "max_abs_err": round(error, 5)}
 
 
-def measure_shape(name: str, n: int, k: int, grid: list[tuple[int, int, int]], repeats: int, replays: int) -> dict:
-    weight_bytes = n * k * 2
-    copies = max(2, -(-L2_FLUSH_BYTES // weight_bytes))
-    generator = torch.Generator(device="cuda").manual_seed(0)
+def weight_copies(n: int, k: int, generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Copies of an (n, k) bf16 weight, together larger than L2 (at least 2), and one activation row (1, 1, k)."""
+    copies = max(2, -(-L2_FLUSH_BYTES // (n * k * 2)))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=generator) * k ** -0.5
                for _ in range(copies)]
-    x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16, generator=generator)
+    return weights, torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16, generator=generator)
+
+
+def measure_shape(name: str, n: int, k: int, grid: list[tuple[int, int, int]], repeats: int, replays: int) -> dict:
+    weight_bytes = n * k * 2
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weights, x = weight_copies(n, k, generator)
+    copies = len(weights)
     reference = F.linear(x.float(), weights[0].float())
     row = {"shape": name, "out_features": n, "in_features": k, "weight_mb": round(weight_bytes / 1e6, 2),
            "copies": copies, "variants": []}
@@ -132,11 +138,9 @@ def measure_fused(name: str, n: int, k: int, grid: list[tuple[int, int, int]], r
     plain GEMV at its GEMV_CONFIGS configuration (the product alone, the small ops left out)."""
     norm, gated, residual = FUSED_VARIANTS[name]
     weight_bytes = n * k * 2
-    copies = max(2, -(-L2_FLUSH_BYTES // weight_bytes))
     generator = torch.Generator(device="cuda").manual_seed(0)
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=generator) * k ** -0.5
-               for _ in range(copies)]
-    x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16, generator=generator)
+    weights, x = weight_copies(n, k, generator)
+    copies = len(weights)
     gain = torch.rand(k, device="cuda", generator=generator).to(torch.bfloat16) + 0.5
     out_features = n // 2 if gated else n
     skip = torch.randn(1, 1, out_features, device="cuda", dtype=torch.bfloat16, generator=generator)
