@@ -194,11 +194,14 @@ def measure_attention(config, cache_len: int, repeats: int, replays: int) -> dic
     k0, v0 = caches[0]
     reference = F.scaled_dot_product_attention(q.float(), k0.float(), v0.float(), attn_mask=mask, enable_gqa=True)
     row = {"cache_len": cache_len, "cache_mb": round(cache_bytes / 1e6, 3)}
+    position = torch.tensor([cache_len // 2], device="cuda")
+    # "triton" reads the mask, as a step of left-padded prompts does; "triton_causal" the position alone.
     ops = {"sdpa": lambda i: F.scaled_dot_product_attention(q, *caches[i], attn_mask=mask, enable_gqa=True),
-           "triton": lambda i: decode_kernels.flash_decode(q, *caches[i], mask)}
+           "triton": lambda i: decode_kernels.flash_decode(q, *caches[i], mask, position),
+           "triton_causal": lambda i: decode_kernels.flash_decode(q, *caches[i], None, position)}
     row["variants"] = [time_variant(name, op, reference, copies, repeats, replays) for name, op in ops.items()]
     timed = {v["variant"]: v["us"] for v in row["variants"] if "us" in v}
-    if len(timed) == 2:
+    if "sdpa" in timed and "triton" in timed:
         row["triton_speedup"] = round(timed["sdpa"] / timed["triton"], 3)
     print(f"attention cache {cache_len}: {row['variants']}", flush=True)
     return row

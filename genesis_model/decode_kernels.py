@@ -80,8 +80,6 @@ def switched(**values: bool) -> Iterator[None]:
 # (rows per program, inner-dimension chunk, warps) of the GEMV by weight shape (out_features, in_features):
 # the fastest of bench/gemv.py's grid on an H200 (bench/results/gemv.json). One row per program won on every
 # genesis-1b shape; other shapes take DEFAULT_GEMV_CONFIG.
-# NOTE: `fused_gemv` takes the same configurations, untuned: in the profile of the step with the fused block the
-# GEMVs took ~110 µs more than the plain ones did (BENCHMARKS.md "Generation"). Tuning them per variant is next.
 DEFAULT_GEMV_CONFIG = (1, 512, 4)
 GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (3072, 2048): (1, 512, 4),  # wqkv: 4.80 µs against cuBLAS's 6.11
@@ -89,6 +87,17 @@ GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (11264, 2048): (1, 512, 4),  # w13: 12.13 against 13.30
     (2048, 5632): (1, 512, 4),  # w2: 7.18 against 11.27
     (49152, 2048): (1, 1024, 4),  # the tied output projection: 45.91 against 50.58
+}
+
+# The same for `fused_gemv`, by what it folds in (NORM, GATED, RESIDUAL) and weight shape: the fastest of
+# `bench/gemv.py --fused-only`'s two grids on an H200 (bench/results/gemv.json, runs of 2026-12-03 at c2216aa).
+# The norm's gain and x are read again by every program, so the normed products gain from 4 rows a program
+# where the plain GEMV does not. At the plain GEMV's configuration the fused kernels took 97 µs more a step.
+FUSED_GEMV_CONFIGS: dict[tuple[bool, bool, bool, int, int], tuple[int, int, int]] = {
+    (True, False, False, 3072, 2048): (4, 1024, 4),  # norm + wqkv: 5.30 µs; 6.16 at wqkv's plain config
+    (False, False, True, 2048, 2048): (1, 512, 2),  # wo + residual: 3.90; 4.01
+    (True, True, False, 11264, 2048): (4, 2048, 4),  # norm + w13 + SwiGLU: 12.77; 15.22
+    (False, False, True, 2048, 5632): (1, 512, 4),  # w2 + residual: 7.20 (its plain config was the best)
 }
 
 # Cache slots a one-token attention program scores per iteration, and the number of chunks it aims for: the
@@ -99,6 +108,14 @@ ATTENTION_TARGET_CHUNKS = 32
 
 def gemv_config(out_features: int, in_features: int) -> tuple[int, int, int]:
     return GEMV_CONFIGS.get((out_features, in_features), DEFAULT_GEMV_CONFIG)
+
+
+def fused_gemv_config(norm: bool, gated: bool, residual: bool, out_features: int, in_features: int
+                      ) -> tuple[int, int, int]:
+    """`fused_gemv`'s configuration for a weight of this shape with these options folded in: FUSED_GEMV_CONFIGS,
+    else the plain GEMV's."""
+    return FUSED_GEMV_CONFIGS.get((norm, gated, residual, out_features, in_features),
+                                  gemv_config(out_features, in_features))
 
 
 def attention_chunk(cache_len: int) -> int:
@@ -188,10 +205,10 @@ if triton is not None:
     def _rope_and_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, position_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
                                H: tl.constexpr, KH: tl.constexpr, E: tl.constexpr, L: tl.constexpr):
         """One head of the fused projection's row (H query heads, KH key heads, KH value heads of E each):
-        queries and keys rotated (model.apply_rope's "rotate half" layout and roundings: cos and sin cast to
-        the row's dtype, each product rounded, then their sum), queries written to q (H, E), keys and values
-        into the caches ((KH, L, E) each) at the slot `position` (a one-element tensor, so that a CUDA graph
-        replays the step at every position)."""
+        queries and keys rotated (model.apply_rope's "rotate half" layout and roundings: cos and sin, the rows
+        at `position` of the (positions, E) tables, cast to the row's dtype, each product rounded, then their
+        sum), queries written to q (H, E), keys and values into the caches ((KH, L, E) each) at the slot
+        `position` (a one-element tensor, so that a CUDA graph replays the step at every position)."""
         head = tl.program_id(0)
         dims = tl.arange(0, E)
         dtype = qkv_ptr.dtype.element_ty
@@ -200,8 +217,8 @@ if triton is not None:
         if head < H + KH:
             partner = tl.load(qkv_ptr + head * E + (dims + E // 2) % E).to(tl.float32)
             rotated_half = tl.where(dims < E // 2, -partner, partner)
-            cos = tl.load(cos_ptr + dims).to(dtype).to(tl.float32)
-            sin = tl.load(sin_ptr + dims).to(dtype).to(tl.float32)
+            cos = tl.load(cos_ptr + slot * E + dims).to(dtype).to(tl.float32)
+            sin = tl.load(sin_ptr + slot * E + dims).to(dtype).to(tl.float32)
             x = ((x.to(tl.float32) * cos).to(dtype).to(tl.float32)
                  + (rotated_half * sin).to(dtype).to(tl.float32)).to(dtype)
             if head < H:
@@ -214,9 +231,9 @@ if triton is not None:
     @torch.library.triton_op("genesis::rope_and_cache", mutates_args=("k_cache", "v_cache"))
     def rope_and_cache_heads(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: torch.Tensor,
                              k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """qkv ((H + 2·KH)·E,) one token's fused projection, cos and sin (E,) fp32 at its position, position
-        (1,) → its rotated queries (H, E); its rotated keys and its values written into k_cache and v_cache
-        (1, KH, L, E), contiguous, at that slot.
+        """qkv ((H + 2·KH)·E,) one token's fused projection, cos and sin the rotary tables (positions, E),
+        position (1,) → its rotated queries (H, E); its rotated keys and its values written into k_cache and
+        v_cache (1, KH, L, E), contiguous, at that slot.
         NOTE: the caches are passed whole, not as views of their one row: a mutated view of a compiled graph's
         input is one more thing for functionalization to undo."""
         n_kv_heads, cache_len, head_dim = k_cache.shape[1:]
@@ -228,12 +245,14 @@ if triton is not None:
         return q
 
     @triton.jit
-    def _one_token_attention_kernel(q_ptr, k_ptr, v_ptr, visible_ptr, max_ptr, sum_ptr, acc_ptr,
+    def _one_token_attention_kernel(q_ptr, k_ptr, v_ptr, visible_ptr, position_ptr, max_ptr, sum_ptr, acc_ptr,
                                     SCALE: tl.constexpr, L: tl.constexpr, E: tl.constexpr, G: tl.constexpr,
-                                    G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                                    G_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                                    HAS_MASK: tl.constexpr):
         """One (key/value head, chunk of the cache): the head's G queries (rows kv_head·G … of q, (H, E)) over
         slots [chunk·CHUNK, (chunk+1)·CHUNK) of its keys and values ((KH, L, E) each), masked by `visible`
-        (L,). Writes the chunk's running max and sum (CHUNKS, H) and unnormalised output (CHUNKS, H, E)."""
+        (L,) if HAS_MASK, else causally: the slots up to `position` (one). Writes the chunk's running max and
+        sum (CHUNKS, H) and unnormalised output (CHUNKS, H, E)."""
         kv_head, chunk = tl.program_id(0), tl.program_id(1)
         group = tl.arange(0, G_PAD)
         dims = tl.arange(0, E)
@@ -247,10 +266,14 @@ if triton is not None:
         running_sum = tl.zeros((G_PAD,), dtype=tl.float32)
         acc = tl.zeros((G_PAD, E), dtype=tl.float32)
         cache = kv_head * L * E
+        last_visible = L if HAS_MASK else tl.load(position_ptr)
         for offset in range(0, CHUNK, BLOCK):
             slots = chunk * CHUNK + offset + tl.arange(0, BLOCK)
             in_cache = slots < L
-            visible = tl.load(visible_ptr + slots, mask=in_cache, other=0) != 0
+            if HAS_MASK:
+                visible = tl.load(visible_ptr + slots, mask=in_cache, other=0) != 0
+            else:
+                visible = slots <= last_visible
             k = tl.load(k_ptr + cache + slots[:, None] * E + dims[None, :], mask=in_cache[:, None],
                         other=0.0).to(tl.float32)
             v = tl.load(v_ptr + cache + slots[:, None] * E + dims[None, :], mask=in_cache[:, None],
@@ -289,10 +312,11 @@ if triton is not None:
         tl.store(out_ptr + head * E + dims, out.to(out_ptr.dtype.element_ty))
 
     @torch.library.triton_op("genesis::flash_decode", mutates_args=())
-    def flash_decode_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
-                           chunk: int) -> torch.Tensor:
-        """q (H, E), k and v (KH, L, E), visible (L,) bool → the attention output (H, E) in q's dtype: a
-        program per (key/value head, chunk of `chunk` slots), then one per query head merging the chunks.
+    def flash_decode_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
+                           position: torch.Tensor, chunk: int) -> torch.Tensor:
+        """q (H, E), k and v (KH, L, E), visible (L,) bool or None for the slots up to `position` (1,) → the
+        attention output (H, E) in q's dtype: a program per (key/value head, chunk of `chunk` slots), then one
+        per query head merging the chunks.
         NOTE: the merge is a kernel of its own rather than torch ops after the op: Inductor made those two
         kernels a layer (2.4 µs, bench/decode_profile.py --kernels)."""
         n_heads, head_dim = q.shape
@@ -305,9 +329,10 @@ if triton is not None:
         # NOTE: the scale is a compile-time constant: as a float argument Inductor passed it in fp64, which made
         # the scores fp64 and the second product's operands mismatched (the decode step failed to compile).
         torch.library.wrap_triton(_one_token_attention_kernel)[(n_kv_heads, chunks)](
-            q, k, v, visible, running_max, running_sum, acc, SCALE=1.0 / math.sqrt(head_dim), L=cache_len,
-            E=head_dim, G=group, G_PAD=max(16, triton.next_power_of_2(group)), CHUNK=chunk, BLOCK=ATTENTION_BLOCK,
-            num_warps=4)
+            q, k, v, position if visible is None else visible, position, running_max, running_sum, acc,
+            SCALE=1.0 / math.sqrt(head_dim), L=cache_len, E=head_dim, G=group,
+            G_PAD=max(16, triton.next_power_of_2(group)), CHUNK=chunk, BLOCK=ATTENTION_BLOCK,
+            HAS_MASK=visible is not None, num_warps=4)
         out = torch.empty_like(q)
         torch.library.wrap_triton(_merge_chunks_kernel)[(n_heads,)](
             running_max, running_sum, acc, out, H=n_heads, E=head_dim, CHUNKS=chunks,
@@ -338,52 +363,72 @@ def norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: to
               gated: bool = False) -> torch.Tensor:
     """The kernel for `F.linear(rms_norm(x) · norm_weight, weight)`, or with `gated` SwiGLU's
     silu(gate) · up over weight's gate and up halves; for rows where `fused_block_applies`."""
-    return fused_gemv(x, weight, norm_weight, None, gated, eps, *gemv_config(*weight.shape))
+    config = fused_gemv_config(True, gated, False, *weight.shape)
+    return fused_gemv(x, weight, norm_weight, None, gated, eps, *config)
 
 
 def gemv_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """The kernel for `residual + F.linear(x, weight)`; for rows where `fused_block_applies`."""
-    return fused_gemv(x, weight, None, residual, False, 0.0, *gemv_config(*weight.shape))
+    config = fused_gemv_config(False, False, True, *weight.shape)
+    return fused_gemv(x, weight, None, residual, False, 0.0, *config)
 
 
-def rope_cache_applies(qkv: torch.Tensor, k_cache: torch.Tensor, positions: torch.Tensor) -> bool:
+def rope_cache_applies(qkv: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor, positions: torch.Tensor) -> bool:
     head_dim = k_cache.shape[-1]
     return (USE_ROPE_CACHE and triton is not None and qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)
             and k_cache.dtype == qkv.dtype and qkv.shape[:-1].numel() == 1 and k_cache.shape[0] == 1
             and positions.numel() == 1 and qkv.is_contiguous() and k_cache.is_contiguous()
+            and cos.dim() == 2 and cos.shape[1] == head_dim and cos.is_contiguous()
             and head_dim & (head_dim - 1) == 0 and not torch.is_grad_enabled())
 
 
 def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """For qkv (1, 1, (H + 2·KH)·E) where `rope_cache_applies`: the rotated queries (1, H, 1, E); the rotated
-    keys and the values written into k_cache and v_cache (1, KH, L, E) at `positions` (one)."""
+    keys and the values written into k_cache and v_cache (1, KH, L, E) at `positions` (one). cos and sin are
+    the whole rotary tables (positions, E): the kernel reads their rows at the position itself.
+    NOTE: gathering the rows before the op made Inductor gather them again for every layer (12 kernels, 12 µs
+    of an 863 µs step, bench/decode_profile.py)."""
     head_dim = k_cache.shape[-1]
-    q = rope_and_cache_heads(qkv.reshape(-1), cos.reshape(-1).float().contiguous(),
-                             sin.reshape(-1).float().contiguous(), positions.reshape(1), k_cache, v_cache)
+    q = rope_and_cache_heads(qkv.reshape(-1), cos, sin, positions.reshape(1), k_cache, v_cache)
     return q.view(1, -1, 1, head_dim)
+
+
+def causal_cache_mask(positions: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """(1, 1, T, cache_len) bool: the query at position p sees the cache slots 0 … p."""
+    slots = torch.arange(cache_len, device=positions.device)
+    return (slots <= positions[:, None])[None, None]
 
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
     head_dim = q.shape[-1]
     return (USE_FLASH_DECODE and triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-            and k.dtype == q.dtype and q.shape[0] == 1 and q.shape[2] == 1 and mask is not None
-            and mask.numel() == k.shape[2] and mask.dtype == torch.bool and q.shape[1] % k.shape[1] == 0
-            and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and not torch.is_grad_enabled())
+            and k.dtype == q.dtype and q.shape[0] == 1 and q.shape[2] == 1
+            and (mask is None or (mask.numel() == k.shape[2] and mask.dtype == torch.bool))
+            and q.shape[1] % k.shape[1] == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and not torch.is_grad_enabled())
 
 
-def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-                        ) -> torch.Tensor:
-    """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)` for q (B, H, T, E) and k, v
-    (B, KH, L, E); one query row (B = T = 1) on a GPU outside autograd runs flash-decoding in Triton."""
+def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        positions: torch.Tensor) -> torch.Tensor:
+    """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)` for q (B, H, T, E) at
+    `positions` (T,) and k, v (B, KH, L, E), the cache; mask None is the causal one (`causal_cache_mask`). One
+    query row (B = T = 1) on a GPU outside autograd runs flash-decoding in Triton."""
     if attention_applies(q, k, mask):
-        return flash_decode(q, k, v, mask)
+        return flash_decode(q, k, v, mask, positions)
+    if mask is None:
+        mask = causal_cache_mask(positions, k.shape[2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The Triton path of `one_token_attention` (q (1, H, 1, E), k and v (1, KH, L, E), mask of L booleans)."""
+def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """The Triton path of `one_token_attention` (q (1, H, 1, E), k and v (1, KH, L, E), mask of L booleans or
+    None for the slots up to the one position).
+    NOTE: a causal step gives its position, not a mask: a mask built once before the layers was built again
+    by Inductor for every layer (20 kernels, 17 µs of an 863 µs step, bench/decode_profile.py)."""
     n_heads, head_dim = q.shape[1], q.shape[3]
+    visible = None if mask is None else mask.reshape(-1).contiguous()
     out = flash_decode_heads(q.reshape(n_heads, head_dim).contiguous(), k[0].contiguous(), v[0].contiguous(),
-                             mask.reshape(-1).contiguous(), attention_chunk(k.shape[2]))
+                             visible, positions.reshape(1), attention_chunk(k.shape[2]))
     return out.view(1, n_heads, 1, head_dim)

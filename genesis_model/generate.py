@@ -2,7 +2,7 @@
 
 One prefill pass writes the prompt's keys and values into a preallocated cache; each decode step then feeds
 a single token at a fixed shape, so on GPU the step can be compiled once and replayed as a CUDA graph
-(`compile_decode=True`). Decoding is bandwidth-bound: every new token reads all the weights once, so
+(`compile_decode=True`, which compiles the prefill too, for any prompt length). Decoding is bandwidth-bound: every new token reads all the weights once, so
 genesis-1b in bf16 (2 GB) is bounded near 1,650 tokens/s on an H100 by memory bandwidth alone, and why
 `generate_batch`, which decodes many prompts in one pass, costs about as much per step as one prompt.
 """
@@ -57,12 +57,21 @@ class Generator:
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
         model.setup_kv_cache(batch_size=batch_size, max_seq_len=self.max_seq_len)
-        self._decode = self._decode_step
+        self._decode, self._prefill = self._decode_step, self._prefill_step
         if compile_decode:
             # NOTE: "reduce-overhead" captures the step as a CUDA graph. The cache is updated in place with
             # index_copy_ at a tensor position, so every replay has the same addresses and shapes.
             # "max-autotune" also captures a CUDA graph, after benchmarking Triton's matmul templates per shape.
             self._decode = torch.compile(self._decode_step, mode=compile_mode, fullgraph=True)
+            # NOTE: the prefill is compiled too, once for any prompt length (dynamic shapes; no CUDA graph, whose
+            # shapes are fixed). Eager, genesis-1b's 128-token prefill took 12-23 ms on an H200: ~300 kernels
+            # launched one by one from Python, most of the gap between a whole generate call and its decoding
+            # (bench/generate.py's first_token_ms).
+            self._prefill = torch.compile(self._prefill_step, dynamic=True)
+
+    def _prefill_step(self, tokens: torch.Tensor, positions: torch.Tensor,
+                      slot_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(tokens, positions=positions, slot_mask=slot_mask)[:, -1]
 
     def _decode_step(self, token: torch.Tensor, position: torch.Tensor,
                      slot_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,7 +86,7 @@ class Generator:
         stop_ids = stop_ids or set()
 
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        logits = self.model(prompt, positions=torch.arange(len(prompt_ids), device=self.device))[:, -1]
+        logits = self._prefill(prompt, torch.arange(len(prompt_ids), device=self.device))
         # NOTE: one position tensor advanced on the device: one tiny kernel a step instead of a copy from the
         # host's pageable memory (and views into one arange would differ in storage offset, which Dynamo may
         # guard on).
@@ -143,7 +152,7 @@ class Generator:
             slot_mask[row, : longest - len(ids)] = False
         tokens, slot_mask = tokens.to(self.device), slot_mask.to(self.device)
 
-        logits = self.model(tokens, positions=torch.arange(longest, device=self.device), slot_mask=slot_mask)[:, -1]
+        logits = self._prefill(tokens, torch.arange(longest, device=self.device), slot_mask)
         position = torch.tensor([longest], device=self.device)  # advanced on the device, as in `stream`
         new_tokens = []
         finished = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)

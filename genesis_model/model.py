@@ -21,6 +21,7 @@ from torch import nn
 
 from genesis.config import ModelConfig
 from genesis_model.decode_kernels import (
+    causal_cache_mask,
     fused_block_applies,
     gemv_add,
     norm_gemv,
@@ -152,15 +153,19 @@ class Attention(nn.Module):
         return self.wo(self.attend(self.wqkv(x), cos, sin, positions, mask))
 
     def attend(self, qkv, cos, sin, positions=None, mask=None):
-        """The fused projection's q, k, v (B, T, (H + 2K)·E) → the heads' outputs (B, T, H·E), before `wo`."""
+        """The fused projection's q, k, v (B, T, (H + 2K)·E) → the heads' outputs (B, T, H·E), before `wo`.
+        Without `positions` (training), cos and sin are the tables' first T rows; with them (decoding with the
+        cache), the whole tables, and a mask of None is the causal one over the cache."""
         B, T, _ = qkv.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         cache = self.kv_cache
-        if cache is not None and rope_cache_applies(qkv, cache.k, positions):
+        if cache is not None and rope_cache_applies(qkv, cos, cache.k, positions):
             # A batch-1 step on a GPU: the rotations and the cache writes in one kernel (decode_kernels).
-            y = one_token_attention(rope_and_cache(qkv, cos, sin, positions, cache.k, cache.v), cache.k, cache.v,
-                                    mask)
+            q = rope_and_cache(qkv, cos, sin, positions, cache.k, cache.v)
+            y = one_token_attention(q, cache.k, cache.v, mask, positions)
             return y.transpose(1, 2).reshape(B, T, q_size)
+        if positions is not None:
+            cos, sin = cos[positions], sin[positions]
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
@@ -170,13 +175,14 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, E) views for SDPA
 
         if self.kv_cache is not None:
-            # Decoding: attend over the whole static cache; `mask` hides the positions not yet written.
+            # Decoding: attend over the whole static cache; `mask` (None: the causal one) hides the positions
+            # not yet written.
             # A batch-1 step's one query may run flash-decoding on a GPU (decode_kernels.USE_FLASH_DECODE).
             # NOTE: measured on an H200 (bench/generate.py, BENCHMARKS "Generation"): folding each key/value
             # head's query group into its rows and writing the one-token step's attention out as two products
             # and a softmax gave +0.6% at batch 1 and -6.5% / -4.4% at batch 8 / 32 against SDPA.
             k, v = self.kv_cache.update(positions, k, v)
-            y = one_token_attention(q, k, v, mask)
+            y = one_token_attention(q, k, v, mask, positions)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return y.transpose(1, 2).reshape(B, T, q_size)
@@ -327,15 +333,18 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.max_seq_len}")
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
         else:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-            # (1, 1, T, max_len): query at position p sees cache slots 0..p.
-            slots = torch.arange(self.kv_cache_len, device=tokens.device)
-            mask = (slots <= positions[:, None])[None, None]
+            # Decoding: the whole rotary tables and, without a slot mask, no mask go down to the layers; each
+            # takes the rows at `positions` and the causal mask itself, where it needs them. NOTE: the batch-1
+            # kernels read the position alone. Rows and mask built here once were built again by Inductor for
+            # every layer: 32 kernels of an 863 µs step (decode_kernels.rope_and_cache, flash_decode).
+            cos, sin, mask = self.rope_cos, self.rope_sin, None
             if slot_mask is not None:
-                # (B, 1, T, max_len): and only its own row's real slots. A padding query still sees itself,
+                # (B, 1, T, max_len): causal, and only its own row's real slots. A padding query still sees itself,
                 # so that no row of the softmax is empty (an all-masked row is NaN, and NaN values written to
                 # the cache would poison every later query through 0 · NaN).
-                mask = mask & (slot_mask[:, None, None, :] | (slots == positions[:, None])[None, None])
+                slots = torch.arange(self.kv_cache_len, device=tokens.device)
+                mask = causal_cache_mask(positions, self.kv_cache_len) & (
+                    slot_mask[:, None, None, :] | (slots == positions[:, None])[None, None])
 
         x = self.tok_embeddings(tokens)  # (B, T, D)
         if self.compute_dtype is not None:

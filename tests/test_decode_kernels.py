@@ -108,7 +108,7 @@ def test_the_rope_and_cache_kernel_rotates_as_the_model_and_writes_one_slot_of_e
         v_cache = torch.randn(1, kv_heads, length, dim, dtype=torch.float16)
         expected_k, expected_v = k_cache.clone(), v_cache.clone()
         positions = torch.tensor([position])
-        q = dk.rope_and_cache(qkv, cos[positions], sin[positions], positions, k_cache, v_cache)
+        q = dk.rope_and_cache(qkv, cos, sin, positions, k_cache, v_cache)  # the whole tables: it reads the row
 
         q_plain, k_plain, v_plain = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         q_plain = apply_rope(q_plain.view(1, 1, heads, dim), cos[positions], sin[positions]).transpose(1, 2)
@@ -141,13 +141,13 @@ def test_a_blocks_one_row_path_decodes_as_its_plain_forward():
             prompt = torch.randint(3, 96, (1, 9))
             model(prompt, positions=torch.arange(9))
             position = torch.tensor([9])
-            cos, sin = model.rope_cos[position], model.rope_sin[position]
-            mask = (torch.arange(32) <= position[:, None])[None, None]
+            # decoding hands the layers the whole rotary tables and no mask (the causal one)
+            cos, sin = model.rope_cos, model.rope_sin
             x = model.tok_embeddings(torch.tensor([[7]]))
             errors = []
             for block in model.layers.values():
-                plain = block(x, cos, sin, position, mask)
-                fused = block.forward_one_row(x, cos, sin, position, mask)
+                plain = block(x, cos, sin, position, None)
+                fused = block.forward_one_row(x, cos, sin, position, None)
                 errors.append((fused - plain).float().abs().max().item() / plain.float().abs().max().item())
                 x = plain
         print(json.dumps(errors))
@@ -155,15 +155,19 @@ def test_a_blocks_one_row_path_decodes_as_its_plain_forward():
     assert max(result) < 0.02, result
 
 
-def test_flash_decoding_matches_sdpa_for_grouped_queries_and_any_visible_slots():
+def test_flash_decoding_matches_sdpa_for_grouped_queries_and_any_visible_slots_or_a_causal_position():
     errors = run_interpreted("""
         import json, torch, torch.nn.functional as F
         from genesis_model import decode_kernels as dk
         torch.manual_seed(0)
         errors = {}
         cases = {
-            # query heads, key/value heads, head dim, cache length, the visible slots
+            # query heads, key/value heads, head dim, cache length, the visible slots (a mask), or the
+            # position whose slots up to it are visible (no mask: the kernel compares the slots to it)
             "first_slot_only": (8, 2, 32, 100, torch.arange(100) <= 0),
+            "causal_at_position_0": (8, 2, 32, 100, 0),
+            "causal_at_position_70_across_chunks": (8, 2, 32, 100, 70),
+            "causal_at_the_last_slot": (4, 2, 16, 1100, 1099),
             "causal_prefix_across_chunks": (8, 2, 32, 100, torch.arange(100) <= 70),
             "whole_cache": (4, 4, 16, 64, torch.ones(64, dtype=torch.bool)),
             "three_queries_per_group": (6, 2, 16, 50, torch.arange(50) <= 33),
@@ -175,8 +179,11 @@ def test_flash_decoding_matches_sdpa_for_grouped_queries_and_any_visible_slots()
             q = torch.randn(1, heads, 1, dim, dtype=torch.bfloat16)
             k = torch.randn(1, kv_heads, length, dim, dtype=torch.bfloat16)
             v = torch.randn(1, kv_heads, length, dim, dtype=torch.bfloat16)
-            mask = visible[None, None, None]
-            out = dk.flash_decode(q, k, v, mask)
+            position = torch.tensor([visible if isinstance(visible, int) else length - 1])
+            mask = None if isinstance(visible, int) else visible[None, None, None]
+            out = dk.flash_decode(q, k, v, mask, position)
+            if mask is None:
+                mask = dk.causal_cache_mask(position, length)
             assert out.shape == q.shape and out.dtype == q.dtype
             reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                        enable_gqa=True)
@@ -204,7 +211,14 @@ def test_on_the_cpu_the_plain_ops_run():
     assert not decode_kernels.attention_applies(q, k, torch.ones(1, 1, 1, 32, dtype=torch.bool))
     assert not decode_kernels.fused_block_applies(x, weight)
     qkv, cache = torch.randn(1, 1, 128, dtype=torch.bfloat16), torch.zeros(1, 2, 32, 16, dtype=torch.bfloat16)
-    assert not decode_kernels.rope_cache_applies(qkv, cache, torch.tensor([3]))
+    cos = torch.ones(32, 16)
+    assert not decode_kernels.rope_cache_applies(qkv, cos, cache, torch.tensor([3]))
+    # without a mask, the causal one over the cache at the position: the same as SDPA's with it
+    v = torch.randn(1, 2, 32, 16, dtype=torch.bfloat16)
+    position = torch.tensor([5])
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=(torch.arange(32) <= 5)[None, None, None], enable_gqa=True)
+    assert torch.equal(decode_kernels.one_token_attention(q, k, v, None, position), expected)
 
 
 def test_the_switches_are_set_for_a_block_and_restored_after_it_and_a_misspelt_one_is_refused():
