@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +51,14 @@ KERNEL_VARIANTS = {
     "genesis_all_kernels": ALL_ON,
 }
 CALL_STARTED = time.monotonic()
+
+
+class CallTimeUp(BaseException):
+    """SIGTERM (`timeout`, the device's limit) during a measurement: what was measured is still written."""
+
+
+def _time_up(signum, frame):
+    raise CallTimeUp(f"signal {signum}")
 
 
 def best_seconds(run, tokens: int, repeats: int = 2) -> float:
@@ -172,8 +181,10 @@ def bytes_per_step(config, model, batch: int) -> int:
     return weights + cache
 
 
-def run_genesis(config, batches: list[int], budget_s: float, mode: str = "reduce-overhead") -> dict:
-    out = {}
+def run_genesis(config, batches: list[int], budget_s: float, mode: str = "reduce-overhead",
+                out: dict | None = None) -> dict:
+    """Genesis at each batch, written into `out` (a new dict if None) as each one ends."""
+    out = {} if out is None else out
     model = genesis_model(config)
     for batch in batches:
         if time.monotonic() - CALL_STARTED > budget_s:
@@ -188,6 +199,41 @@ def run_genesis(config, batches: list[int], budget_s: float, mode: str = "reduce
         torch._dynamo.reset()
         print("genesis", batch, json.dumps(out[f"batch_{batch}"]), flush=True)
     return out
+
+
+def measure(run: dict, config, args) -> None:
+    """Every measurement the arguments ask for, each written into `run` as it ends."""
+    run_genesis(config, args.batches, args.budget_s, out=run.setdefault("genesis", {}))
+    if args.kernels:
+        from genesis_model import decode_kernels
+
+        for variant in args.variants:
+            switches = KERNEL_VARIANTS[variant]
+            with decode_kernels.switched(**switches):
+                run[variant] = {"switches": {name: getattr(decode_kernels, name) for name in decode_kernels.SWITCHES}}
+                run_genesis(config, [1], args.budget_s, out=run[variant])
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
+        run["genesis_coordinate_descent"] = run_genesis(config, args.batches, args.budget_s)
+        inductor_config.coordinate_descent_tuning = False
+    if args.max_autotune:
+        run["genesis_max_autotune"] = run_genesis(config, args.batches, args.budget_s, "max-autotune")
+    # HF's dynamic cache at every batch before its compiled static cache (minutes of compiling per batch), so
+    # that a call's budget cuts the latter first.
+    for key, static in [] if args.skip_hf else (("hf_dynamic", False), ("hf_static_compiled", True)):
+        for batch in args.batches:
+            name = f"{key}_batch_{batch}"
+            if time.monotonic() - CALL_STARTED > args.budget_s:
+                run[name] = {"skipped": "not enough of the call's time left"}
+                continue
+            try:
+                run[name] = bench_hf(config, batch, static)
+            except Exception as err:  # noqa: BLE001
+                traceback.print_exc()
+                run[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            print(name, json.dumps(run[name]), flush=True)
 
 
 def main() -> None:
@@ -229,37 +275,14 @@ def main() -> None:
         run["anchor"] = ({"git_rev": args.anchor_rev, **json.loads(anchor_json.read_text())} if result.returncode == 0
                          else {"git_rev": args.anchor_rev, "error": result.stderr[-1500:]})
         print("anchor", json.dumps(run["anchor"]), flush=True)
-    run["genesis"] = run_genesis(config, args.batches, args.budget_s)
-    if args.kernels:
-        from genesis_model import decode_kernels
-
-        for variant in args.variants:
-            switches = KERNEL_VARIANTS[variant]
-            with decode_kernels.switched(**switches):
-                run[variant] = {"switches": {name: getattr(decode_kernels, name) for name in decode_kernels.SWITCHES},
-                                **run_genesis(config, [1], args.budget_s)}
-    if args.coordinate_descent:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.coordinate_descent_tuning = True
-        run["genesis_coordinate_descent"] = run_genesis(config, args.batches, args.budget_s)
-        inductor_config.coordinate_descent_tuning = False
-    if args.max_autotune:
-        run["genesis_max_autotune"] = run_genesis(config, args.batches, args.budget_s, "max-autotune")
-    # HF's dynamic cache at every batch before its compiled static cache (minutes of compiling per batch), so
-    # that a call's budget cuts the latter first.
-    for key, static in [] if args.skip_hf else (("hf_dynamic", False), ("hf_static_compiled", True)):
-        for batch in args.batches:
-            name = f"{key}_batch_{batch}"
-            if time.monotonic() - CALL_STARTED > args.budget_s:
-                run[name] = {"skipped": "not enough of the call's time left"}
-                continue
-            try:
-                run[name] = bench_hf(config, batch, static)
-            except Exception as err:  # noqa: BLE001
-                traceback.print_exc()
-                run[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-            print(name, json.dumps(run[name]), flush=True)
+    signal.signal(signal.SIGTERM, _time_up)
+    try:
+        measure(run, config, args)
+    except CallTimeUp as stop:
+        # NOTE: a measurement cut short by the call's time limit costs only itself (a run stopped at 570 s in a
+        # 600 s call lost every figure before it): the run is written with what it has.
+        run["stopped"] = f"the call's time ran out ({stop}); the measurement under way then is missing"
+        print(run["stopped"], flush=True)
 
     bound = run["copy_bandwidth_gb_s"] * 1e9
     rows = [(batch, row) for variant in ("genesis", *KERNEL_VARIANTS, "genesis_coordinate_descent",
@@ -284,8 +307,10 @@ def main() -> None:
               "hf_decode_tok_s": run.get("hf_dynamic_batch_1", {}).get("decode_tok_s"),
               "hf_static_compiled_tok_s": run.get("hf_static_compiled_batch_1", {}).get("tok_s"),
               "gpu": run["gpu"], "command": run["command"], "git_rev": run.get("git_rev")}
-    # a call that skipped a measurement leaves the top-level figure of the call that made it
-    append_run(args.out, run, {key: value for key, value in latest.items() if value is not None})
+    # The top level compares Genesis with HF measured in the same call: a call without both leaves the top level
+    # of the last call that had them, and appends its run alone.
+    same_call = latest["genesis_tok_s"] is not None and latest["hf_tok_s"] is not None
+    append_run(args.out, run, {key: value for key, value in latest.items() if value is not None} if same_call else {})
     print(json.dumps(latest, indent=1))
 
 
