@@ -310,7 +310,10 @@ def main() -> None:
     # The top level compares Genesis with HF measured in the same call: a call without both leaves the top level
     # of the last call that had them, and appends its run alone.
     same_call = latest["genesis_tok_s"] is not None and latest["hf_tok_s"] is not None
-    append_run(args.out, run, {key: value for key, value in latest.items() if value is not None} if same_call else {})
+    # Within such a call, a figure it did not reach is written as null: no figure of an older call stays beside it.
+    latest["latest_note"] = (f"every top-level figure from one call (git {run.get('git_rev')}); null: not measured "
+                             "in that call (its budget)")
+    append_run(args.out, run, latest if same_call else {})
     print(json.dumps(latest, indent=1))
 
 
