@@ -2,9 +2,10 @@
 
 One prefill pass writes the prompt's keys and values into a preallocated cache; each decode step then feeds
 a single token at a fixed shape, so on GPU the step can be compiled once and replayed as a CUDA graph
-(`compile_decode=True`, which compiles the prefill too, for any prompt length). Decoding is bandwidth-bound: every new token reads all the weights once, so
-genesis-1b in bf16 (2 GB) is bounded near 1,650 tokens/s on an H100 by memory bandwidth alone, and why
-`generate_batch`, which decodes many prompts in one pass, costs about as much per step as one prompt.
+(`compile_decode=True`, which compiles the prefill too, for any prompt length). Decoding is bandwidth-bound:
+every new token reads all the weights once, so genesis-1b in bf16 (2 GB) is bounded near 1,650 tokens/s on an
+H100 by memory bandwidth alone, and why `generate_batch`, which decodes many prompts in one pass, costs about as
+much per step as one prompt.
 """
 
 from __future__ import annotations

@@ -339,8 +339,8 @@ class Transformer(nn.Module):
             # every layer: 32 kernels of an 863 µs step (decode_kernels.rope_and_cache, flash_decode).
             cos, sin, mask = self.rope_cos, self.rope_sin, None
             if slot_mask is not None:
-                # (B, 1, T, max_len): causal, and only its own row's real slots. A padding query still sees itself,
-                # so that no row of the softmax is empty (an all-masked row is NaN, and NaN values written to
+                # (B, 1, T, max_len): causal, and only its own row's real slots. A padding query still sees
+                # itself, so that no row of the softmax is empty (an all-masked row is NaN, and NaN values written to
                 # the cache would poison every later query through 0 · NaN).
                 slots = torch.arange(self.kv_cache_len, device=tokens.device)
                 mask = causal_cache_mask(positions, self.kv_cache_len) & (
