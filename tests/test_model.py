@@ -177,6 +177,23 @@ def test_prompts_of_different_lengths_decoded_together_give_each_prompts_own_gre
     assert len({tuple(reply) for reply in together}) == 3
 
 
+@pytest.mark.slow
+def test_a_compiled_generator_decodes_as_the_eager_one_with_one_prefill_graph_for_every_prompt_length():
+    from torch._dynamo.utils import counters
+
+    model = Transformer(small_config(init_std=0.3))
+    model.init_weights(seed=3)
+    prompts = [[5, 17, 42, 9, 100], [200, 3, 3, 81, 12, 6, 44, 19, 2], list(range(3, 20))]
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0)
+    eager = [Generator(model).generate(prompt, sampling) for prompt in prompts]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = Generator(model, compile_decode=True)
+    assert [compiled.generate(prompt, sampling) for prompt in prompts] == eager
+    # the decode step and the prefill, compiled once each: a new prompt length is no new graph
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_each_row_of_a_batch_ends_at_its_own_stop_token():
     model = Transformer(small_config(init_std=0.3))
     model.init_weights(seed=3)
