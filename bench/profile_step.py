@@ -2,6 +2,7 @@
 CUDA events, then profiles a few steps and reports the GPU's busy and idle time and the top kernels.
 
     python bench/profile_step.py --micro-batch 1 [--master-weights] [--compile-scope model] --out profile.json
+    python bench/profile_step.py --micro-batch 16 --float8 tensorwise --out fp8_profile.json   # FP8's step
 
 A phase's time is the GPU time between the events around it (kernels plus any idle gaps), from steps run
 without the profiler, so the profiler's own overhead is not in it.
@@ -54,13 +55,15 @@ def main():
     parser.add_argument("--one-rank", default="plain", choices=["plain", "fsdp"])
     parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"])
     parser.add_argument("--master-weights", action="store_true")
+    parser.add_argument("--float8", default="off", choices=["off", "rowwise", "tensorwise"],
+                        help="parallel.float8: where FP8's scaling and casts go in the step (#27 item 1)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
     parser.add_argument("--trace", type=Path, default=None, help="also write the Chrome trace here")
     parser.add_argument("--out", type=Path, default=None, help="write the phase times and trace summary (JSON)")
     args = parser.parse_args()
     config = load_model_config(args.model)
     model, step = build_genesis(config, "none", True, one_rank=args.one_rank, compile_scope=args.compile_scope,
-                                master_weights=args.master_weights)
+                                master_weights=args.master_weights, float8=args.float8)
     batch = torch.randint(0, config.vocab_size, (args.micro_batch, config.max_seq_len + 1), device="cuda")
     for _ in range(4):
         step(batch[:, :-1], batch[:, 1:])
@@ -82,7 +85,7 @@ def main():
     print(json.dumps(summary, indent=1))
     if args.out:
         result = {**environment(), "micro_batch": args.micro_batch, "one_rank": args.one_rank,
-                  "compile_scope": args.compile_scope, "master_weights": args.master_weights,
+                  "compile_scope": args.compile_scope, "master_weights": args.master_weights, "float8": args.float8,
                   "phases_unprofiled": phases, "profiled": summary}
         args.out.write_text(json.dumps(result, indent=1))
 
