@@ -156,6 +156,26 @@ def run_one(impl, config, micro_batch, seq_len, steps, warmup, activation_checkp
     }
 
 
+def apply_inductor_settings(settings: list[str]) -> dict:
+    """Set `torch._inductor.config` entries given as KEY=VALUE (VALUE: true, false, an int, or a word) before
+    anything compiles; returns what was set, for the runs' records."""
+    import torch._inductor.config as inductor_config
+
+    applied = {}
+    for setting in settings:
+        key, _, text = setting.partition("=")
+        value = {"true": True, "false": False}.get(text.lower(), int(text) if text.lstrip("-").isdigit() else text)
+        owner = inductor_config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        if not hasattr(owner, leaf):
+            raise SystemExit(f"--inductor {setting}: torch._inductor.config has no {key}")
+        setattr(owner, leaf, value)
+        applied[key] = value
+    return applied
+
+
 def run_key(run: dict) -> tuple:
     """What makes two runs the same configuration. Genesis runs from before `one_rank` existed used FSDP on
     one rank with per-block compile."""
@@ -163,7 +183,8 @@ def run_key(run: dict) -> tuple:
                else (None, None))
     return (run["impl"], run["micro_batch"], run.get("activation_checkpointing", "none"),
             run.get("compile_memory_budget", 1.0), *variant, run.get("master_weights", False),
-            run.get("overlap_optimizer", False), run.get("float8", "off"))  # overlap_optimizer: a variant measured on 2026-12-01, then removed
+            run.get("overlap_optimizer", False), run.get("float8", "off"),
+            json.dumps(run.get("inductor", {}), sort_keys=True))  # overlap_optimizer: a variant measured on 2026-12-01, then removed
 
 
 def run_key_sortable(run: dict) -> tuple:
@@ -188,10 +209,14 @@ def main() -> None:
                         help="parallel.master_weights: bf16 compute copies, fp32 masters in MasterWeightAdamW")
     parser.add_argument("--float8", default="off", choices=["off", "rowwise", "tensorwise"],
                         help="parallel.float8: FP8 matmuls in the blocks through torchao")
+    parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings for this process (e.g. triton.prefer_nd_tiling=true), "
+                             "recorded in each run as `inductor`")
     parser.add_argument("--label", default=None, help="stored as the runs' `revision`, to tell code versions apart")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "train_step.json")
     args = parser.parse_args()
 
+    inductor_settings = apply_inductor_settings(args.inductor)
     config = load_model_config(args.model)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
     results.update(environment())
@@ -218,6 +243,8 @@ def main() -> None:
                                **({"float8": args.float8} if args.float8 != "off" else {}))
                 gc.collect()
                 torch.cuda.empty_cache()
+            if inductor_settings:
+                run["inductor"] = inductor_settings
             if args.label:
                 run["revision"] = args.label
             results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(run)]

@@ -67,7 +67,8 @@ def apply_activation_checkpointing(model: Transformer, mode: Literal["none", "se
         model.layers[name] = wrapped
 
 
-def apply_compile(model: Transformer, memory_budget: float = 1.0, scope: Literal["blocks", "model"] = "blocks") -> None:
+def apply_compile(model: Transformer, memory_budget: float = 1.0, scope: Literal["blocks", "model"] = "blocks",
+                  float8: bool = False) -> None:
     """`blocks`: compile each block separately. The blocks share code, so Dynamo compiles one graph and
     reuses it for all of them: minutes for a whole-model compile of genesis-1b become well under a minute.
     `Module.compile()` compiles in place, so parameter names (and checkpoints) are unchanged.
@@ -79,6 +80,9 @@ def apply_compile(model: Transformer, memory_budget: float = 1.0, scope: Literal
     recompute in backward by estimated runtime per byte saved, so elementwise outputs (RMSNorm outputs, the
     SiLU·up product feeding the down projection) go first. Which ops it chose is measured, not assumed:
     BENCHMARKS.md lists the saved tensors per block and the step time at each budget.
+
+    `float8`: the blocks hold torchao's float8 layers, whose scaling and casting kernels Inductor generates
+    (see the NOTE below).
     """
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
@@ -92,6 +96,16 @@ def apply_compile(model: Transformer, memory_budget: float = 1.0, scope: Literal
     # 2-GPU checkpoint resumed on one H200 started 0.36% off in loss (BENCHMARKS.md). Keeping eager's
     # roundings makes compiled, eager, plain and FSDP agree to the bit in the forward.
     inductor_config.emulate_precision_casts = True
+    if float8:
+        # NOTE: measured on an H200 (genesis-1b, micro-batch 16, tensorwise; BENCHMARKS "FP8 training"): a
+        # quarter of FP8's step went to the amax and cast kernels around its matmuls. Several write transposed
+        # (column-major) FP8 copies for the weight-gradient matmuls. With 1-D tiles their stores do not
+        # coalesce. Two process-wide settings, read when each graph compiles:
+        #   - 2-D tiles (`prefer_nd_tiling`): 92.7k → 94.3k tokens/s;
+        #   - tuning each generated kernel's block sizes (`coordinate_descent_tuning`): 94.7k, at about
+        #     2 minutes more of first compile.
+        inductor_config.triton.prefer_nd_tiling = True
+        inductor_config.coordinate_descent_tuning = True
     if scope == "model":
         # NOTE: an instance attribute shadows the method, so `forward` calls the compiled graph while the
         # module tree, parameter names and checkpoints stay those of the plain model.
@@ -305,7 +319,7 @@ def parallelize(model: Transformer, mesh: DeviceMesh, plan: ParallelPlan) -> nn.
         attach_compute_copies(model, DTYPES[plan.param_dtype])
     apply_activation_checkpointing(model, plan.activation_checkpointing)
     if plan.compile:
-        apply_compile(model, plan.compile_memory_budget, plan.compile_scope)
+        apply_compile(model, plan.compile_memory_budget, plan.compile_scope, float8=plan.float8 != "off")
     if plan.fsdp:
         apply_fsdp(model, mesh, DTYPES[plan.param_dtype], DTYPES[plan.reduce_dtype],
                    reshard_after_forward=plan.reshard_after_forward, unit_blocks=plan.fsdp_unit_blocks)
