@@ -31,6 +31,7 @@ from genesis_model.decode_kernels import (
     rope_cache_applies,
 )
 from genesis_model.loss import fused_linear_cross_entropy
+from genesis_model.swiglu import swiglu
 
 
 def weight_for_compute(layer: nn.Module) -> torch.Tensor:
@@ -198,8 +199,7 @@ class FeedForward(nn.Module):
         self.w2 = Linear(config.ffn_dim, config.dim)
 
     def forward(self, x):
-        gate, up = self.w13(x).split(self.ffn_dim, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(swiglu(self.w13(x)))
 
 
 class Block(nn.Module):
