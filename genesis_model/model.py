@@ -194,7 +194,6 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ffn_dim = config.ffn_dim
         self.w13 = Linear(config.dim, 2 * config.ffn_dim)
         self.w2 = Linear(config.ffn_dim, config.dim)
 

@@ -10,8 +10,9 @@ Here one Triton program reads a stretch of a row's gate, up and gradient once an
 The forward stays plain torch ops, so Inductor still fuses it with what follows (FP8's amax and cast before w2).
 On the CPU, or without Triton, `swiglu` is the plain expression and autograd's backward.
 
-NOTE: hand-written rather than a library's: Liger-Kernel's SwiGLU takes gate and up as two tensors and does not
-compile as one graph with torchao's float8 layers; torch's own path is the kernel measured above.
+NOTE: hand-written rather than a library's: torch's own path is the kernel measured above, and Liger-Kernel's
+SwiGLU (`LigerSiLUMulFunction`) takes gate and up as two tensors and returns their gradients apart, which the
+fused w13 would join again in one more pass over the (N, 2F) gradient.
 """
 
 from __future__ import annotations
