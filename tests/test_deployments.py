@@ -49,7 +49,7 @@ class Server:
                 urllib.request.urlopen(f"{self.api}/health", timeout=2)
                 return
             except OSError:
-                time.sleep(1)
+                time.sleep(0.25)
         _stop(self.process)
         pytest.fail("prefect server did not start")
 
@@ -81,7 +81,7 @@ class Server:
             flow_run = self.call("GET", f"/flow_runs/{flow_run['id']}")
             if flow_run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 return flow_run
-            time.sleep(2)
+            time.sleep(0.5)  # a final state is seen soon after it is reached (the server takes this easily)
         return flow_run
 
     def wait(self, flow_run_id: str, timeout: float) -> dict:
@@ -91,7 +91,7 @@ class Server:
             flow_run = self.call("GET", f"/flow_runs/{flow_run_id}")
             if flow_run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.time() > deadline:
                 return flow_run
-            time.sleep(2)
+            time.sleep(0.5)
 
     def flow_runs(self, deployment: str) -> list[dict]:
         return self.call("POST", "/flow_runs/filter",

@@ -359,7 +359,7 @@ def test_stopping_a_pretrain_flow_run_leaves_no_trainer_process(tiny_corpus, tmp
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
-            time.sleep(1)
+            time.sleep(0.2)
         assert (run_dir / "metrics.jsonl").is_file(), "the trainer never started"
         assert len(_trainer_processes(str(run_dir))) >= 2  # torchrun and its ranks
 
@@ -367,7 +367,7 @@ def test_stopping_a_pretrain_flow_run_leaves_no_trainer_process(tiny_corpus, tmp
         flow_process.wait(timeout=60)
         deadline = time.time() + 60
         while time.time() < deadline and _trainer_processes(str(run_dir)):
-            time.sleep(1)
+            time.sleep(0.2)
         assert _trainer_processes(str(run_dir)) == []
     finally:
         try:

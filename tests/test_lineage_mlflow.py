@@ -289,7 +289,7 @@ def test_mlflow_models_serve_answers_a_chat_request_from_the_champion(tree, tmp_
                 break
             except OSError:
                 assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                time.sleep(1)
+                time.sleep(0.25)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(CHAT).encode(),
                                          headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
