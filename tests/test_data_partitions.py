@@ -65,6 +65,14 @@ def planted(tmp_path_factory) -> dict:
             "docs": sum(len(t) for t in web_files + book_files)}
 
 
+@pytest.fixture(scope="module")
+def planted_serial(planted, tmp_path_factory) -> tuple[Path, object]:
+    """The planted corpus prepared once in one process (the default settings): its data directory and manifest,
+    which the tests that only read it, or compare another way of preparing against it, share."""
+    data_dir = tmp_path_factory.mktemp("planted_serial") / "data"
+    return data_dir, prepare(planted_corpus(planted["root"]), data_dir)
+
+
 def planted_corpus(root: Path, **fields) -> CorpusConfig:
     data = {"name": "planted", "docs_per_shard": 40, "executor": "serial", "dedup_shuffle_rows": 50,
             "tokenizer": {"vocab_size": 1024, "sample_sentences": 4000},
@@ -84,13 +92,13 @@ def manifest_bytes(data_dir: Path) -> dict[str, bytes]:
 # Dedup across sources and partitions, from disk
 
 
-def test_near_duplicates_planted_across_files_and_across_sources_are_removed_from_the_later_one(planted, tmp_path):
-    prepare(planted_corpus(planted["root"]), tmp_path / "data")
-    removed = pq.read_table(tmp_path / "data" / "dedup" / "removed.parquet").to_pylist()
+def test_near_duplicates_planted_across_files_and_across_sources_are_removed_from_the_later_one(planted_serial):
+    data_dir, _ = planted_serial
+    removed = pq.read_table(data_dir / "dedup" / "removed.parquet").to_pylist()
     near = [row for row in removed if row["kind"] == "near"]
     assert sum(row["source"] == "web" and row["kept_source"] == "web" for row in near) >= 5
     assert sum(row["source"] == "books" and row["kept_source"] == "web" for row in near) >= 5
-    report = json.loads((tmp_path / "data" / "report.json").read_text())
+    report = json.loads((data_dir / "report.json").read_text())
     assert report["books"]["near_duplicates_removed"] >= 5
     assert report["books"]["duplicate_examples"][0]["kept_source"] == "web"
     # Every removed document's kept twin is a document that survived, in an earlier position.
@@ -99,12 +107,13 @@ def test_near_duplicates_planted_across_files_and_across_sources_are_removed_fro
     assert report["_dedup_totals"]["hash_ranges"] > 1  # the band keys really were split into hash ranges
 
 
-def test_a_two_worker_dask_local_cluster_and_one_process_write_identical_manifests_and_removal_lists(planted, tmp_path):
-    one = prepare(planted_corpus(planted["root"]), tmp_path / "one")
+def test_a_two_worker_dask_local_cluster_and_one_process_write_identical_manifests_and_removal_lists(
+        planted, planted_serial, tmp_path):
+    one_dir, one = planted_serial
     two = prepare(planted_corpus(planted["root"], executor="dask", workers=2), tmp_path / "two")
     assert one == two
-    assert manifest_bytes(tmp_path / "one") == manifest_bytes(tmp_path / "two")
-    assert (tmp_path / "one" / "dedup" / "removed.parquet").read_bytes() == \
+    assert manifest_bytes(one_dir) == manifest_bytes(tmp_path / "two")
+    assert (one_dir / "dedup" / "removed.parquet").read_bytes() == \
         (tmp_path / "two" / "dedup" / "removed.parquet").read_bytes()
 
 
@@ -127,13 +136,13 @@ def test_a_dialogue_that_repeats_a_pretraining_document_is_a_duplicate_across_so
     assert {example["kept_source"] for example in report["chat"]["duplicate_examples"]} == {"math"}
 
 
-def test_an_existing_dask_cluster_named_by_its_scheduler_address_runs_the_stage(planted, tmp_path):
+def test_an_existing_dask_cluster_named_by_its_scheduler_address_runs_the_stage(planted, planted_serial, tmp_path):
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         on_cluster = prepare(planted_corpus(planted["root"], executor="dask", dask_address=cluster.scheduler_address),
                              tmp_path / "cluster")
-    assert on_cluster == prepare(planted_corpus(planted["root"]), tmp_path / "serial")
+    assert on_cluster == planted_serial[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,14 +283,13 @@ def test_in_shards_a_web_page_quoting_chat_markers_is_text_and_a_dialogue_s_mark
 
 
 def test_a_tokenize_job_encodes_a_bounded_amount_of_text_at_a_time_and_the_shard_does_not_depend_on_it(
-        planted, tmp_path, monkeypatch):
+        planted_serial, tmp_path, monkeypatch):
     """An encode call's ids are Python ints (36 bytes a token) until copied into arrays: a job bounds each call's
     text in bytes as well as in documents, so a part of long documents is never encoded, and held, whole (a
     worker's peak followed the longest part it met). The shard is the same whatever the batches."""
     import data_prep.shards as shards
 
-    data_dir = tmp_path / "data"
-    prepare(planted_corpus(planted["root"]), data_dir)
+    data_dir, _ = planted_serial  # read only: its clean parts and tokenizer
     part = sorted((data_dir / "clean" / "books").glob("*.arrow"))[0]
     encode, calls = shards.encode_documents, []
 
