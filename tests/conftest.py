@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,31 @@ def make_token_data(data_dir: Path, vocab_size: int = 4096, docs_per_shard: int 
 
 @pytest.fixture(scope="session")
 def token_data(tmp_path_factory) -> Path:
-    return make_token_data(tmp_path_factory.mktemp("token_data"))
+    """Read only (a test that changes data makes its own): one directory for all xdist workers, so that runs made
+    in one worker (tests/test_trainer.py's reference run) resume in another on the very same data_dir."""
+    return built_once(tmp_path_factory, "token_data", make_token_data)
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """`build(path)` once per test session, and its `path`. Under pytest-xdist each worker has session fixtures of
+    its own; an expensive one is built by the first worker that asks, under a lock in the directory that the
+    workers' temporary directories share, and the other workers wait for it and reuse it (read-only: a test that
+    changes it copies it first). A build that failed is redone by the next worker that asks (and fails there too)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        path = tmp_path_factory.mktemp(name)
+        build(path)
+        return path
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
 
 
 def run_trainer(run_dir: Path, data_dir: Path, overrides: list[str] = (), flags: list[str] = (), nproc: int = 2,
@@ -118,19 +144,21 @@ def prepare_tiny_corpus(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """Built-in prose and the principle dialogues, tokenized with a 2,048-piece tokenizer with chat template."""
-    return prepare_tiny_corpus(tmp_path_factory.mktemp("tiny_corpus") / "data")
+    return built_once(tmp_path_factory, "tiny_corpus", lambda root: prepare_tiny_corpus(root / "data")) / "data"
 
 
 @pytest.fixture(scope="session")
 def tiny_trunk(tiny_corpus, tmp_path_factory) -> Path:
     """A tiny model pretrained 150 steps on one rank, with a milestone at step 150."""
-    run_dir = tmp_path_factory.mktemp("tiny_trunk") / "trunk"
-    command = [sys.executable, "-m", "genesis_model.train", "--config", str(TINY_CPU), f"data_dir={tiny_corpus}",
-               f"run_dir={run_dir}", *TINY_TRUNK_OVERRIDES]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+
+    def pretrain(root: Path) -> None:
+        command = [sys.executable, "-m", "genesis_model.train", "--config", str(TINY_CPU), f"data_dir={tiny_corpus}",
+                   f"run_dir={root / 'trunk'}", *TINY_TRUNK_OVERRIDES]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO,
+                                env={**os.environ, "OMP_NUM_THREADS": "2"})
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "tiny_trunk", pretrain) / "trunk"
 
 
 def readable(text: str) -> str:
@@ -165,11 +193,7 @@ def tracking(tmp_path, monkeypatch) -> str:
 PLAIN_SHELL_DROPS = ("GENESIS_HOME", "MLFLOW_TRACKING_URI", "PREFECT_HOME", "PREFECT_API_URL")
 
 
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """`genesis demo --quick` into a temporary directory, its registry and Prefect home there too (set through the
-    environment, so the commands it prints have to carry them)."""
-    work = tmp_path_factory.mktemp("demo")
+def _run_demo(work: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key not in PLAIN_SHELL_DROPS}
     env.update(GENESIS_HOME=str(work / "mlflow"), PREFECT_HOME=str(work / "prefect"), OMP_NUM_THREADS="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -178,5 +202,26 @@ def demo_run(tmp_path_factory):
                           text=True, timeout=1800)
     output = done.stdout + done.stderr
     (work / "demo.log").write_text(output)
+    (work / "demo.stdout").write_text(done.stdout)
     assert done.returncode == 0, output[-5000:]
-    return {"work": work, "output": output, "stdout": done.stdout, "summary": json.loads((work / "summary.json").read_text())}
+
+
+@pytest.fixture(scope="session")
+def demo_work(tmp_path_factory) -> Path:
+    """`genesis demo --quick` into a temporary directory, once for all xdist workers."""
+    return built_once(tmp_path_factory, "demo", _run_demo)
+
+
+@pytest.fixture()
+def demo_run(demo_work, tmp_path_factory):
+    """The session's `genesis demo --quick`, its registry and Prefect home in its directory too (set through the
+    environment, so the commands it prints have to carry them). Held under a lock for the test: a test in another
+    xdist worker never uses it at the same time (test_flows grows its trunk; test_first_minutes serves it)."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared  # the workers' common directory
+    with FileLock(str(shared / "demo.in-use.lock")):
+        yield {"work": demo_work, "output": (demo_work / "demo.log").read_text(),
+               "stdout": (demo_work / "demo.stdout").read_text(),
+               "summary": json.loads((demo_work / "summary.json").read_text())}

@@ -113,7 +113,9 @@ def bare_env(home: Path, api: str) -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
+# NOTE: session-scoped: under pytest-xdist a worker runs other modules' tests between these, and a module-scoped
+# server and worker were started again after each (a worker that runs none of these starts none).
+@pytest.fixture(scope="session")
 def deployed(tmp_path_factory):
     """A server with `prefect deploy --all` done from this checkout and a process worker on genesis-process,
     the deploying shell and the worker both with a bare environment."""

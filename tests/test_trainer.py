@@ -27,7 +27,8 @@ from genesis_model.checkpoint import load_model_weights, verify_checkpoint, writ
 from genesis_model.launch import trainer_command
 from genesis_model.model import Transformer
 from genesis.config import TrainConfig, load_config, load_model_config
-from tests.conftest import FAST_OVERRIDES, REPO, TINY_CPU, alive, assert_ok, losses_by_step, read_jsonl, run_trainer
+from tests.conftest import (FAST_OVERRIDES, REPO, TINY_CPU, alive, assert_ok, built_once, losses_by_step, read_jsonl,
+                            run_trainer)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -52,12 +53,12 @@ def assert_same_tensors(a, b, path="") -> None:
         assert a == b, path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(token_data, tmp_path_factory) -> Path:
-    """The reference: 0 → 300 in one go on 2 ranks, saving at 150 and 300."""
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    assert_ok(run_trainer(run_dir, token_data, ["max_steps=300", "checkpoint.save_every=150"]))
-    return run_dir
+    """The reference: 0 → 300 in one go on 2 ranks, saving at 150 and 300 (built once, however the tests that read
+    it are spread over xdist's workers)."""
+    return built_once(tmp_path_factory, "uninterrupted", lambda run_dir: assert_ok(
+        run_trainer(run_dir, token_data, ["max_steps=300", "checkpoint.save_every=150"])))
 
 
 def test_smoke_matrix_and_bit_exact_resume_after_process_exit(uninterrupted, token_data, tmp_path):
