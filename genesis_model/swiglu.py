@@ -27,7 +27,8 @@ from genesis_model.decode_kernels import triton
 if triton is not None:
     import triton.language as tl
 
-# Whether a CUDA step takes the kernel; read when the block is traced (bench/train_step.py measures both).
+# Whether a CUDA training step takes the kernel; read when the block is traced (tests/test_swiglu.py compares a
+# model's gradients both ways).
 USE_SWIGLU_KERNEL = True
 # Columns of one half a program covers, and its warps: 8 bf16 values (16 bytes) per thread per load.
 SWIGLU_BLOCK = 1024
