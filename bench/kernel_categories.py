@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import append_run, environment  # noqa: E402
+from genesis_model.profiling import device_events  # noqa: E402
 
-_DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 _CAST_MARKERS = ("abs", "reciprocal", "clamp")
 
 
@@ -49,9 +49,7 @@ def categorize(trace: dict, steps: int) -> dict:
     milliseconds: dict[str, float] = defaultdict(float)
     launches: dict[str, int] = defaultdict(int)
     by_name: dict[str, float] = defaultdict(float)
-    for event in trace.get("traceEvents", []):
-        if event.get("ph") != "X" or event.get("cat") not in _DEVICE_CATEGORIES or event.get("dur") is None:
-            continue
+    for event in device_events(trace):
         kind = kernel_kind(event["name"])
         milliseconds[kind] += float(event["dur"]) / 1000
         launches[kind] += 1

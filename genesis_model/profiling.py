@@ -50,21 +50,26 @@ def is_communication_kernel(name: str) -> bool:
     return "nccl" in name.lower()
 
 
+def device_events(trace: dict) -> list[dict]:
+    """A Chrome trace's GPU events (kernels, copies, memsets) with a duration, in microseconds."""
+    return [e for e in trace.get("traceEvents", [])
+            if e.get("ph") == "X" and e.get("cat") in _DEVICE_CATEGORIES and e.get("dur") is not None]
+
+
 def summarize_trace(trace: dict, wall_s: float, steps: int) -> dict:
     """GPU time per step from a Chrome trace's device events (times in microseconds)."""
-    device_events = [e for e in trace.get("traceEvents", [])
-                     if e.get("ph") == "X" and e.get("cat") in _DEVICE_CATEGORIES and e.get("dur") is not None]
-    if not device_events:
+    events = device_events(trace)
+    if not events:
         return {"wall_s_per_step": wall_s / steps, "gpu": None, "top_kernels": []}
 
     def interval(event: dict) -> tuple[float, float]:
         return float(event["ts"]), float(event["ts"]) + float(event["dur"])
 
-    communication = [interval(e) for e in device_events if is_communication_kernel(e["name"])]
-    compute = [interval(e) for e in device_events if not is_communication_kernel(e["name"])]
+    communication = [interval(e) for e in events if is_communication_kernel(e["name"])]
+    compute = [interval(e) for e in events if not is_communication_kernel(e["name"])]
     by_stream: dict[str, list] = defaultdict(list)
     by_name: dict[str, list[float]] = defaultdict(list)
-    for event in device_events:
+    for event in events:
         by_stream[str(event.get("args", {}).get("stream", "?"))].append(interval(event))
         by_name[event["name"]].append(float(event["dur"]))
     busy = _union_us(communication + compute)

@@ -30,6 +30,9 @@ if triton is not None:
 # Whether a CUDA training step takes the kernel; read when the block is traced (tests/test_swiglu.py compares a
 # model's gradients both ways).
 USE_SWIGLU_KERNEL = True
+# Triton's CPU interpreter (the tests): the kernel runs on CPU tensors. Read once, as Triton reads it when a kernel
+# is defined.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Columns of one half a program covers, and its warps: 8 bf16 values (16 bytes) per thread per load.
 SWIGLU_BLOCK = 1024
 SWIGLU_WARPS = 4
@@ -90,8 +93,7 @@ class _SwiGLU(torch.autograd.Function):
 def swiglu_kernel_applies(h13: torch.Tensor) -> bool:
     """A step that will run backward, on a GPU (or on CPU tensors in Triton's interpreter, as the tests run it);
     decoding (no gradient) keeps the plain expression its graphs were measured with."""
-    on_device = h13.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return USE_SWIGLU_KERNEL and triton is not None and on_device and h13.requires_grad
+    return USE_SWIGLU_KERNEL and triton is not None and (h13.is_cuda or _INTERPRETED) and h13.requires_grad
 
 
 def swiglu(h13: torch.Tensor) -> torch.Tensor:
