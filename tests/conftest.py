@@ -57,6 +57,12 @@ def token_data(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "token_data", make_token_data)
 
 
+def shared_tmp_root(tmp_path_factory) -> Path:
+    """The temporary directory every xdist worker of this session sees (the session's own without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
     """`build(path)` once per test session, and its `path`. Under pytest-xdist each worker has session fixtures of
     its own; an expensive one is built by the first worker that asks, under a lock in the directory that the
@@ -68,7 +74,7 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> 
         return path
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp().parent
+    root = shared_tmp_root(tmp_path_factory)
     path, done = root / name, root / f"{name}.done"
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
@@ -219,9 +225,7 @@ def demo_run(demo_work, tmp_path_factory):
     xdist worker never uses it at the same time (test_flows grows its trunk; test_first_minutes serves it)."""
     from filelock import FileLock
 
-    shared = tmp_path_factory.getbasetemp()
-    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared  # the workers' common directory
-    with FileLock(str(shared / "demo.in-use.lock")):
+    with FileLock(str(shared_tmp_root(tmp_path_factory) / "demo.in-use.lock")):
         yield {"work": demo_work, "output": (demo_work / "demo.log").read_text(),
                "stdout": (demo_work / "demo.stdout").read_text(),
                "summary": json.loads((demo_work / "summary.json").read_text())}
