@@ -8,19 +8,26 @@
             with parallel.float8=off and once with =tensorwise (or --recipe), side by side on the one GPU; the
             trainer's own evaluation (the same held-out batches of every source) every --eval-every steps.
             The runs' GPU readings (`gpu/0/...` in latest.json, #27.4) are kept as the tracker's check.
+  noise     the same, bf16 against bf16: one run from the config's seed, one from --other-seed, side by side;
+            the first is also compared with the newest quality run's bf16 curve (same seed and data, only the
+            kernels' run-to-run nondeterminism differs). The spread a 1% FP8-vs-bf16 figure is read against:
+            the small preset repeats the kit's smaller sources many times in 2,000 steps (`repetition/<source>`
+            in latest.json), and the held-out loss of a memorising model moves with small perturbations.
 
 Device commands (nvidia-h200; carry `.whl` holding pydantic, xxhash and torchao wheels, and for `quality`
 `runs/trunk-cycles-data`, made by `python bench/trunk_cycles.py --prepare-data`):
 
     python3 bench/fp8.py speed --out $OUT/fp8.json
     python3 bench/fp8.py quality --data runs/trunk-cycles-data --work /tmp/fp8q --out $OUT/fp8.json
+    python3 bench/fp8.py noise --data runs/trunk-cycles-data --work /tmp/fp8n --out $OUT/fp8.json
 
 Each part appends its run to `--out` (bench.common.append_run) and the top level is recomputed from the newest
 speed and quality runs: `fp8_tok_s` (best micro-batch), `bf16_tok_s` (best), `hf_tok_s` (at FP8's best
 micro-batch), `fp8_vs_bf16`, `fp8_vs_hf`, `val_loss_rel_diff` ((FP8 − bf16) / bf16 at the last evaluation),
 `gpu`, `command` and `git_rev` of each part. The quality part also writes `fp8_quality.png` beside `--out`.
 
-CPU check (no FP8 there: the bf16 side alone, tiny model, a few steps): `python bench/fp8.py quality --smoke`.
+CPU check (no FP8 there: the bf16 side alone, tiny model, a few steps): `python bench/fp8.py quality --smoke`
+(and `noise --smoke`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import RESULTS_DIR, append_run, environment, git_rev  # noqa: E402
 from bench.trunk_cycles import SMOKE_OVERRIDES, smoke_data  # noqa: E402
+from genesis.config import TrainConfig, load_config  # noqa: E402
 
 CONFIG = REPO / "configs" / "train" / "small-cycles.yaml"
 
@@ -164,16 +172,18 @@ def plot_quality(curves: dict, out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_quality(args) -> dict:
+def train_side_by_side(args, variants: dict[str, list[str]]) -> tuple[dict, dict, dict, dict]:
+    """One `genesis_model.train` per variant (its name -> its overrides), all at once on the one GPU, stopped at
+    the time budget (the trainer saves on SIGTERM, so the curve so far is kept); (exits, curves, last steps, GPU
+    readings), each by variant."""
     started = time.time()
-    variants = {"bf16": "off"} if args.smoke else {"bf16": "off", f"fp8_{args.recipe}": args.recipe}
     processes = {}
-    for name, recipe in variants.items():
+    for name, overrides in variants.items():
         run_dir = args.work / name
         command = [sys.executable, "-m", "genesis_model.train", "--config", str(CONFIG),
                    *(SMOKE_OVERRIDES if args.smoke else []), f"data_dir={args.data}", f"run_dir={run_dir}",
                    f"max_steps={args.steps}", "optimizer.schedule=cosine", f"eval.every={args.eval_every}",
-                   "checkpoint.milestone_every=0", f"parallel.float8={recipe}", "--resume", "auto"]
+                   "checkpoint.milestone_every=0", *overrides, "--resume", "auto"]
         args.work.mkdir(parents=True, exist_ok=True)
         log = open(args.work / f"{name}.log", "a")
         log.write("$ " + shlex.join(command) + "\n")
@@ -186,28 +196,44 @@ def run_quality(args) -> dict:
         try:
             exits[name] = process.wait(timeout=max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            process.terminate()  # the trainer saves on SIGTERM; the curve so far is kept
+            process.terminate()
             exits[name] = f"stopped at the time budget ({process.wait()})"
         log.close()
-    curves, gpu_readings, last = {}, {}, {}
+    curves, last, gpu_readings = {}, {}, {}
     for name, (_, _, run_dir) in processes.items():
-        curve, gpu = read_curve(run_dir)
-        curves[name] = curve
+        curves[name], gpu_readings[name] = read_curve(run_dir)
         latest = json.loads((run_dir / "latest.json").read_text()) if (run_dir / "latest.json").is_file() else {}
         last[name] = latest.get("step")
-        gpu_readings[name] = gpu
+    return exits, curves, last, gpu_readings
+
+
+def compare_curves(reference: list[list], other: list[list]) -> dict:
+    """(other − reference) / reference at the last step both evaluated, and the largest |difference| over the
+    steps both evaluated; {} when they share no step."""
+    at_reference, at_other = dict(map(tuple, reference)), dict(map(tuple, other))
+    common = sorted(set(at_reference) & set(at_other))
+    if not common:
+        return {}
+    step = common[-1]
+    return {"step": step, "reference": at_reference[step], "other": at_other[step],
+            "rel_diff": round((at_other[step] - at_reference[step]) / at_reference[step], 5),
+            "max_abs_rel_diff_over_curve": round(max(abs(at_other[s] - at_reference[s]) / at_reference[s]
+                                                     for s in common), 5)}
+
+
+def run_quality(args) -> dict:
+    started = time.time()
+    fp8_name = f"fp8_{args.recipe}"
+    variants = {"bf16": ["parallel.float8=off"]}
+    if not args.smoke:
+        variants[fp8_name] = [f"parallel.float8={args.recipe}"]
+    exits, curves, last, gpu_readings = train_side_by_side(args, variants)
     figures: dict = {}
-    fp8_name = next((n for n in curves if n.startswith("fp8")), None)
-    if fp8_name and curves["bf16"] and curves[fp8_name]:
-        bf16_at = dict((s, v) for s, v in curves["bf16"])
-        common = [s for s, _ in curves[fp8_name] if s in bf16_at]
-        if common:
-            step = common[-1]
-            fp8_at = dict((s, v) for s, v in curves[fp8_name])
-            figures = {"val_loss_step": step, "val_loss_bf16": bf16_at[step], "val_loss_fp8": fp8_at[step],
-                       "val_loss_rel_diff": round((fp8_at[step] - bf16_at[step]) / bf16_at[step], 5),
-                       "max_abs_rel_diff_over_curve": round(max(abs(fp8_at[s] - bf16_at[s]) / bf16_at[s]
-                                                                for s in common), 5)}
+    comparison = compare_curves(curves["bf16"], curves.get(fp8_name, []))
+    if comparison:
+        figures = {"val_loss_step": comparison["step"], "val_loss_bf16": comparison["reference"],
+                   "val_loss_fp8": comparison["other"], "val_loss_rel_diff": comparison["rel_diff"],
+                   "max_abs_rel_diff_over_curve": comparison["max_abs_rel_diff_over_curve"]}
     plot_path = args.out.parent / "fp8_quality.png"
     plot_quality(curves, plot_path, f"small preset, {args.steps} steps, bf16 vs FP8 ({args.recipe})")
     return {"part": "quality", "steps": args.steps, "recipe": args.recipe, "exits": exits, "last_step": last,
@@ -215,21 +241,58 @@ def run_quality(args) -> dict:
             "seconds": round(time.time() - started, 1)}
 
 
+def run_noise(args) -> dict:
+    """bf16 against bf16: the spread the quality part's FP8-vs-bf16 difference is read against. Two bf16 runs side
+    by side, from the config's seed and from --other-seed; the first is also compared with the bf16 run of the
+    newest quality run in --out (same seed and data, another process: only the kernels' run-to-run
+    nondeterminism differs, when the git revision and the data are the same)."""
+    started = time.time()
+    seed = load_config(TrainConfig, CONFIG).seed
+    variants = {f"bf16_seed{seed}": ["parallel.float8=off"],
+                f"bf16_seed{args.other_seed}": ["parallel.float8=off", f"seed={args.other_seed}"]}
+    exits, curves, last, gpu_readings = train_side_by_side(args, variants)
+    same_seed, other_seed = curves[f"bf16_seed{seed}"], curves[f"bf16_seed{args.other_seed}"]
+    figures: dict = {}
+    between_seeds = compare_curves(same_seed, other_seed)
+    if between_seeds:
+        figures["bf16_other_seed_rel_diff"] = between_seeds["rel_diff"]
+        figures["bf16_other_seed_max_abs_rel_diff_over_curve"] = between_seeds["max_abs_rel_diff_over_curve"]
+    earlier = [run for run in read_runs(args.out) if run.get("part") == "quality" and run.get("steps") == args.steps]
+    repeat = {}
+    if earlier:
+        repeat = compare_curves(earlier[-1]["val_loss"].get("bf16", []), same_seed)
+        if repeat:
+            repeat["against"] = {"git_rev": earlier[-1].get("git_rev"), "command": earlier[-1].get("command")}
+            figures["bf16_repeat_rel_diff"] = repeat["rel_diff"]
+            figures["bf16_repeat_max_abs_rel_diff_over_curve"] = repeat["max_abs_rel_diff_over_curve"]
+    plot_path = args.out.parent / "fp8_noise.png"
+    plot_quality({**({"bf16 (newest quality run)": earlier[-1]["val_loss"].get("bf16", [])} if earlier else {}),
+                  **curves}, plot_path, f"small preset, {args.steps} steps, bf16 against bf16")
+    return {"part": "noise", "steps": args.steps, "exits": exits, "last_step": last, "val_loss": curves,
+            "between_seeds": between_seeds, "repeat_of_quality_bf16": repeat, "gpu_readings": gpu_readings,
+            "figures": figures, "plot": plot_path.name, "seconds": round(time.time() - started, 1)}
+
+
+def read_runs(path: Path) -> list[dict]:
+    return json.loads(path.read_text()).get("runs", []) if path.is_file() else []
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def top_level(path: Path, new_run: dict) -> dict:
-    """The issue's top-level record from the newest speed and newest quality run (this one included)."""
-    existing = json.loads(path.read_text()).get("runs", []) if path.is_file() else []
+    """The issue's top-level record from the newest speed, quality and noise run that has figures (this one
+    included): a run cut short before its first comparable evaluation does not hide the last one that had one."""
     newest = {}
-    for run in [*existing, new_run]:
-        newest[run.get("part")] = run
+    for run in [*read_runs(path), new_run]:
+        if run.get("figures"):
+            newest[run.get("part")] = run
     latest: dict = {"gpu": new_run.get("machine"), "command": {}, "git_rev": {}}
-    for part in ("speed", "quality"):
+    for part in ("speed", "quality", "noise"):
         run = newest.get(part)
         if run is None:
             continue
-        latest.update(run.get("figures", {}))
+        latest.update(run["figures"])
         if part == "quality":
             latest["val_loss_recipe"] = run.get("recipe")
         latest["command"][part] = run.get("command")
@@ -239,7 +302,7 @@ def top_level(path: Path, new_run: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["speed", "quality"])
+    parser.add_argument("part", choices=["speed", "quality", "noise"])
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "fp8.json")
     parser.add_argument("--time-budget-s", type=float, default=540)
     speed = parser.add_argument_group("speed")
@@ -258,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     # tensorwise: the recipe of the speed figures (BENCHMARKS "FP8 training"); the first quality run was rowwise.
     quality.add_argument("--recipe", default="tensorwise", choices=["rowwise", "tensorwise"])
     quality.add_argument("--smoke", action="store_true", help="CPU check: tiny model, synthetic data, bf16 only")
+    quality.add_argument("--other-seed", type=int, default=1235, help="noise: the second bf16 run's seed")
     args = parser.parse_args(argv)
 
-    if args.part == "quality":
+    if args.part in ("quality", "noise"):
         args.steps = args.quality_steps
         if args.smoke:
             args.data = args.work / "data"
@@ -269,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.data}/manifest.json not found: make it with `python bench/trunk_cycles.py "
                   f"--prepare-data --data {args.data}` and carry it", file=sys.stderr)
             return 2
-        run = run_quality(args)
+        run = run_quality(args) if args.part == "quality" else run_noise(args)
     else:
         run = run_speed(args)
     run = {**environment(), "command": "python bench/fp8.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
