@@ -1,0 +1,54 @@
+"""bench/fp8.py's record: the top level of bench/results/fp8.json names the runs its figures come from, and a run
+cut short before any comparable evaluation does not hide the newest run that had one."""
+
+from __future__ import annotations
+
+import json
+
+from bench.fp8 import compare_curves, top_level
+
+
+def run(part: str, rev: str, figures: dict, **extra) -> dict:
+    return {"part": part, "git_rev": rev, "command": f"python bench/fp8.py {part}", "machine": "NVIDIA H200",
+            "figures": figures, **extra}
+
+
+def test_curves_compare_at_the_last_step_both_evaluated_and_over_the_whole_curve():
+    reference = [[100, 5.0], [200, 4.0], [300, 3.0]]
+    other = [[100, 5.5], [200, 4.0]]  # stopped before step 300
+
+    comparison = compare_curves(reference, other)
+
+    assert comparison["step"] == 200
+    assert comparison["rel_diff"] == 0.0
+    assert comparison["max_abs_rel_diff_over_curve"] == 0.1
+    assert compare_curves(reference, []) == {}
+
+
+def test_a_quality_run_without_figures_leaves_the_last_measured_one_and_its_recipe(tmp_path):
+    out = tmp_path / "fp8.json"
+    measured = run("quality", "aaa", {"val_loss_rel_diff": 0.005}, recipe="rowwise")
+    out.write_text(json.dumps({"runs": [measured]}))
+
+    latest = top_level(out, run("quality", "bbb", {}, recipe="tensorwise"))  # e.g. a CPU smoke run: bf16 only
+
+    assert latest["val_loss_rel_diff"] == 0.005
+    assert latest["val_loss_recipe"] == "rowwise"
+    assert latest["git_rev"] == {"quality": "aaa"}
+
+
+def test_each_part_reports_its_newest_measured_run(tmp_path):
+    out = tmp_path / "fp8.json"
+    out.write_text(json.dumps({"runs": [
+        run("speed", "s1", {"fp8_tok_s": 90_000.0}),
+        run("quality", "q1", {"val_loss_rel_diff": 0.005}, recipe="rowwise"),
+        run("speed", "s2", {"fp8_tok_s": 96_000.0}),
+    ]}))
+
+    latest = top_level(out, run("noise", "n1", {"bf16_repeat_rel_diff": -0.019}))
+
+    assert latest["fp8_tok_s"] == 96_000.0
+    assert latest["val_loss_rel_diff"] == 0.005
+    assert latest["bf16_repeat_rel_diff"] == -0.019
+    assert latest["git_rev"] == {"speed": "s2", "quality": "q1", "noise": "n1"}
+    assert latest["command"]["noise"] == "python bench/fp8.py noise"
