@@ -18,6 +18,7 @@ plan; the optimizer (`optim.build_optimizer`) and the trainer take the same plan
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,9 +104,13 @@ def apply_compile(model: Transformer, memory_budget: float = 1.0, scope: Literal
         # coalesce. Two process-wide settings, read when each graph compiles:
         #   - 2-D tiles (`prefer_nd_tiling`): 92.7k → 94.3k tokens/s;
         #   - tuning each generated kernel's block sizes (`coordinate_descent_tuning`): 94.7k, at about
-        #     2 minutes more of first compile.
+        #     2 minutes more of first compile; both together measured 94.4k in a later call.
+        # The tuning's compile time grows with the run's kernels (once about 9 minutes on the small preset beside
+        # a bf16 run), so Inductor's own switch wins where it is set: TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0
+        # starts sooner and keeps the tiles.
         inductor_config.triton.prefer_nd_tiling = True
-        inductor_config.coordinate_descent_tuning = True
+        if "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING" not in os.environ:
+            inductor_config.coordinate_descent_tuning = True
     if scope == "model":
         # NOTE: an instance attribute shadows the method, so `forward` calls the compiled graph while the
         # module tree, parameter names and checkpoints stay those of the plain model.

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from genesis.config import ParallelConfig, load_model_config
 from genesis.errors import ConfigError
 from genesis_model.model import Transformer
-from genesis_model.parallelize import apply_float8, plan_parallel
+from genesis_model.parallelize import apply_compile, apply_float8, plan_parallel
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,6 +81,26 @@ def test_float8_layers_keep_every_weight_name_shape_and_dtype_and_leave_the_outp
     for name, tensor in plain_state.items():
         assert fp8_state[name].shape == tensor.shape and fp8_state[name].dtype == tensor.dtype, name
         assert torch.equal(fp8_state[name], tensor), name
+
+
+@pytest.mark.parametrize("switch, tuned", [(None, True), ("0", False), ("1", True)])
+def test_fp8_compile_tunes_its_kernels_unless_inductors_own_switch_says_otherwise(monkeypatch, switch, tuned):
+    # The tuning costs minutes of first compile; TORCHINDUCTOR_COORDINATE_DESCENT_TUNING, where set, decides.
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    if switch is None:
+        monkeypatch.delenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", switch)
+    model = tiny_model(0)
+    apply_float8(model, "tensorwise", fsdp=False)
+    untouched = {"coordinate_descent_tuning": switch == "1", "triton.prefer_nd_tiling": False,
+                 "emulate_precision_casts": False}
+    with inductor_config.patch(untouched), functorch_config.patch(activation_memory_budget=1.0):
+        apply_compile(model, float8=True)  # wraps the blocks; nothing compiles before a forward
+        assert inductor_config.coordinate_descent_tuning is tuned
+        assert inductor_config.triton.prefer_nd_tiling is True
 
 
 @pytest.mark.parametrize("direction", ["float8 to bf16", "bf16 to float8"])
