@@ -22,9 +22,10 @@ Device commands (nvidia-h200; carry `.whl` holding pydantic, xxhash and torchao 
     python3 bench/fp8.py noise --data runs/trunk-cycles-data --work /tmp/fp8n --out $OUT/fp8.json
 
 Each part appends its run to `--out` (bench.common.append_run) and the top level is recomputed from the newest
-speed and quality runs: `fp8_tok_s` (best micro-batch), `bf16_tok_s` (best), `hf_tok_s` (at FP8's best
-micro-batch), `fp8_vs_bf16`, `fp8_vs_hf`, `val_loss_rel_diff` ((FP8 − bf16) / bf16 at the last evaluation),
-`gpu`, `command` and `git_rev` of each part. The quality part also writes `fp8_quality.png` beside `--out`.
+speed, quality and noise runs that have figures: `fp8_tok_s` (best micro-batch), `bf16_tok_s` (best), `hf_tok_s`
+(at FP8's best micro-batch), `fp8_vs_bf16`, `fp8_vs_hf`, `val_loss_rel_diff` ((FP8 − bf16) / bf16 at the last
+evaluation), `bf16_repeat_rel_diff` and `bf16_other_seed_rel_diff` (noise), `gpu`, `command` and `git_rev` of each
+part. The quality part also writes `fp8_quality.png` beside `--out`, the noise part `fp8_noise.png`.
 
 CPU check (no FP8 there: the bf16 side alone, tiny model, a few steps): `python bench/fp8.py quality --smoke`
 (and `noise --smoke`).
