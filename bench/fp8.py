@@ -14,6 +14,12 @@
             the small preset repeats the kit's smaller sources many times in 2,000 steps (`repetition/<source>`
             in latest.json), and the held-out loss of a memorising model moves with small perturbations.
 
+Both take `--mixture natural` (each source weighted by its share of the tokens, the same shards: none is read
+twice before all are read once) and `--override KEY=VALUE` for every variant (e.g. `micro_batch_size=4
+eval.batches_per_source=16`: 8,192 tokens a step, so 2,000 steps read the 17.6M-token kit about once, with the
+same evaluation tokens). Each run records them as its `protocol`; a noise run compares its repeat only with a
+quality run of the same protocol.
+
 Device commands (nvidia-h200; carry `.whl` holding pydantic, xxhash and torchao wheels, and for `quality`
 `runs/trunk-cycles-data`, made by `python bench/trunk_cycles.py --prepare-data`):
 
@@ -173,6 +179,28 @@ def plot_quality(curves: dict, out: Path, title: str) -> None:
     plt.close(fig)
 
 
+def natural_mixture(data_dir: Path, out_dir: Path) -> Path:
+    """`data_dir`'s shards and tokenizer (linked, not copied) under a manifest that weights each source by its
+    share of the tokens: every source is read at the same pace, so none is repeated before all have been read
+    once. The kit's own mixture gives web 15% of the windows from 1% of the tokens, which 2,000 steps of the
+    small preset read 63 times over (BENCHMARKS "Quality in tensorwise")."""
+    from genesis.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(data_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tops = {Path(shard.path).parts[0] for source in manifest.sources for shard in source.shards}
+    tops |= {Path(manifest.tokenizer.path).parts[0], *(Path(path).parts[0] for path in manifest.tokenizer.hf_files)}
+    for top in sorted(tops):
+        link = out_dir / top
+        if not link.is_symlink():
+            link.symlink_to((data_dir / top).resolve())
+    total = manifest.num_tokens
+    for source in manifest.sources:
+        source.weight = source.num_tokens / total
+    write_manifest(out_dir, manifest)
+    return out_dir
+
+
 def train_side_by_side(args, variants: dict[str, list[str]]) -> tuple[dict, dict, dict, dict]:
     """One `genesis_model.train` per variant (its name -> its overrides), all at once on the one GPU, stopped at
     the time budget (the trainer saves on SIGTERM, so the curve so far is kept); (exits, curves, last steps, GPU
@@ -184,7 +212,7 @@ def train_side_by_side(args, variants: dict[str, list[str]]) -> tuple[dict, dict
         command = [sys.executable, "-m", "genesis_model.train", "--config", str(CONFIG),
                    *(SMOKE_OVERRIDES if args.smoke else []), f"data_dir={args.data}", f"run_dir={run_dir}",
                    f"max_steps={args.steps}", "optimizer.schedule=cosine", f"eval.every={args.eval_every}",
-                   "checkpoint.milestone_every=0", *overrides, "--resume", "auto"]
+                   "checkpoint.milestone_every=0", *args.override, *overrides, "--resume", "auto"]
         args.work.mkdir(parents=True, exist_ok=True)
         log = open(args.work / f"{name}.log", "a")
         log.write("$ " + shlex.join(command) + "\n")
@@ -237,7 +265,8 @@ def run_quality(args) -> dict:
                    "max_abs_rel_diff_over_curve": comparison["max_abs_rel_diff_over_curve"]}
     plot_path = args.out.parent / "fp8_quality.png"
     plot_quality(curves, plot_path, f"small preset, {args.steps} steps, bf16 vs FP8 ({args.recipe})")
-    return {"part": "quality", "steps": args.steps, "recipe": args.recipe, "exits": exits, "last_step": last,
+    return {"part": "quality", "steps": args.steps, "protocol": protocol(args), "recipe": args.recipe,
+            "exits": exits, "last_step": last,
             "val_loss": curves, "gpu_readings": gpu_readings, "figures": figures, "plot": plot_path.name,
             "seconds": round(time.time() - started, 1)}
 
@@ -258,7 +287,8 @@ def run_noise(args) -> dict:
     if between_seeds:
         figures["bf16_other_seed_rel_diff"] = between_seeds["rel_diff"]
         figures["bf16_other_seed_max_abs_rel_diff_over_curve"] = between_seeds["max_abs_rel_diff_over_curve"]
-    earlier = [run for run in read_runs(args.out) if run.get("part") == "quality" and run.get("steps") == args.steps]
+    earlier = [run for run in read_runs(args.out) if run.get("part") == "quality" and run.get("steps") == args.steps
+               and run.get("protocol", KIT_PROTOCOL) == protocol(args)]
     repeat = {}
     if earlier:
         repeat = compare_curves(earlier[-1]["val_loss"].get("bf16", []), same_seed)
@@ -269,9 +299,19 @@ def run_noise(args) -> dict:
     plot_path = args.out.parent / "fp8_noise.png"
     plot_quality({**({"bf16 (newest quality run)": earlier[-1]["val_loss"].get("bf16", [])} if earlier else {}),
                   **curves}, plot_path, f"small preset, {args.steps} steps, bf16 against bf16")
-    return {"part": "noise", "steps": args.steps, "exits": exits, "last_step": last, "val_loss": curves,
+    return {"part": "noise", "steps": args.steps, "protocol": protocol(args), "exits": exits, "last_step": last,
+            "val_loss": curves,
             "between_seeds": between_seeds, "repeat_of_quality_bf16": repeat, "gpu_readings": gpu_readings,
             "figures": figures, "plot": plot_path.name, "seconds": round(time.time() - started, 1)}
+
+
+# The quality runs before --mixture and --override existed: the kit's mixture, the config as it is.
+KIT_PROTOCOL = {"mixture": "kit", "overrides": []}
+
+
+def protocol(args) -> dict:
+    """What every variant of a quality or noise run shares beyond the config file: the mixture and the overrides."""
+    return {"mixture": args.mixture, "overrides": list(args.override)}
 
 
 def read_runs(path: Path) -> list[dict]:
@@ -296,6 +336,7 @@ def top_level(path: Path, new_run: dict) -> dict:
         latest.update(run["figures"])
         if part == "quality":
             latest["val_loss_recipe"] = run.get("recipe")
+            latest["val_loss_protocol"] = run.get("protocol", KIT_PROTOCOL)
         latest["command"][part] = run.get("command")
         latest["git_rev"][part] = run.get("git_rev")
     return latest
@@ -323,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     quality.add_argument("--recipe", default="tensorwise", choices=["rowwise", "tensorwise"])
     quality.add_argument("--smoke", action="store_true", help="CPU check: tiny model, synthetic data, bf16 only")
     quality.add_argument("--other-seed", type=int, default=1235, help="noise: the second bf16 run's seed")
+    quality.add_argument("--mixture", choices=["kit", "natural"], default="kit",
+                         help="kit: the prepared data's weights; natural: each source by its share of the tokens")
+    quality.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                         help="a config override for every variant, e.g. micro_batch_size=4 (repeatable)")
     args = parser.parse_args(argv)
 
     if args.part in ("quality", "noise"):
@@ -334,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.data}/manifest.json not found: make it with `python bench/trunk_cycles.py "
                   f"--prepare-data --data {args.data}` and carry it", file=sys.stderr)
             return 2
+        if args.mixture == "natural":
+            args.data = natural_mixture(args.data, args.work / "data-natural")
         run = run_quality(args) if args.part == "quality" else run_noise(args)
     else:
         run = run_speed(args)

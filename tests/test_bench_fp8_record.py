@@ -1,11 +1,16 @@
-"""bench/fp8.py's record: the top level of bench/results/fp8.json names the runs its figures come from, and a run
-cut short before any comparable evaluation does not hide the newest run that had one."""
+"""bench/fp8.py's record and protocol: the top level of bench/results/fp8.json names the runs its figures come
+from, a run cut short before any comparable evaluation does not hide the newest run that had one, and the
+natural mixture reads every source at the same pace from the prepared shards themselves."""
 
 from __future__ import annotations
 
 import json
 
-from bench.fp8 import compare_curves, top_level
+import numpy as np
+
+from bench.fp8 import compare_curves, natural_mixture, top_level
+from genesis.manifest import (Manifest, SourceEntry, TokenizerEntry, read_manifest, sha256_file, write_manifest,
+                              write_shard)
 
 
 def run(part: str, rev: str, figures: dict, **extra) -> dict:
@@ -52,3 +57,29 @@ def test_each_part_reports_its_newest_measured_run(tmp_path):
     assert latest["bf16_repeat_rel_diff"] == -0.019
     assert latest["git_rev"] == {"speed": "s2", "quality": "q1", "noise": "n1"}
     assert latest["command"]["noise"] == "python bench/fp8.py noise"
+
+
+def test_the_natural_mixture_weights_each_source_by_its_tokens_and_reads_the_same_shards(tmp_path):
+    kit = tmp_path / "kit"
+    tokenizer = kit / "tokenizer" / "tokenizer.model"
+    tokenizer.parent.mkdir(parents=True)
+    tokenizer.write_bytes(b"placeholder")
+    sources = []
+    for name, tokens in (("web", 999), ("books", 2_999)):  # + one EOS a document: 1,000 and 3,000
+        document = np.append(np.arange(3, 3 + tokens) % 4_000, 2)
+        shard = write_shard(kit / name / "shard_00000.arrow", [document], eos_id=2)
+        shard.path = f"{name}/shard_00000.arrow"
+        sources.append(SourceEntry(name=name, weight=0.5, shards=[shard]))
+    entry = TokenizerEntry(path="tokenizer/tokenizer.model", sha256=sha256_file(tokenizer), vocab_size=4_096, eos_id=2)
+    write_manifest(kit, Manifest(tokenizer=entry, sources=sources))
+
+    natural = natural_mixture(kit, tmp_path / "natural")
+    natural_mixture(kit, tmp_path / "natural")  # a second call (a resumed bench) finds it made
+
+    manifest = read_manifest(natural)
+    assert {s.name: s.weight for s in manifest.sources} == {"web": 0.25, "books": 0.75}
+    for source in manifest.sources:
+        for shard in source.shards:
+            assert sha256_file(natural / shard.path) == shard.sha256
+    assert sha256_file(natural / manifest.tokenizer.path) == manifest.tokenizer.sha256
+    assert {s.name: s.weight for s in read_manifest(kit).sources} == {"web": 0.5, "books": 0.5}  # the kit untouched
