@@ -310,8 +310,12 @@ KIT_PROTOCOL = {"mixture": "kit", "overrides": []}
 
 
 def protocol(args) -> dict:
-    """What every variant of a quality or noise run shares beyond the config file: the mixture and the overrides."""
-    return {"mixture": args.mixture, "overrides": list(args.override)}
+    """What every variant of a quality or noise run shares beyond the config file: the mixture, the overrides, and
+    Inductor's switches from the environment (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0 shortens FP8's first
+    compile by minutes: genesis_model/parallelize.py)."""
+    inductor_env = {key: value for key, value in sorted(os.environ.items()) if key.startswith("TORCHINDUCTOR_")}
+    recorded = {"mixture": args.mixture, "overrides": list(args.override)}
+    return {**recorded, "env": inductor_env} if inductor_env else recorded
 
 
 def read_runs(path: Path) -> list[dict]:
