@@ -204,8 +204,8 @@ class ParallelConfig(StrictModel):
     compile_scope: Literal["auto", "blocks", "model"] = Field(
         default="auto",
         description="compile each block ('blocks', fast to compile, any world size) or embedding-to-final-norm as "
-                    "one graph ('model', one plain rank only; the faster step, BENCHMARKS.md); 'auto': 'model' on "
-                    "one plain rank without activation checkpointing, 'blocks' otherwise")
+                    "one graph ('model', one plain rank only; the faster bf16 step, BENCHMARKS.md); 'auto': 'model' "
+                    "on one plain rank without activation checkpointing or FP8, 'blocks' otherwise")
     accumulate_unsharded: bool = Field(
         default=True,
         description="with several ranks and grad_accum_steps > 1: keep the bf16 weights and the fp32 gradients "

@@ -105,9 +105,8 @@ def apply_compile(model: Transformer, memory_budget: float = 1.0, scope: Literal
         #   - 2-D tiles (`prefer_nd_tiling`): 92.7k → 94.3k tokens/s;
         #   - tuning each generated kernel's block sizes (`coordinate_descent_tuning`): 94.7k, at about
         #     2 minutes more of first compile; both together measured 94.4k in a later call.
-        # The tuning's compile time grows with the run's kernels (once about 9 minutes on the small preset beside
-        # a bf16 run), so Inductor's own switch wins where it is set: TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0
-        # starts sooner and keeps the tiles.
+        # Inductor's own switch wins where it is set: TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0 starts those
+        # minutes sooner and keeps the tiles.
         inductor_config.triton.prefer_nd_tiling = True
         if "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING" not in os.environ:
             inductor_config.coordinate_descent_tuning = True
@@ -238,7 +237,11 @@ def plan_parallel(parallel: ParallelConfig, world_size: int, device_type: str,
     check_float8(parallel, device_type)
     compile = parallel.compile and device_type == "cuda"
     measured = plain and parallel.activation_checkpointing == "none"
-    scope = parallel.compile_scope if parallel.compile_scope != "auto" else ("model" if measured else "blocks")
+    # NOTE: FP8's measured step compiles each block (BENCHMARKS "FP8 training": 96.3k tokens/s for genesis-1b, its
+    # first compile 137 s). As one whole-model graph, FP8 did not finish compiling in 150 s there, and on the small
+    # preset its first step came about 9 minutes after start, beside a bf16 run.
+    scope = parallel.compile_scope if parallel.compile_scope != "auto" else (
+        "model" if measured and parallel.float8 == "off" else "blocks")
     if compile and scope == "model" and not plain:
         raise ConfigError("parallel.compile_scope 'model' needs one rank without FSDP (parallel.one_rank: plain); "
                           "use compile_scope 'blocks' with several ranks")
