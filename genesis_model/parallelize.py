@@ -239,7 +239,7 @@ def plan_parallel(parallel: ParallelConfig, world_size: int, device_type: str,
     measured = plain and parallel.activation_checkpointing == "none"
     # NOTE: FP8's measured step compiles each block (BENCHMARKS "FP8 training": 96.3k tokens/s for genesis-1b, its
     # first compile 137 s). As one whole-model graph, FP8 did not finish compiling in 150 s there, and on the small
-    # preset its first step came about 9 minutes after start, beside a bf16 run.
+    # preset its step 10 came about 8½ minutes after start, beside a bf16 run.
     scope = parallel.compile_scope if parallel.compile_scope != "auto" else (
         "model" if measured and parallel.float8 == "off" else "blocks")
     if compile and scope == "model" and not plain:
