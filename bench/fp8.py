@@ -191,9 +191,11 @@ def natural_mixture(data_dir: Path, out_dir: Path) -> Path:
     tops = {Path(shard.path).parts[0] for source in manifest.sources for shard in source.shards}
     tops |= {Path(manifest.tokenizer.path).parts[0], *(Path(path).parts[0] for path in manifest.tokenizer.hf_files)}
     for top in sorted(tops):
-        link = out_dir / top
+        link, target = out_dir / top, (data_dir / top).resolve()
+        if link.is_symlink() and link.resolve() != target:  # made from another kit in the same --work
+            link.unlink()
         if not link.is_symlink():
-            link.symlink_to((data_dir / top).resolve())
+            link.symlink_to(target)
     total = manifest.num_tokens
     for source in manifest.sources:
         source.weight = source.num_tokens / total

@@ -83,3 +83,9 @@ def test_the_natural_mixture_weights_each_source_by_its_tokens_and_reads_the_sam
             assert sha256_file(natural / shard.path) == shard.sha256
     assert sha256_file(natural / manifest.tokenizer.path) == manifest.tokenizer.sha256
     assert {s.name: s.weight for s in read_manifest(kit).sources} == {"web": 0.5, "books": 0.5}  # the kit untouched
+
+    other_kit = tmp_path / "other-kit"
+    kit.rename(other_kit)
+    natural = natural_mixture(other_kit, tmp_path / "natural")  # the same --work, another kit: linked afresh
+    assert all(sha256_file(natural / shard.path) == shard.sha256 for s in read_manifest(natural).sources
+               for shard in s.shards)
