@@ -98,14 +98,24 @@ def git_rev() -> str | None:
         return None
 
 
+def _top_and_runs(path: Path) -> tuple[dict, list[dict]]:
+    """A results file's top-level figures and its runs, oldest first."""
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    if "runs" not in existing:  # the file's whole content was one earlier run
+        return {}, ([existing] if existing else [])
+    return {k: v for k, v in existing.items() if k != "runs"}, existing["runs"]
+
+
+def read_runs(path: Path) -> list[dict]:
+    """The runs a results file holds, oldest first (a file written before runs were kept is one run)."""
+    return _top_and_runs(path)[1]
+
+
 def append_run(path: Path, run: dict, latest: dict) -> dict:
     """Append `run` to the file's `runs` (a file written before runs were kept becomes `runs[0]`) and set the
     top-level `latest` figures; nothing measured earlier is overwritten."""
-    existing = json.loads(path.read_text()) if path.is_file() else {}
-    runs = existing.get("runs")
-    if runs is None:  # the file's whole content was one earlier run
-        runs, existing = ([existing] if existing else []), {}
-    data = {**{k: v for k, v in existing.items() if k != "runs"}, **latest, "runs": [*runs, run]}
+    top, runs = _top_and_runs(path)
+    data = {**top, **latest, "runs": [*runs, run]}
     write_json(path, data)
     return data
 

@@ -52,7 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import RESULTS_DIR, append_run, environment, git_rev  # noqa: E402
+from bench.common import RESULTS_DIR, append_run, environment, git_rev, read_runs  # noqa: E402
 from bench.trunk_cycles import SMOKE_OVERRIDES, smoke_data  # noqa: E402
 from genesis.config import TrainConfig, load_config  # noqa: E402
 
@@ -203,10 +203,10 @@ def natural_mixture(data_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def train_side_by_side(args, variants: dict[str, list[str]]) -> tuple[dict, dict, dict, dict]:
+def train_side_by_side(args, variants: dict[str, list[str]]) -> dict:
     """One `genesis_model.train` per variant (its name -> its overrides), all at once on the one GPU, stopped at
-    the time budget (the trainer saves on SIGTERM, so the curve so far is kept); (exits, curves, last steps, GPU
-    readings), each by variant."""
+    the time budget (the trainer saves on SIGTERM, so the curve so far is kept). Returns what a quality or noise
+    run records of them: exits, last steps, validation curves (`val_loss`) and GPU readings, each by variant."""
     started = time.time()
     processes = {}
     for name, overrides in variants.items():
@@ -235,7 +235,8 @@ def train_side_by_side(args, variants: dict[str, list[str]]) -> tuple[dict, dict
         curves[name], gpu_readings[name] = read_curve(run_dir)
         latest = json.loads((run_dir / "latest.json").read_text()) if (run_dir / "latest.json").is_file() else {}
         last[name] = latest.get("step")
-    return exits, curves, last, gpu_readings
+    return {"steps": args.steps, "protocol": protocol(args), "exits": exits, "last_step": last, "val_loss": curves,
+            "gpu_readings": gpu_readings, "seconds": round(time.time() - started, 1)}
 
 
 def compare_curves(reference: list[list], other: list[list]) -> dict:
@@ -253,12 +254,12 @@ def compare_curves(reference: list[list], other: list[list]) -> dict:
 
 
 def run_quality(args) -> dict:
-    started = time.time()
     fp8_name = f"fp8_{args.recipe}"
     variants = {"bf16": ["parallel.float8=off"]}
     if not args.smoke:
         variants[fp8_name] = [f"parallel.float8={args.recipe}"]
-    exits, curves, last, gpu_readings = train_side_by_side(args, variants)
+    trained = train_side_by_side(args, variants)
+    curves = trained["val_loss"]
     figures: dict = {}
     comparison = compare_curves(curves["bf16"], curves.get(fp8_name, []))
     if comparison:
@@ -267,10 +268,7 @@ def run_quality(args) -> dict:
                    "max_abs_rel_diff_over_curve": comparison["max_abs_rel_diff_over_curve"]}
     plot_path = args.out.parent / "fp8_quality.png"
     plot_quality(curves, plot_path, f"small preset, {args.steps} steps, bf16 vs FP8 ({args.recipe})")
-    return {"part": "quality", "steps": args.steps, "protocol": protocol(args), "recipe": args.recipe,
-            "exits": exits, "last_step": last,
-            "val_loss": curves, "gpu_readings": gpu_readings, "figures": figures, "plot": plot_path.name,
-            "seconds": round(time.time() - started, 1)}
+    return {"part": "quality", "recipe": args.recipe, **trained, "figures": figures, "plot": plot_path.name}
 
 
 def run_noise(args) -> dict:
@@ -278,11 +276,11 @@ def run_noise(args) -> dict:
     by side, from the config's seed and from --other-seed; the first is also compared with the bf16 run of the
     newest quality run in --out (same seed and data, another process: only the kernels' run-to-run
     nondeterminism differs, when the git revision and the data are the same)."""
-    started = time.time()
     seed = load_config(TrainConfig, CONFIG).seed
     variants = {f"bf16_seed{seed}": ["parallel.float8=off"],
                 f"bf16_seed{args.other_seed}": ["parallel.float8=off", f"seed={args.other_seed}"]}
-    exits, curves, last, gpu_readings = train_side_by_side(args, variants)
+    trained = train_side_by_side(args, variants)
+    curves = trained["val_loss"]
     same_seed, other_seed = curves[f"bf16_seed{seed}"], curves[f"bf16_seed{args.other_seed}"]
     figures: dict = {}
     between_seeds = compare_curves(same_seed, other_seed)
@@ -290,21 +288,17 @@ def run_noise(args) -> dict:
         figures["bf16_other_seed_rel_diff"] = between_seeds["rel_diff"]
         figures["bf16_other_seed_max_abs_rel_diff_over_curve"] = between_seeds["max_abs_rel_diff_over_curve"]
     earlier = [run for run in read_runs(args.out) if run.get("part") == "quality" and run.get("steps") == args.steps
-               and run.get("protocol", KIT_PROTOCOL) == protocol(args)]
-    repeat = {}
-    if earlier:
-        repeat = compare_curves(earlier[-1]["val_loss"].get("bf16", []), same_seed)
-        if repeat:
-            repeat["against"] = {"git_rev": earlier[-1].get("git_rev"), "command": earlier[-1].get("command")}
-            figures["bf16_repeat_rel_diff"] = repeat["rel_diff"]
-            figures["bf16_repeat_max_abs_rel_diff_over_curve"] = repeat["max_abs_rel_diff_over_curve"]
+               and run.get("protocol", KIT_PROTOCOL) == trained["protocol"]]
+    quality_bf16 = {"bf16 (newest quality run)": earlier[-1]["val_loss"].get("bf16", [])} if earlier else {}
+    repeat = compare_curves(next(iter(quality_bf16.values()), []), same_seed)
+    if repeat:
+        repeat["against"] = {"git_rev": earlier[-1].get("git_rev"), "command": earlier[-1].get("command")}
+        figures["bf16_repeat_rel_diff"] = repeat["rel_diff"]
+        figures["bf16_repeat_max_abs_rel_diff_over_curve"] = repeat["max_abs_rel_diff_over_curve"]
     plot_path = args.out.parent / "fp8_noise.png"
-    plot_quality({**({"bf16 (newest quality run)": earlier[-1]["val_loss"].get("bf16", [])} if earlier else {}),
-                  **curves}, plot_path, f"small preset, {args.steps} steps, bf16 against bf16")
-    return {"part": "noise", "steps": args.steps, "protocol": protocol(args), "exits": exits, "last_step": last,
-            "val_loss": curves,
-            "between_seeds": between_seeds, "repeat_of_quality_bf16": repeat, "gpu_readings": gpu_readings,
-            "figures": figures, "plot": plot_path.name, "seconds": round(time.time() - started, 1)}
+    plot_quality({**quality_bf16, **curves}, plot_path, f"small preset, {args.steps} steps, bf16 against bf16")
+    return {"part": "noise", **trained, "between_seeds": between_seeds, "repeat_of_quality_bf16": repeat,
+            "figures": figures, "plot": plot_path.name}
 
 
 # The quality runs before --mixture and --override existed: the kit's mixture, the config as it is.
@@ -318,10 +312,6 @@ def protocol(args) -> dict:
     inductor_env = {key: value for key, value in sorted(os.environ.items()) if key.startswith("TORCHINDUCTOR_")}
     recorded = {"mixture": args.mixture, "overrides": list(args.override)}
     return {**recorded, "env": inductor_env} if inductor_env else recorded
-
-
-def read_runs(path: Path) -> list[dict]:
-    return json.loads(path.read_text()).get("runs", []) if path.is_file() else []
 
 
 # ---------------------------------------------------------------------------------------------------------------
