@@ -8,6 +8,8 @@
             with parallel.float8=off and once with =tensorwise (or --recipe), side by side on the one GPU; the
             trainer's own evaluation (the same held-out batches of every source) every --eval-every steps.
             The runs' GPU readings (`gpu/0/...` in latest.json, #27.4) are kept as the tracker's check.
+            `--seeds A B`: the pair from each seed, all four side by side; the figures add FP8 against bf16 per
+            seed and bf16 from B against bf16 from A: the spread between seeds, measured in the same call.
   noise     the same, bf16 against bf16: one run from the config's seed, one from --other-seed, side by side;
             the first is also compared with the newest quality run's bf16 curve (same seed and data, only the
             kernels' run-to-run nondeterminism differs). The spread a 1% FP8-vs-bf16 figure is read against:
@@ -253,22 +255,48 @@ def compare_curves(reference: list[list], other: list[list]) -> dict:
                                                      for s in common), 5)}
 
 
+def quality_variants(seeds: list[int], recipe: str, smoke: bool) -> dict[str, list[str]]:
+    """bf16 and FP8 from each seed. The first seed's pair keeps the names every earlier run used ("bf16",
+    "fp8_<recipe>"); another seed's pair is suffixed with it. The CPU smoke has no FP8: bf16 alone."""
+    variants = {}
+    for index, seed in enumerate(seeds):
+        suffix = "" if index == 0 else f"_seed{seed}"
+        variants[f"bf16{suffix}"] = ["parallel.float8=off", f"seed={seed}"]
+        if not smoke:
+            variants[f"fp8_{recipe}{suffix}"] = [f"parallel.float8={recipe}", f"seed={seed}"]
+    return variants
+
+
+def quality_figures(curves: dict[str, list[list]], seeds: list[int], recipe: str) -> dict:
+    """The first seed's FP8-vs-bf16 comparison (the issue's figure: same seed, same data). With more seeds, FP8
+    against bf16 from each of them, their mean, and bf16 from each other seed against bf16 from the first: the
+    spread between seeds, measured in the same call, that the FP8 difference is read against."""
+    pairs = {seed: compare_curves(curves.get(f"bf16{suffix}", []), curves.get(f"fp8_{recipe}{suffix}", []))
+             for seed, suffix in ((seed, "" if i == 0 else f"_seed{seed}") for i, seed in enumerate(seeds))}
+    first = pairs[seeds[0]]
+    if not first:
+        return {}
+    figures = {"val_loss_step": first["step"], "val_loss_bf16": first["reference"], "val_loss_fp8": first["other"],
+               "val_loss_rel_diff": first["rel_diff"],
+               "max_abs_rel_diff_over_curve": first["max_abs_rel_diff_over_curve"]}
+    if len(seeds) > 1:
+        by_seed = {str(seed): pair["rel_diff"] for seed, pair in pairs.items() if pair}
+        figures["val_loss_rel_diff_by_seed"] = by_seed
+        figures["val_loss_rel_diff_mean"] = round(sum(by_seed.values()) / len(by_seed), 5)
+        between = {str(seed): compare_curves(curves["bf16"], curves.get(f"bf16_seed{seed}", [])).get("rel_diff")
+                   for seed in seeds[1:]}
+        figures["bf16_between_seeds_rel_diff"] = {seed: diff for seed, diff in between.items() if diff is not None}
+    return figures
+
+
 def run_quality(args) -> dict:
-    fp8_name = f"fp8_{args.recipe}"
-    variants = {"bf16": ["parallel.float8=off"]}
-    if not args.smoke:
-        variants[fp8_name] = [f"parallel.float8={args.recipe}"]
-    trained = train_side_by_side(args, variants)
-    curves = trained["val_loss"]
-    figures: dict = {}
-    comparison = compare_curves(curves["bf16"], curves.get(fp8_name, []))
-    if comparison:
-        figures = {"val_loss_step": comparison["step"], "val_loss_bf16": comparison["reference"],
-                   "val_loss_fp8": comparison["other"], "val_loss_rel_diff": comparison["rel_diff"],
-                   "max_abs_rel_diff_over_curve": comparison["max_abs_rel_diff_over_curve"]}
+    seeds = args.seeds or [load_config(TrainConfig, CONFIG).seed]
+    trained = train_side_by_side(args, quality_variants(seeds, args.recipe, args.smoke))
+    figures = quality_figures(trained["val_loss"], seeds, args.recipe)
     plot_path = args.out.parent / "fp8_quality.png"
-    plot_quality(curves, plot_path, f"small preset, {args.steps} steps, bf16 vs FP8 ({args.recipe})")
-    return {"part": "quality", "recipe": args.recipe, **trained, "figures": figures, "plot": plot_path.name}
+    plot_quality(trained["val_loss"], plot_path, f"small preset, {args.steps} steps, bf16 vs FP8 ({args.recipe})")
+    return {"part": "quality", "recipe": args.recipe, "seeds": seeds, **trained, "figures": figures,
+            "plot": plot_path.name}
 
 
 def run_noise(args) -> dict:
@@ -360,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     quality.add_argument("--recipe", default="tensorwise", choices=["rowwise", "tensorwise"])
     quality.add_argument("--smoke", action="store_true", help="CPU check: tiny model, synthetic data, bf16 only")
     quality.add_argument("--other-seed", type=int, default=1235, help="noise: the second bf16 run's seed")
+    quality.add_argument("--seeds", nargs="+", type=int, default=None,
+                         help="quality: bf16 and FP8 from each seed, all side by side (default: the config's seed)")
     quality.add_argument("--mixture", choices=["kit", "natural"], default="kit",
                          help="kit: the prepared data's weights; natural: each source by its share of the tokens")
     quality.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from bench.fp8 import compare_curves, natural_mixture, top_level
+from bench.fp8 import compare_curves, natural_mixture, quality_figures, quality_variants, top_level
 from genesis.manifest import (Manifest, SourceEntry, TokenizerEntry, read_manifest, sha256_file, write_manifest,
                               write_shard)
 
@@ -28,6 +28,32 @@ def test_curves_compare_at_the_last_step_both_evaluated_and_over_the_whole_curve
     assert comparison["rel_diff"] == 0.0
     assert comparison["max_abs_rel_diff_over_curve"] == 0.1
     assert compare_curves(reference, []) == {}
+
+
+def test_each_seed_trains_bf16_and_fp8_and_the_first_seed_keeps_the_names_earlier_runs_used():
+    assert quality_variants([1234, 1235], "tensorwise", smoke=False) == {
+        "bf16": ["parallel.float8=off", "seed=1234"],
+        "fp8_tensorwise": ["parallel.float8=tensorwise", "seed=1234"],
+        "bf16_seed1235": ["parallel.float8=off", "seed=1235"],
+        "fp8_tensorwise_seed1235": ["parallel.float8=tensorwise", "seed=1235"],
+    }
+    assert quality_variants([7], "rowwise", smoke=True) == {"bf16": ["parallel.float8=off", "seed=7"]}  # no FP8 on CPU
+
+
+def test_with_two_seeds_fp8_is_read_per_seed_and_against_the_spread_between_seeds():
+    curves = {"bf16": [[100, 5.0], [200, 4.0]], "fp8_tensorwise": [[100, 5.0], [200, 4.04]],
+              "bf16_seed1235": [[100, 5.1], [200, 4.08]], "fp8_tensorwise_seed1235": [[100, 5.1], [200, 4.08]]}
+
+    figures = quality_figures(curves, [1234, 1235], "tensorwise")
+
+    assert figures["val_loss_rel_diff"] == 0.01  # the first seed's pair: the issue's figure
+    assert figures["val_loss_fp8"] == 4.04 and figures["val_loss_bf16"] == 4.0
+    assert figures["val_loss_rel_diff_by_seed"] == {"1234": 0.01, "1235": 0.0}
+    assert figures["val_loss_rel_diff_mean"] == 0.005
+    assert figures["bf16_between_seeds_rel_diff"] == {"1235": 0.02}
+    one_seed = quality_figures({k: v for k, v in curves.items() if "seed" not in k}, [1234], "tensorwise")
+    assert "val_loss_rel_diff_by_seed" not in one_seed and one_seed["val_loss_rel_diff"] == 0.01
+    assert quality_figures({"bf16": curves["bf16"]}, [1234], "tensorwise") == {}  # FP8 never evaluated
 
 
 def test_a_quality_run_without_figures_leaves_the_last_measured_one_and_its_recipe(tmp_path):
