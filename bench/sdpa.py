@@ -3,10 +3,15 @@
 Shapes: 16 query heads, 4 key/value heads, head dim 128, T=2048, causal. Each backend is tried with native
 grouped-query attention (`enable_gqa=True`) and with keys/values expanded to 16 heads.
 
-    python bench/sdpa.py
+    python bench/sdpa.py [--out bench/results/sdpa.json]
+
+Each call appends its run to --out (command, machine, torch version, git revision); a machine without CUDA is
+refused before anything is written.
 """
 
+import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -15,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import RESULTS_DIR, environment, write_json  # noqa: E402
+from bench.common import RESULTS_DIR, append_run, environment, git_rev  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -50,7 +55,14 @@ def time_backend(backend, batch, gqa, repeats=20):
             "tflops": round(flops / ms / 1e9, 1)}
 
 
-def main():
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "sdpa.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: bench/sdpa.py times CUDA attention kernels and this machine has no CUDA GPU: run it on one",
+              file=sys.stderr)
+        return 2
     rows = []
     for batch in (1, 8):
         for backend in BACKENDS:
@@ -61,8 +73,10 @@ def main():
                     rows.append({"backend": backend, "batch": batch, "gqa_native": gqa,
                                  "error": f"{type(err).__name__}: {str(err)[:200]}"})
                 print(json.dumps(rows[-1]), flush=True)
-    write_json(RESULTS_DIR / "sdpa.json", {**environment(), "runs": rows})
+    command = "python bench/sdpa.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    append_run(args.out, {**environment(), "command": command.strip(), "git_rev": git_rev(), "timings": rows}, {})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
