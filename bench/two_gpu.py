@@ -24,6 +24,7 @@ with configs/train/genesis-1b-2x4090.yaml (the reference run's settings) and a f
     python bench/two_gpu.py --only smoke --update   # one section at a time, keeping the others' figures
     python bench/two_gpu.py --only scaling --scaling-setups 4x2:20 --update   # one more setup
     python bench/two_gpu.py --only scaling --scaling-setups 1x8:16 --variant-overrides parallel.fsdp_unit_blocks=5 --update
+    python bench/two_gpu.py --only scaling --scaling-setups 1x64:8 --variant-overrides parallel.micro_steps=replica --update
 
 `--cpu-dry-run` runs the same matrix with the tiny model on 2 gloo ranks (the script's own check on a
 machine without GPUs; its figures say nothing about GPUs).
@@ -46,10 +47,10 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from bench.checkpoint import read_jsonl, read_metrics  # noqa: E402
+from bench.checkpoint import read_jsonl  # noqa: E402
 from bench.common import environment, write_json, write_synthetic_token_data  # noqa: E402
 from genesis_model.launch import torchrun_command as torchrun  # noqa: E402
-from genesis.run_dir import RunDir, is_complete  # noqa: E402
+from genesis.run_dir import MetricsReader, RunDir, is_complete  # noqa: E402
 
 PROFILES = {
     "gpu": {
@@ -91,6 +92,10 @@ NO_CHECKPOINTS = ["checkpoint.save_every=0", "checkpoint.save_at_end=false"]
 # Two x2 hosts on 2026-11-30 measured 1.47x and 1.77x at micro-batch 1 with the same code; those rows stay in
 # scaling_setups, with their profiles.
 HEADLINE_SETUP = (4, 16)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return MetricsReader(RunDir(run_dir).metrics).all_rows()
 
 
 def make_learnable_data(data_dir: Path, vocab_size: int, tokens: int = 3_000_000) -> None:
