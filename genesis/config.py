@@ -212,6 +212,14 @@ class ParallelConfig(StrictModel):
                     "unsharded from the first micro-step to the last, so each optimizer step does one all-gather "
                     "and one reduce-scatter instead of two all-gathers per micro-step; measured for genesis-1b at "
                     "micro-batch 1 on 2 GPUs: 1.5 GiB more per GPU; false is the lean mode for the tightest GPUs")
+    micro_steps: Literal["fsdp", "replica"] = Field(
+        default="fsdp",
+        description="with FSDP: 'fsdp' runs every micro-step through FSDP's units and their hooks; 'replica' "
+                    "gathers the weights once per optimizer step into a plain copy of the whole model on each rank, "
+                    "runs the micro-steps there (compiled as one graph, no FSDP hook), and reduce-scatters its "
+                    "gradients once into FSDP's shards, which the optimizer and checkpoints keep as before. For "
+                    "micro-batch 1, where FSDP's per-block hooks leave the GPU waiting for the CPU; costs a full "
+                    "fp32 copy of the weights and their gradients per GPU (replica.py). Not yet measured on GPUs")
     master_weights: bool | None = Field(
         default=None,
         description="one rank without FSDP (one_rank 'plain'), bf16: the forward runs on bf16 copies of the fp32 "

@@ -23,6 +23,7 @@ from genesis_model.metrics import MetricsSink
 from genesis_model.model import Transformer
 from genesis_model.optim import build_optimizer
 from genesis_model.parallelize import ParallelPlan, parallelize, plan_parallel
+from genesis_model.replica import Replica, build_replica
 from genesis_model.trainer import Trainer
 
 
@@ -35,6 +36,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     num_params: int
     loader: TokenLoader | None
+    replica: Replica | None = None  # what the micro-steps run on, if not `model` (`parallel.micro_steps`)
 
 
 def build(config: TrainConfig, dist_info: DistInfo, *, plan: ParallelPlan | None = None, empty_weights: bool = False,
@@ -60,11 +62,12 @@ def build(config: TrainConfig, dist_info: DistInfo, *, plan: ParallelPlan | None
         model = model.to(dist_info.device)
     num_params = model.num_params()
     parallelize(model, dist_info.mesh, plan)
+    replica = Replica(model, build_replica(config.model, dist_info.device, plan)) if plan.replica else None
     optimizer = build_optimizer(model, config.optimizer, plan)
     loader = (TokenLoader(config.data_dir, config.window, config.micro_batch_size, dist_info.rank,
                           dist_info.world_size, config.seed, config.eval.holdout_docs_per_source)
               if with_loader else None)
-    return Parts(plan=plan, model=model, optimizer=optimizer, num_params=num_params, loader=loader)
+    return Parts(plan=plan, model=model, optimizer=optimizer, num_params=num_params, loader=loader, replica=replica)
 
 
 def build_trainer(config: TrainConfig, dist_info: DistInfo, parts: Parts, sinks: list[MetricsSink],
@@ -89,4 +92,4 @@ def build_trainer(config: TrainConfig, dist_info: DistInfo, parts: Parts, sinks:
                   if dist_info.world_size > 1 else None)
     callbacks = standard_callbacks(config, dist_info, parts.num_params, host_group)
     return Trainer(config, dist_info, parts.plan, parts.model, parts.optimizer, parts.loader, checkpointer, sinks,
-                   run_meta, callbacks)
+                   run_meta, callbacks, replica=parts.replica)

@@ -208,6 +208,10 @@ class ParallelPlan:
     fsdp_unit_blocks: int = 1
     grad_accum_steps: int = 1
     float8: Literal["off", "rowwise", "tensorwise"] = "off"
+    # FSDP: micro-steps run on a plain replica of the whole model (`replica.py`); FSDP's shards keep the weights,
+    # gradients and optimizer state, and its own forward serves evaluation only (uncompiled). `compile`,
+    # `compile_scope` and `activation_checkpointing` then describe the replica.
+    replica: bool = False
 
     @property
     def fold_gradients(self) -> bool:
@@ -217,7 +221,8 @@ class ParallelPlan:
     def record(self) -> dict:
         """What 'auto' and unset settings became, for the run's meta (`parallel_resolved`)."""
         return {"compile_scope": self.compile_scope, "master_weights": self.master_weights, "compile": self.compile,
-                "param_dtype": self.param_dtype, "float8": self.float8}
+                "param_dtype": self.param_dtype, "float8": self.float8,
+                "micro_steps": "replica" if self.replica else "fsdp" if self.fsdp else "plain"}
 
 
 def plan_parallel(parallel: ParallelConfig, world_size: int, device_type: str,
@@ -226,7 +231,8 @@ def plan_parallel(parallel: ParallelConfig, world_size: int, device_type: str,
     `ConfigError` line naming the field and the fix. The only place parallel settings are checked.
 
     NOTE: auto turns compile_scope 'model' and master weights on only for the configuration measured on a GPU
-    (one plain rank, bf16, no activation checkpointing); set them explicitly to combine them with checkpointing."""
+    (one plain rank, bf16, no activation checkpointing); set them explicitly to combine them with checkpointing.
+    A replica (`micro_steps: replica`, opt-in) is compiled as that plain rank is, one graph: its reason to exist."""
     if parallel.master_weights and (parallel.one_rank != "plain" or parallel.param_dtype != "bfloat16"):
         raise ConfigError("parallel.master_weights needs one_rank 'plain' and param_dtype 'bfloat16' (FSDP keeps its "
                           "own fp32 masters; fp32 compute has nothing to copy): set parallel.master_weights=false")
@@ -234,17 +240,21 @@ def plan_parallel(parallel: ParallelConfig, world_size: int, device_type: str,
         raise ConfigError(f"parallel.master_weights is for one rank; with {world_size} ranks FSDP keeps the fp32 "
                           "master weights itself: set parallel.master_weights=false")
     plain = world_size == 1 and parallel.one_rank == "plain"
+    # NOTE: one plain rank already runs every micro-step on a plain module; there is nothing to replicate.
+    replica = not plain and parallel.micro_steps == "replica"
     check_float8(parallel, device_type)
     compile = parallel.compile and device_type == "cuda"
     measured = plain and parallel.activation_checkpointing == "none"
+    # The replica is a plain module: its compile is chosen as one plain rank's would be.
+    whole_graph_fits = (plain or replica) and parallel.activation_checkpointing == "none"
     # NOTE: FP8's measured step compiles each block (BENCHMARKS "FP8 training": 96.3k tokens/s for genesis-1b, its
     # first compile 137 s). As one whole-model graph, FP8 did not finish compiling in 150 s there, and on the small
     # preset its step 10 came about 8½ minutes after start, beside a bf16 run.
     scope = parallel.compile_scope if parallel.compile_scope != "auto" else (
-        "model" if measured and parallel.float8 == "off" else "blocks")
-    if compile and scope == "model" and not plain:
+        "model" if whole_graph_fits and parallel.float8 == "off" else "blocks")
+    if compile and scope == "model" and not (plain or replica):
         raise ConfigError("parallel.compile_scope 'model' needs one rank without FSDP (parallel.one_rank: plain); "
-                          "use compile_scope 'blocks' with several ranks")
+                          "use compile_scope 'blocks' with several ranks, or parallel.micro_steps 'replica'")
     # NOTE: FP8 swaps the blocks' linear layers for torchao's, which compute from the fp32 weight itself: there
     # is no bf16 compute copy to keep, so auto leaves master weights off under FP8 (and an explicit true is refused).
     master_weights = (parallel.master_weights if parallel.master_weights is not None
@@ -252,7 +262,7 @@ def plan_parallel(parallel: ParallelConfig, world_size: int, device_type: str,
                       and parallel.float8 == "off")
     # NOTE: CPU runs compute in fp32, except with master_weights, which only exist in bf16 (and are tested so).
     param_dtype = parallel.param_dtype if device_type == "cuda" or master_weights else "float32"
-    accumulate_unsharded = (not plain and world_size > 1 and grad_accum_steps > 1
+    accumulate_unsharded = (not plain and not replica and world_size > 1 and grad_accum_steps > 1
                             and parallel.accumulate_unsharded)
     return ParallelPlan(
         device_type=device_type, world_size=world_size, fsdp=not plain, param_dtype=param_dtype,
@@ -265,7 +275,7 @@ def plan_parallel(parallel: ParallelConfig, world_size: int, device_type: str,
         # step and the gradients reduced once (`Trainer.train_step`). One rank has nothing to free.
         reshard_after_forward=not plain and world_size > 1 and not accumulate_unsharded,
         accumulate_unsharded=accumulate_unsharded, fsdp_unit_blocks=parallel.fsdp_unit_blocks,
-        grad_accum_steps=grad_accum_steps, float8=parallel.float8)
+        grad_accum_steps=grad_accum_steps, float8=parallel.float8, replica=replica)
 
 
 def check_float8(parallel: ParallelConfig, device_type: str) -> None:
@@ -320,14 +330,17 @@ def parallelize(model: Transformer, mesh: DeviceMesh, plan: ParallelPlan) -> nn.
     (with master weights, gradients arrive in bf16 on the copies)."""
     if mesh.size() != plan.world_size:
         raise ValueError(f"the parallel plan is for {plan.world_size} ranks, the mesh has {mesh.size()}")
-    if plan.float8 != "off":
+    # NOTE: beside a replica, this model only evaluates, in bf16; the replica trains in FP8 (replica.py). Its float8
+    # all-gather weights would reach the replica's gather as torchao's tensor subclass, a path not run anywhere yet.
+    if plan.float8 != "off" and not plan.replica:
         apply_float8(model, plan.float8, plan.fsdp)
     if plan.master_weights:
         # NOTE: before compile, so the compiled graphs take the copies as their inputs from the first call.
         attach_compute_copies(model, DTYPES[plan.param_dtype])
-    apply_activation_checkpointing(model, plan.activation_checkpointing)
-    if plan.compile:
-        apply_compile(model, plan.compile_memory_budget, plan.compile_scope, float8=plan.float8 != "off")
+    if not plan.replica:  # NOTE: with a replica, this model only evaluates: no checkpointing, no compile to wait for
+        apply_activation_checkpointing(model, plan.activation_checkpointing)
+        if plan.compile:
+            apply_compile(model, plan.compile_memory_budget, plan.compile_scope, float8=plan.float8 != "off")
     if plan.fsdp:
         apply_fsdp(model, mesh, DTYPES[plan.param_dtype], DTYPES[plan.reduce_dtype],
                    reshard_after_forward=plan.reshard_after_forward, unit_blocks=plan.fsdp_unit_blocks)

@@ -28,6 +28,7 @@ from genesis_model.loader import TokenLoader
 from genesis_model.metrics import MetricsSink
 from genesis_model.optim import cooldown_lr, cooldown_steps, forks_cooldowns, lr_at, rewarm_at
 from genesis_model.parallelize import ParallelPlan, compute_copies
+from genesis_model.replica import Replica
 
 # Testing aids (a real fault's stand-in): comma-separated steps at which rank 0's loss is replaced by NaN, or
 # multiplied by 100 (a finite loss spike; once per step number, so a rollback past it does not meet it again).
@@ -38,10 +39,12 @@ INJECT_SPIKE_ENV = "GENESIS_INJECT_SPIKE_STEPS"
 class Trainer:
     def __init__(self, config: TrainConfig, dist_info: DistInfo, plan: ParallelPlan, model, optimizer,
                  loader: TokenLoader, checkpointer: Checkpointer, sinks: list[MetricsSink], run_meta: dict,
-                 callbacks: Sequence[Callback] = ()):
-        """`sinks`: where rank 0 logs metrics and events; `run_meta`: what every checkpoint's meta starts from."""
+                 callbacks: Sequence[Callback] = (), replica: Replica | None = None):
+        """`sinks`: where rank 0 logs metrics and events; `run_meta`: what every checkpoint's meta starts from;
+        `replica`: the plain module the micro-steps run on instead of `model` (`parallel.micro_steps: replica`)."""
         self.config, self.dist, self.plan = config, dist_info, plan
         self.model, self.optimizer, self.loader = model, optimizer, loader
+        self.replica = replica
         self.checkpointer, self.sinks, self.run_meta = checkpointer, sinks, run_meta
         self.callbacks = list(callbacks)
         # The run's record: restored on resume, saved in every checkpoint's meta.
@@ -151,16 +154,20 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.dist.device)
+        model = self.model
+        if self.replica is not None:
+            self.replica.pull_weights()  # the micro-steps run on the replica, without FSDP's hooks (replica.py)
+            model = self.replica.module
         for micro_step in range(config.grad_accum_steps):
             inputs, targets = self._next_micro_batch()
             # Reduce-scatter gradients only on the last micro-step; earlier ones accumulate locally. (A plain
             # one-rank model has nothing to reduce: its gradients simply accumulate.)
-            if plan.fsdp:
+            if plan.fsdp and self.replica is None:
                 last_micro_step = micro_step == config.grad_accum_steps - 1
                 self.model.set_requires_gradient_sync(last_micro_step)
                 if plan.accumulate_unsharded:
                     self.model.set_reshard_after_backward(last_micro_step)
-            loss = self.model(inputs, targets)
+            loss = model(inputs, targets)
             if self.step + 1 in self._inject_nan and self.dist.is_main:
                 loss = loss * float("nan")
             if self.step + 1 in self._inject_spike and self.dist.is_main:
@@ -170,7 +177,11 @@ class Trainer:
             (loss / config.grad_accum_steps).backward()
             if plan.fold_gradients:
                 self.optimizer.fold_gradients()  # bf16 compute copies' gradients, summed over micro-steps in fp32
+            if self.replica is not None:
+                self.replica.fold_gradients()  # the same, for the replica's gradients
             loss_sum += loss.detach()
+        if self.replica is not None:
+            self.replica.push_gradients()  # averaged over the ranks, into FSDP's shards: the rest is unchanged
 
         grad_norm = torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *self._compute_copies],
                                                    config.optimizer.grad_clip, foreach=True)
@@ -204,10 +215,15 @@ class Trainer:
             yield
         finally:
             self.model.train()
-            if self.plan.accumulate_unsharded:
-                # Weights gathered by these forwards stay unsharded (no resharding after forward); free them, and
-                # hand the optimizer and the checkpointer the sharded parameters again.
-                self.model.reshard()
+            if self.plan.accumulate_unsharded or self.plan.replica:
+                # Weights gathered by these forwards stay unsharded (no resharding after forward, or, beside a
+                # replica, after the last unit's); free them, and hand the optimizer, the gradient clipping and the
+                # checkpointer the sharded parameters again. NOTE: FSDPModule.reshard is not recursive: each unit.
+                from torch.distributed.fsdp import FSDPModule
+
+                for module in self.model.modules():
+                    if isinstance(module, FSDPModule):
+                        module.reshard()
 
     # ---------------------------------------------------------------------------------------------------------
     # Health: what is saved must be sound; what went wrong can be undone

@@ -97,8 +97,78 @@ def test_whole_model_compile_gives_the_loss_of_per_block_compile(one_rank_mesh, 
 
 def test_whole_model_compile_is_refused_where_fsdp_shards():
     for world_size, one_rank in ((1, "fsdp"), (2, "plain")):
-        with pytest.raises(ConfigError, match="parallel.compile_scope 'model' needs one rank without FSDP"):
+        with pytest.raises(ConfigError, match="parallel.compile_scope 'model' needs one rank without FSDP") as err:
             plan_parallel(ParallelConfig(compile_scope="model", one_rank=one_rank), world_size, "cuda")
+        assert "parallel.micro_steps 'replica'" in str(err.value)  # the way to one graph with several ranks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Micro-steps on a plain replica beside FSDP's shards (parallel.micro_steps: replica, replica.py).
+
+
+def test_a_replica_runs_the_micro_steps_as_one_plain_rank_would_and_fsdp_keeps_the_rest():
+    plan = plan_parallel(ParallelConfig(micro_steps="replica"), world_size=2, device_type="cuda", grad_accum_steps=64)
+    # The replica compiles as one plain rank does: one graph, unless checkpointing or FP8 asks for blocks.
+    assert plan.fsdp and plan.replica and (plan.compile, plan.compile_scope) == (True, "model")
+    # FSDP's own forward only evaluates: its weights are freed after each unit, nothing is kept gathered.
+    assert plan.reshard_after_forward and not plan.accumulate_unsharded
+    assert plan.record()["micro_steps"] == "replica"
+    checkpointed = plan_parallel(ParallelConfig(micro_steps="replica", activation_checkpointing="selective"), 2, "cuda")
+    assert checkpointed.compile_scope == "blocks"
+    # One plain rank already steps a plain module: nothing to replicate; FSDP on one rank can have a replica.
+    assert not plan_parallel(ParallelConfig(micro_steps="replica"), 1, "cuda").replica
+    assert plan_parallel(ParallelConfig(micro_steps="replica", one_rank="fsdp"), 1, "cuda").replica
+    assert plan_parallel(ParallelConfig(), 2, "cuda").record()["micro_steps"] == "fsdp"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_replica_trains_what_fsdp_trains_and_hands_the_gradients_to_the_shards(one_rank_mesh,
+                                                                                 trained_looking_model, dtype):
+    from genesis_model.replica import Replica, build_replica
+
+    tokens = torch.randint(0, trained_looking_model.config.vocab_size, (3, 2, 65),
+                           generator=torch.Generator().manual_seed(2))
+    # fp32 as the CPU computes; bf16 as a GPU does, where FSDP gathers bf16 weights and sums gradients in fp32
+    plan = ParallelPlan(fsdp=True, param_dtype=dtype)
+    losses, states = {}, {}
+    for mode in ("fsdp", "replica"):
+        model = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, plan)
+        replica = Replica(model, build_replica(model.config, torch.device("cpu"), plan)) if mode == "replica" else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses[mode] = []
+        for step in range(2):
+            stepped = model
+            if replica is not None:
+                replica.pull_weights()
+                stepped = replica.module
+            for micro_batch in tokens:  # three micro-steps, accumulated
+                loss = stepped(micro_batch[:, :-1], micro_batch[:, 1:])
+                (loss / len(tokens)).backward()
+                losses[mode].append(loss.item())
+                if replica is not None:
+                    replica.fold_gradients()
+                    assert all(weight.grad is None for _, weight in replica.pairs)  # summed, then dropped
+            if replica is not None:
+                replica.push_gradients()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        states[mode] = {name: param.full_tensor() for name, param in model.named_parameters()}
+    assert losses["replica"] == losses["fsdp"]  # the second step's micro-steps run on the updated weights
+    for name, weight in states["fsdp"].items():
+        assert torch.equal(states["replica"][name], weight), name
+
+
+def test_a_replica_refuses_a_model_it_does_not_mirror(one_rank_mesh, trained_looking_model):
+    from genesis_model.replica import Replica, build_replica
+
+    plain = copy.deepcopy(trained_looking_model)
+    with pytest.raises(ValueError, match="mirrors FSDP's dim-0 shards"):
+        Replica(plain, build_replica(plain.config, torch.device("cpu"), ParallelPlan()))
+    sharded = parallelize(copy.deepcopy(trained_looking_model), one_rank_mesh, ParallelPlan(fsdp=True))
+    other = build_replica(load_model_config("tiny").model_copy(update={"n_layers": 1}), torch.device("cpu"),
+                          ParallelPlan())
+    with pytest.raises(ValueError, match="not the model's"):
+        Replica(sharded, other)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,7 +277,8 @@ def test_unset_parallel_settings_pick_the_fastest_measured_step_on_one_gpu_and_t
     assert decided(ParallelConfig(master_weights=False, compile_scope="blocks")) == ("blocks", False)
     # What the run records in its meta.
     assert plan_parallel(ParallelConfig(), 1, "cuda").record() == {
-        "compile_scope": "model", "master_weights": True, "compile": True, "param_dtype": "bfloat16", "float8": "off"}
+        "compile_scope": "model", "master_weights": True, "compile": True, "param_dtype": "bfloat16", "float8": "off",
+        "micro_steps": "plain"}
 
 
 def test_the_plan_says_how_fsdp_reshards_and_the_cpu_computes():

@@ -153,16 +153,18 @@ def test_master_weights_resume_an_adamw_checkpoint_and_write_one_the_plain_path_
         assert resumed[step] == pytest.approx(reference[step], rel=0.03), step
 
 
-def test_how_weights_are_grouped_and_kept_gathered_changes_the_traffic_not_the_losses(token_data, tmp_path):
+def test_how_weights_are_grouped_gathered_and_replicated_changes_the_traffic_not_the_losses(token_data, tmp_path):
     # Evaluation and a save fall between accumulated steps: both must see the sharded parameters again.
     common = ["max_steps=6", "grad_accum_steps=3", "eval.every=2", "checkpoint.save_every=3"]
     modes = {"kept": ["parallel.accumulate_unsharded=true"], "resharded": ["parallel.accumulate_unsharded=false"],
-             "units_of_3_blocks": ["parallel.accumulate_unsharded=true", "parallel.fsdp_unit_blocks=3"]}
+             "units_of_3_blocks": ["parallel.accumulate_unsharded=true", "parallel.fsdp_unit_blocks=3"],
+             # micro-steps on a plain replica per rank: weights gathered and gradients reduced once a step
+             "replica": ["parallel.micro_steps=replica"]}
     for name, overrides in modes.items():
         assert_ok(run_trainer(tmp_path / name, token_data, [*common, *overrides]))
     reference = losses_by_step(tmp_path / "kept")
     assert sorted(reference) == list(range(1, 7))
-    for name in ("resharded", "units_of_3_blocks"):
+    for name in ("resharded", "units_of_3_blocks", "replica"):
         assert losses_by_step(tmp_path / name) == reference, name
         assert_same_tensors(full_state(tmp_path / name / "checkpoints" / "step_00000006", tmp_path),
                             full_state(tmp_path / "kept" / "checkpoints" / "step_00000006", tmp_path))
