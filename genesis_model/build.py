@@ -22,7 +22,7 @@ from genesis_model.loader import TokenLoader
 from genesis_model.metrics import MetricsSink
 from genesis_model.model import Transformer
 from genesis_model.optim import build_optimizer
-from genesis_model.parallelize import ParallelPlan, parallelize, plan_parallel
+from genesis_model.parallelize import DTYPES, ParallelPlan, parallelize, plan_parallel
 from genesis_model.replica import Replica, build_replica
 from genesis_model.trainer import Trainer
 
@@ -62,7 +62,8 @@ def build(config: TrainConfig, dist_info: DistInfo, *, plan: ParallelPlan | None
         model = model.to(dist_info.device)
     num_params = model.num_params()
     parallelize(model, dist_info.mesh, plan)
-    replica = Replica(model, build_replica(config.model, dist_info.device, plan)) if plan.replica else None
+    replica = (Replica(model, build_replica(config.model, dist_info.device, plan), DTYPES[plan.reduce_dtype])
+               if plan.replica else None)
     optimizer = build_optimizer(model, config.optimizer, plan)
     loader = (TokenLoader(config.data_dir, config.window, config.micro_batch_size, dist_info.rank,
                           dist_info.world_size, config.seed, config.eval.holdout_docs_per_source)

@@ -7,11 +7,11 @@ CPU: 1.47–1.77× one GPU, where one plain rank, one compiled graph per micro-s
 busy (BENCHMARKS "Two GPUs").
 
 What: each rank keeps the full model as a plain module whose weights are in the compute dtype (bf16 on a GPU),
-as FSDP's gathered weights are. Once per optimizer step they are gathered from FSDP's fp32 shards (one all-gather
-per parameter); the micro-steps then run on it with no collective and no FSDP hook. After each micro-step its
+as FSDP's gathered weights are. Once per optimizer step they are gathered from FSDP's fp32 shards, cast to that
+dtype first as FSDP casts before its all-gather (one all-gather per parameter); the micro-steps then run on it with no collective and no FSDP hook. After each micro-step its
 gradients are summed into fp32 ones (`fold_gradients`), as FSDP sums unreduced gradients in its fp32 reduce
-dtype; after the last, each sum is reduce-scattered (averaged over the ranks, as FSDP does) into the shard's
-`.grad`. From there on nothing changes: clipping, the optimizer and checkpoints see FSDP's sharded parameters, so
+dtype; after the last, each sum is reduce-scattered in `parallel.reduce_dtype` (averaged over the ranks, as FSDP
+does) into the shard's `.grad`. From there on nothing changes: clipping, the optimizer and checkpoints see FSDP's sharded parameters, so
 a checkpoint does not know which mode wrote it. Evaluation runs FSDP's own forward, uncompiled.
 
 Memory per rank beside FSDP's shards: the replica's bf16 weights and the fp32 sums, 6 bytes a parameter (6 GB for
@@ -56,7 +56,7 @@ def build_replica(config: ModelConfig, device: torch.device, plan: ParallelPlan)
 class Replica:
     """The replica and, for each of its parameters, the FSDP parameter it mirrors (paired by name)."""
 
-    def __init__(self, sharded: nn.Module, replica: Transformer):
+    def __init__(self, sharded: nn.Module, replica: Transformer, reduce_dtype: torch.dtype = torch.float32):
         mirrored = {name.replace(_WRAPPER_PREFIX, ""): param for name, param in sharded.named_parameters()}
         own = {name.replace(_WRAPPER_PREFIX, ""): param for name, param in replica.named_parameters()}
         if mirrored.keys() != own.keys():
@@ -64,7 +64,7 @@ class Replica:
         for name, param in mirrored.items():
             if not isinstance(param, DTensor) or param.placements != (Shard(0),):
                 raise ValueError(f"{name}: a replica mirrors FSDP's dim-0 shards, this is {type(param).__name__}")
-        self.module = replica
+        self.module, self.reduce_dtype = replica, reduce_dtype
         self.pairs = [(mirrored[name], own[name]) for name in own]
         self._sums: list[torch.Tensor] | None = None  # this optimizer step's gradients so far, fp32
 
@@ -73,7 +73,7 @@ class Replica:
         """The replica's weights := FSDP's, gathered from every rank's shard (before an optimizer step's
         micro-steps; the optimizer has changed the shards since the last)."""
         for shard, weight in self.pairs:
-            weight.copy_(shard.full_tensor())
+            weight.copy_(shard.to(weight.dtype).full_tensor())
 
     @torch.no_grad()
     def fold_gradients(self) -> None:
@@ -96,9 +96,10 @@ class Replica:
         if self._sums is None:
             raise RuntimeError("no gradients to push: fold_gradients() after each micro-step's backward")
         world_size = dist.get_world_size()
-        for (shard, _), total in zip(self.pairs, self._sums, strict=True):
+        sums, self._sums = self._sums, None
+        for index, (shard, _) in enumerate(self.pairs):
+            total, sums[index] = sums[index].to(self.reduce_dtype), None  # each sum freed once reduced
             # NOTE: summed, then divided: gloo (CPU runs) has no average reduction. Dividing by a power of two is
             # exact, so 2 ranks average as FSDP does to the bit.
             summed = DTensor.from_local(total, shard.device_mesh, [Partial("sum")], run_check=False)
-            shard.grad = summed.redistribute(shard.device_mesh, [Shard(0)]) / world_size
-        self._sums = None
+            shard.grad = summed.redistribute(shard.device_mesh, [Shard(0)]).to(shard.dtype) / world_size
