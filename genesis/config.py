@@ -218,8 +218,9 @@ class ParallelConfig(StrictModel):
                     "gathers the weights once per optimizer step into a plain copy of the whole model on each rank, "
                     "runs the micro-steps there (compiled as one graph, no FSDP hook), and reduce-scatters its "
                     "gradients once into FSDP's shards, which the optimizer and checkpoints keep as before. For "
-                    "micro-batch 1, where FSDP's per-block hooks leave the GPU waiting for the CPU; costs a full "
-                    "fp32 copy of the weights and their gradients per GPU (replica.py). Not yet measured on GPUs")
+                    "micro-batch 1, where FSDP's per-block hooks leave the GPU waiting for the CPU; the replica's "
+                    "bf16 weights and fp32 gradient sums take what FSDP's gathered weights take, plus one "
+                    "micro-step's bf16 gradients (replica.py). Not yet measured on GPUs")
     master_weights: bool | None = Field(
         default=None,
         description="one rank without FSDP (one_rank 'plain'), bf16: the forward runs on bf16 copies of the fp32 "
