@@ -7,8 +7,8 @@ with configs/train/genesis-1b-2x4090.yaml (the reference run's settings) and a f
 1. scaling: tokens/s on 1 GPU and on 2 GPUs at the same micro-batch and accumulation, with NCCL peer-to-peer
    on and with `NCCL_P2P_DISABLE=1` (the reference run's PCIe setting); MFU per GPU; for several setups (micro-
    batch 4 × accumulation 16 first, the top-level figures; then the reference run's micro-batch 1 ×
-   accumulation 64), the short ones profiled (where the step's time went); a setup measured again keeps its
-   earlier runs;
+   accumulation 64, whose newest row gives `scaling_mb1_p2p` and `scaling_mb1_no_p2p`, #27 item 3), the short
+   ones profiled (where the step's time went); a setup measured again keeps its earlier runs;
 2. the smoke matrix on NCCL with DCP checkpoints: 100+ steps of training only; a 220-step run saving at 150;
    a new process resuming 150 → 300 with a second save at 300; async checkpoint blocking time;
 3. the same global batch on 1 GPU (accumulation 2) and on 2 GPUs (accumulation 1): the largest relative loss
@@ -92,6 +92,8 @@ NO_CHECKPOINTS = ["checkpoint.save_every=0", "checkpoint.save_at_end=false"]
 # Two x2 hosts on 2026-11-30 measured 1.47x and 1.77x at micro-batch 1 with the same code; those rows stay in
 # scaling_setups, with their profiles.
 HEADLINE_SETUP = (4, 16)
+# The reference run's configuration on a 24 GB card: micro-batch 1 × accumulation 64 (#27 item 3).
+REFERENCE_MB1_SETUP = (1, 64)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -196,12 +198,20 @@ def scaling(runner: Runner, work: Path, setups: list[str], profile_step: int, pr
             row["earlier_runs"] = [*earlier.pop("earlier_runs", []),
                                    {key: earlier.get(key) for key in REPEAT_KEYS if key in earlier}]
         rows[(micro_batch, accum, variant)] = row
-    # A variant never replaces the top-level figures while a default row exists.
-    first_now = rows[(*parse_setup(setups[0])[:2], variant)]
+    return scaling_figures(rows, first_now=rows[(*parse_setup(setups[0])[:2], variant)])
+
+
+def scaling_figures(rows: dict[tuple[int, int, str], dict], first_now: dict) -> dict:
+    """The scaling section's record from every row measured (by micro-batch, accumulation and variant):
+    - the top-level figures: the default variant at HEADLINE_SETUP when measured, else the first setup of this
+      call (a variant never replaces them while a default row exists);
+    - `scaling_mb1_p2p` / `scaling_mb1_no_p2p` (#27 item 3): the reference run's micro-batch 1 × accumulation 64,
+      from the newest row of that setup, whichever variant it was (`scaling_mb1_variant`): each row's 1- and
+      2-GPU runs come from one call."""
     defaults = [row for key, row in rows.items() if key[2] == "default"]
-    fallback = first_now if variant == "default" or not defaults else defaults[0]
+    fallback = first_now if first_now.get("variant", "default") == "default" or not defaults else defaults[0]
     top = rows.get((*HEADLINE_SETUP, "default"), fallback)
-    return {
+    record = {
         **{key: top[key] for key in ("tok_s_1gpu", "tok_s_2gpu", "tok_s_2gpu_no_p2p", "scaling_p2p", "scaling_no_p2p",
                                      "mfu_per_gpu_1gpu", "mfu_per_gpu_2gpu", "mfu_per_gpu_2gpu_no_p2p")},
         "scaling_setups": sorted(rows.values(), key=lambda row: (row["micro_batch"], -row["accum"],
@@ -211,6 +221,12 @@ def scaling(runner: Runner, work: Path, setups: list[str], profile_step: int, pr
                          f"{top['steps']} steps, median tokens/s after step {top['median_after_step']}; "
                          "scaling_setups has every setup measured",
     }
+    reference = [row for (micro_batch, accum, _), row in rows.items() if (micro_batch, accum) == REFERENCE_MB1_SETUP]
+    if reference:
+        newest = max(reference, key=lambda row: row.get("measured", ""))
+        record |= {"scaling_mb1_p2p": newest["scaling_p2p"], "scaling_mb1_no_p2p": newest["scaling_no_p2p"],
+                   "scaling_mb1_variant": newest.get("variant", "default"), "scaling_mb1_measured": newest.get("measured")}
+    return record
 
 
 def memory(runner: Runner, work: Path) -> dict:
