@@ -170,6 +170,17 @@ def test_how_weights_are_grouped_gathered_and_replicated_changes_the_traffic_not
                             full_state(tmp_path / "kept" / "checkpoints" / "step_00000006", tmp_path))
 
 
+def test_a_replica_gathers_and_reduces_rows_that_do_not_divide_over_the_ranks(token_data, tmp_path):
+    # A vocabulary of 4,097 (every other row count of the tiny model is even): FSDP gives the ranks 2,049 and 2,048
+    # embedding rows and pads the second's; the replica's flat buffers must agree.
+    common = ["max_steps=3", "grad_accum_steps=2", "model.vocab_size=4097", "checkpoint.save_every=3"]
+    for mode, overrides in (("fsdp", []), ("replica", ["parallel.micro_steps=replica"])):
+        assert_ok(run_trainer(tmp_path / mode, token_data, [*common, *overrides]))
+    assert losses_by_step(tmp_path / "replica") == losses_by_step(tmp_path / "fsdp")
+    assert_same_tensors(full_state(tmp_path / "replica" / "checkpoints" / "step_00000003", tmp_path),
+                        full_state(tmp_path / "fsdp" / "checkpoints" / "step_00000003", tmp_path))
+
+
 def test_model_only_checkpoint_is_refused_unless_the_optimizer_is_reset_explicitly(uninterrupted, token_data, tmp_path):
     source = uninterrupted / "checkpoints" / "step_00000150"
     model = Transformer(load_model_config("tiny"))
