@@ -66,7 +66,7 @@ class Replica:
     parameter is its rows [r·c, (r+1)·c), c = ⌈rows / ranks⌉, padded to c rows. So the all-gather and the
     reduce-scatter are one call each per optimizer step, and the copies in and out are a few foreach calls.
     NOTE: not through DTensor's `full_tensor`/`redistribute`: those are a collective and some Python per
-    parameter (182 of them for genesis-1b), the host time per step this mode exists to save."""
+    parameter (122 of them for genesis-1b), the host time per step this mode exists to save."""
 
     def __init__(self, sharded: nn.Module, replica: Transformer, reduce_dtype: torch.dtype = torch.float32):
         mirrored = {name.replace(_WRAPPER_PREFIX, ""): param for name, param in sharded.named_parameters()}
