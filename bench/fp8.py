@@ -27,10 +27,13 @@ Device commands (nvidia-h200; carry `.whl` holding pydantic, xxhash and torchao 
 
     python3 bench/fp8.py speed --out $OUT/fp8.json
     python3 bench/fp8.py quality --data runs/trunk-cycles-data --work /tmp/fp8q --out $OUT/fp8.json
-    python3 bench/fp8.py quality --data runs/trunk-cycles-data --work /tmp/fp8q --out $OUT/fp8.json \
-        --mixture natural --seeds 1234 1235 --override micro_batch_size=4 --override eval.batches_per_source=16 \
-        --override parallel.master_weights=false   # the next call (BENCHMARKS "Quality in tensorwise": Next)
     python3 bench/fp8.py noise --data runs/trunk-cycles-data --work /tmp/fp8n --out $OUT/fp8.json
+
+The next quality call (BENCHMARKS "Quality in tensorwise", Next), on one line:
+
+    python3 bench/fp8.py quality --data runs/trunk-cycles-data --work /tmp/fp8q --out $OUT/fp8.json
+        --mixture natural --seeds 1234 1235 --override micro_batch_size=4 --override eval.batches_per_source=16
+        --override parallel.master_weights=false
 
 Each part appends its run to `--out` (bench.common.append_run) and the top level is recomputed from the newest
 speed, quality and noise runs that have figures: `fp8_tok_s` (best micro-batch), `bf16_tok_s` (best), `hf_tok_s`
