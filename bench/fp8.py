@@ -38,8 +38,9 @@ The next quality call (BENCHMARKS "Quality in tensorwise", Next), on one line:
 Each part appends its run to `--out` (bench.common.append_run) and the top level is recomputed from the newest
 speed, quality and noise runs that have figures: `fp8_tok_s` (best micro-batch), `bf16_tok_s` (best), `hf_tok_s`
 (at FP8's best micro-batch), `fp8_vs_bf16`, `fp8_vs_hf`, `val_loss_rel_diff` ((FP8 − bf16) / bf16 at the last
-evaluation), `bf16_repeat_rel_diff` and `bf16_other_seed_rel_diff` (noise), `gpu`, `command` and `git_rev` of each
-part. The quality part also writes `fp8_quality.png` beside `--out`, the noise part `fp8_noise.png`.
+evaluation; with --seeds also `val_loss_rel_diff_by_seed`, `val_loss_rel_diff_mean` and
+`bf16_between_seeds_rel_diff`), `bf16_repeat_rel_diff` and `bf16_other_seed_rel_diff` (noise), `gpu`, `command`
+and `git_rev` of each part. The quality part also writes `fp8_quality.png` beside `--out`, the noise part `fp8_noise.png`.
 
 CPU check (no FP8 there: the bf16 side alone, tiny model, a few steps): `python bench/fp8.py quality --smoke`
 (and `noise --smoke`).
@@ -295,6 +296,9 @@ def quality_figures(curves: dict[str, list[list]], seeds: list[int], recipe: str
     return figures
 
 
+SEED_FIGURES = ("val_loss_rel_diff_by_seed", "val_loss_rel_diff_mean", "bf16_between_seeds_rel_diff")
+
+
 def run_quality(args) -> dict:
     seeds = args.seeds or [load_config(TrainConfig, CONFIG).seed]
     trained = train_side_by_side(args, quality_variants(seeds, args.recipe, args.smoke))
@@ -363,6 +367,10 @@ def top_level(path: Path, new_run: dict) -> dict:
         run = newest.get(part)
         if run is None:
             continue
+        if part == "quality":
+            # NOTE: append_run keeps the file's top-level keys that `latest` lacks: a one-seed quality run must not
+            # leave an earlier two-seed run's figures beside its own.
+            latest.update(dict.fromkeys(SEED_FIGURES))
         latest.update(run["figures"])
         if part == "quality":
             latest["val_loss_recipe"] = run.get("recipe")

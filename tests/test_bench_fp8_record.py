@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 
+from bench.common import append_run
 from bench.fp8 import compare_curves, natural_mixture, quality_figures, quality_variants, top_level
 from genesis.manifest import (Manifest, SourceEntry, TokenizerEntry, read_manifest, sha256_file, write_manifest,
                               write_shard)
@@ -54,6 +55,21 @@ def test_with_two_seeds_fp8_is_read_per_seed_and_against_the_spread_between_seed
     one_seed = quality_figures({k: v for k, v in curves.items() if "seed" not in k}, [1234], "tensorwise")
     assert "val_loss_rel_diff_by_seed" not in one_seed and one_seed["val_loss_rel_diff"] == 0.01
     assert quality_figures({"bf16": curves["bf16"]}, [1234], "tensorwise") == {}  # FP8 never evaluated
+
+
+def test_a_one_seed_quality_run_clears_an_earlier_two_seed_runs_figures_from_the_top_level(tmp_path):
+    out = tmp_path / "fp8.json"
+    two_seeds = run("quality", "q1", {"val_loss_rel_diff": 0.01, "val_loss_rel_diff_mean": 0.005,
+                                      "val_loss_rel_diff_by_seed": {"1234": 0.01, "1235": 0.0},
+                                      "bf16_between_seeds_rel_diff": {"1235": 0.02}}, recipe="tensorwise")
+    append_run(out, two_seeds, top_level(out, two_seeds))
+    one_seed = run("quality", "q2", {"val_loss_rel_diff": 0.003}, recipe="tensorwise")
+
+    data = append_run(out, one_seed, top_level(out, one_seed))
+
+    assert data["val_loss_rel_diff"] == 0.003
+    assert data["val_loss_rel_diff_mean"] is None and data["val_loss_rel_diff_by_seed"] is None
+    assert data["bf16_between_seeds_rel_diff"] is None
 
 
 def test_a_quality_run_without_figures_leaves_the_last_measured_one_and_its_recipe(tmp_path):
