@@ -40,7 +40,8 @@ speed, quality and noise runs that have figures: `fp8_tok_s` (best micro-batch),
 (at FP8's best micro-batch), `fp8_vs_bf16`, `fp8_vs_hf`, `val_loss_rel_diff` ((FP8 − bf16) / bf16 at the last
 evaluation; with --seeds also `val_loss_rel_diff_by_seed`, `val_loss_rel_diff_mean` and
 `bf16_between_seeds_rel_diff`), `bf16_repeat_rel_diff` and `bf16_other_seed_rel_diff` (noise), `gpu`, `command`
-and `git_rev` of each part. The quality part also writes `fp8_quality.png` beside `--out`, the noise part `fp8_noise.png`.
+and `git_rev` of each part. The quality part also writes `fp8_quality.png` beside `--out`, the noise part
+`fp8_noise.png`.
 
 CPU check (no FP8 there: the bf16 side alone, tiny model, a few steps): `python bench/fp8.py quality --smoke`
 (and `noise --smoke`).

@@ -24,7 +24,8 @@ with configs/train/genesis-1b-2x4090.yaml (the reference run's settings) and a f
     python bench/two_gpu.py --only smoke --update   # one section at a time, keeping the others' figures
     python bench/two_gpu.py --only scaling --scaling-setups 4x2:20 --update   # one more setup
     python bench/two_gpu.py --only scaling --scaling-setups 1x8:16 --variant-overrides parallel.fsdp_unit_blocks=5 --update
-    python bench/two_gpu.py --only scaling --scaling-setups 1x64:8 --variant-overrides parallel.micro_steps=replica --update
+    python bench/two_gpu.py --only scaling --scaling-setups 1x64:8 --update
+        --variant-overrides parallel.micro_steps=replica   # (one line) micro-steps on a replica, #27 item 3
 
 `--cpu-dry-run` runs the same matrix with the tiny model on 2 gloo ranks (the script's own check on a
 machine without GPUs; its figures say nothing about GPUs).
@@ -225,7 +226,8 @@ def scaling_figures(rows: dict[tuple[int, int, str], dict], first_now: dict) -> 
     if reference:
         newest = max(reference, key=lambda row: row.get("measured", ""))
         record |= {"scaling_mb1_p2p": newest["scaling_p2p"], "scaling_mb1_no_p2p": newest["scaling_no_p2p"],
-                   "scaling_mb1_variant": newest.get("variant", "default"), "scaling_mb1_measured": newest.get("measured")}
+                   "scaling_mb1_variant": newest.get("variant", "default"),
+                   "scaling_mb1_measured": newest.get("measured")}
     return record
 
 

@@ -98,7 +98,8 @@ class Replica:
         return buffer.view(self.world_size, self.part_numel)[:, offset:offset + size].view(
             self.world_size, rows_per_rank, *weight.shape[1:])
 
-    def _pair_up(self, by_rank: torch.Tensor, full: torch.Tensor, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _pair_up(self, by_rank: torch.Tensor, full: torch.Tensor,
+                 index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(slot rows, rows of the full tensor) pairs covering `full`: one when the rows divide evenly over the
         ranks, else one per rank (the last ranks' slots are padded, or empty)."""
         rows_per_rank = self.slots[index][1]
