@@ -106,7 +106,7 @@ def test_train_runs_in_process_from_a_typed_config_and_its_callbacks_state_survi
     assert latest["last_checkpoint"].endswith("step_00000004")
     meta = json.loads((tmp_path / "checkpoints" / "step_00000004" / "meta.json").read_text())
     assert meta["parallel_resolved"] == {"compile_scope": "model", "master_weights": False, "compile": False,
-                                         "param_dtype": "float32", "float8": "off"}
+                                         "param_dtype": "float32", "float8": "off", "micro_steps": "plain"}
     assert meta["last_loss"] == losses_by_step(tmp_path)[4]
     assert [e["event"] for e in read_jsonl(tmp_path / "events.jsonl")].count("resumed") == 1
 
