@@ -23,6 +23,8 @@ gradients until they are folded.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -84,7 +86,7 @@ class Replica:
         self.slots, offset = [], 0
         for _, weight in self.pairs:
             rows_per_rank = -(-weight.shape[0] // self.world_size)
-            size = rows_per_rank * weight[0].numel()
+            size = rows_per_rank * math.prod(weight.shape[1:])
             self.slots.append((offset, rows_per_rank, size))
             offset += size
         self.part_numel = offset
