@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,11 @@ def git_rev() -> str | None:
                               cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """How the benchmark was called, for its run's record: `python bench/<script> <arguments>`."""
+    return f"python bench/{script} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
 
 
 def _top_and_runs(path: Path) -> tuple[dict, list[dict]]:

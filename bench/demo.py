@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import environment, write_json  # noqa: E402
+from bench.common import append_run, command_line, environment, git_rev  # noqa: E402
 from flows.demo import demo  # noqa: E402
 
 
@@ -25,11 +25,10 @@ def main() -> None:
     started = time.perf_counter()
     summary = demo(args.workdir)
     seconds = time.perf_counter() - started
-    env = environment()
-    write_json(args.out, {**env, "machine": env["machine"], "seconds": round(seconds, 1),
-                          "val_loss": summary["val_loss"], "unigram_val_loss": summary["unigram_val_loss"],
-                          "milestones": summary["milestones"], "branches": summary["branches"],
-                          "samples": summary["samples"]})
+    run = {**environment(), "command": command_line("demo.py"), "git_rev": git_rev(), "seconds": round(seconds, 1),
+           "val_loss": summary["val_loss"], "unigram_val_loss": summary["unigram_val_loss"],
+           "milestones": summary["milestones"], "branches": summary["branches"], "samples": summary["samples"]}
+    append_run(args.out, run, run)  # the top level: the newest run
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS_DIR, environment, write_json  # noqa: E402
+from bench.common import RESULTS_DIR, append_run, command_line, environment, git_rev  # noqa: E402
 from genesis.config import load_model_config  # noqa: E402
 from genesis_model.model import Block, rope_tables  # noqa: E402
 
@@ -58,7 +58,8 @@ def main() -> None:
     seq_len = args.seq_len or (FULL_SEQ if device == "cuda" else 256)
     config = load_model_config(args.model)
     cos, sin = (table.to(device) for table in rope_tables(config.head_dim, seq_len, config.rope_theta))
-    results = {**environment(), "device": device, "model": args.model, "seq_len": seq_len, "budgets": []}
+    results = {**environment(), "command": command_line("saved_activations.py"), "git_rev": git_rev(),
+               "device": device, "model": args.model, "seq_len": seq_len, "budgets": []}
     for budget in args.budgets:
         torch._dynamo.reset()
         functorch_config.activation_memory_budget = budget
@@ -76,7 +77,7 @@ def main() -> None:
                                    "tensors": tensors})
         print(f"budget {budget}: {total} MiB per sequence per block; "
               + ", ".join(f"{e['shape']} {e['dtype']} {e['mib_per_seq']}" for e in tensors), flush=True)
-    write_json(args.out, results)
+    append_run(args.out, results, results)  # the top level: the newest run
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ refused before anything is written.
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import RESULTS_DIR, append_run, environment, git_rev  # noqa: E402
+from bench.common import RESULTS_DIR, append_run, command_line, environment, git_rev, write_json  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -55,6 +54,15 @@ def time_backend(backend, batch, gqa, repeats=20):
             "tflops": round(flops / ms / 1e9, 1)}
 
 
+def keep_first_shape_as_a_run(path: Path) -> None:
+    """A file written before runs were kept held one run, its timings under "runs": rewritten as the first run
+    (its timings under "timings", as later runs have them), so appending loses nothing and mixes no shapes."""
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    if existing.get("runs") and "backend" in existing["runs"][0]:
+        earlier = {key: value for key, value in existing.items() if key != "runs"} | {"timings": existing["runs"]}
+        write_json(path, {"runs": [earlier]})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "sdpa.json")
@@ -73,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"backend": backend, "batch": batch, "gqa_native": gqa,
                                  "error": f"{type(err).__name__}: {str(err)[:200]}"})
                 print(json.dumps(rows[-1]), flush=True)
-    command = "python bench/sdpa.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    append_run(args.out, {**environment(), "command": command.strip(), "git_rev": git_rev(), "timings": rows}, {})
+    keep_first_shape_as_a_run(args.out)
+    append_run(args.out, {**environment(), "command": command_line("sdpa.py", argv), "git_rev": git_rev(),
+                          "timings": rows}, {})
     return 0
 
 

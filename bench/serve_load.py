@@ -27,7 +27,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import environment, write_json  # noqa: E402
+from bench.common import append_run, command_line, environment, git_rev  # noqa: E402
 from genesis_model.launch import free_port  # noqa: E402
 
 PROMPTS = ["Why is the sky blue?", "How do I start learning to cook?", "What is a prime number?",
@@ -139,7 +139,8 @@ def main() -> None:
         "server_stats": stats,
         "limits": {"queue_size": 8, "max_loaded_models": 2},
     }
-    write_json(args.out, {**environment(), **summary})
+    run = {**environment(), "command": command_line("serve_load.py"), "git_rev": git_rev(), **summary}
+    append_run(args.out, run, run)  # the top level: the newest run
     print(json.dumps(summary, indent=1))
 
 

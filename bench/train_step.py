@@ -10,8 +10,8 @@ embedding).
 
     python bench/train_step.py --impl genesis hf --micro-batches 1 4 8 --out bench/results/train_step.json
 
-Results merge into the JSON file (one entry per impl / micro-batch / variant), so runs can be split
-across several device calls.
+Each run is appended to the JSON file with its command, git revision, GPU, torch version and date, so runs can be
+split across several device calls; a configuration measured again keeps its earlier runs.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from bench.common import (  # noqa: E402
     H100_BF16_PEAK_TFLOPS,
     RESULTS_DIR,
     Stopwatch,
+    command_line,
     environment,
+    git_rev,
     measure_matmul_tflops,
     train_flops_per_token,
     write_json,
@@ -247,7 +249,10 @@ def main() -> None:
                 run["inductor"] = inductor_settings
             if args.label:
                 run["revision"] = args.label
-            results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(run)]
+            # Each run says where and from what it was measured; a configuration measured again keeps its earlier
+            # runs (the table below prints them all).
+            run.update(command=command_line("train_step.py"), git_rev=git_rev(), gpu=results["gpu"],
+                       torch=results["torch"], date=results["date"])
             results["runs"].append(run)
             write_json(args.out, results)
             print(json.dumps(run), flush=True)
