@@ -117,11 +117,14 @@ def read_runs(path: Path) -> list[dict]:
     return _top_and_runs(path)[1]
 
 
-def append_run(path: Path, run: dict, latest: dict) -> dict:
+def append_run(path: Path, run: dict, latest: dict, *, whole_top: bool = False) -> dict:
     """Append `run` to the file's `runs` (a file written before runs were kept becomes `runs[0]`) and set the
-    top-level `latest` figures; nothing measured earlier is overwritten."""
+    top-level `latest` figures; nothing measured earlier is overwritten. `whole_top`: `latest` is the whole top
+    level (the newest run, or figures recomputed from all runs), so the file's earlier top-level keys are
+    dropped rather than left beside figures they no longer belong with; else they are kept where `latest`
+    lacks them."""
     top, runs = _top_and_runs(path)
-    data = {**top, **latest, "runs": [*runs, run]}
+    data = {**({} if whole_top else top), **latest, "runs": [*runs, run]}
     write_json(path, data)
     return data
 

@@ -28,7 +28,7 @@ def main() -> None:
     run = {**environment(), "command": command_line("demo.py"), "git_rev": git_rev(), "seconds": round(seconds, 1),
            "val_loss": summary["val_loss"], "unigram_val_loss": summary["unigram_val_loss"],
            "milestones": summary["milestones"], "branches": summary["branches"], "samples": summary["samples"]}
-    append_run(args.out, run, run)  # the top level: the newest run
+    append_run(args.out, run, run, whole_top=True)  # the top level: the newest run
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import RESULTS_DIR, append_run, environment, git_rev, read_runs  # noqa: E402
+from bench.common import RESULTS_DIR, append_run, command_line, environment, git_rev, read_runs  # noqa: E402
 from bench.trunk_cycles import SMOKE_OVERRIDES, smoke_data  # noqa: E402
 from genesis.config import TrainConfig, load_config  # noqa: E402
 
@@ -263,12 +263,17 @@ def compare_curves(reference: list[list], other: list[list]) -> dict:
                                                      for s in common), 5)}
 
 
+def seed_suffix(seeds: list[int], index: int) -> str:
+    """The variant names' suffix for the seed at `index`: none for the first (the names earlier runs used)."""
+    return "" if index == 0 else f"_seed{seeds[index]}"
+
+
 def quality_variants(seeds: list[int], recipe: str, smoke: bool) -> dict[str, list[str]]:
     """bf16 and FP8 from each seed. The first seed's pair keeps the names every earlier run used ("bf16",
     "fp8_<recipe>"); another seed's pair is suffixed with it. The CPU smoke has no FP8: bf16 alone."""
     variants = {}
     for index, seed in enumerate(seeds):
-        suffix = "" if index == 0 else f"_seed{seed}"
+        suffix = seed_suffix(seeds, index)
         variants[f"bf16{suffix}"] = ["parallel.float8=off", f"seed={seed}"]
         if not smoke:
             variants[f"fp8_{recipe}{suffix}"] = [f"parallel.float8={recipe}", f"seed={seed}"]
@@ -279,8 +284,9 @@ def quality_figures(curves: dict[str, list[list]], seeds: list[int], recipe: str
     """The first seed's FP8-vs-bf16 comparison (the issue's figure: same seed, same data). With more seeds, FP8
     against bf16 from each of them, their mean, and bf16 from each other seed against bf16 from the first: the
     spread between seeds, measured in the same call, that the FP8 difference is read against."""
+    suffixes = {seed: seed_suffix(seeds, index) for index, seed in enumerate(seeds)}
     pairs = {seed: compare_curves(curves.get(f"bf16{suffix}", []), curves.get(f"fp8_{recipe}{suffix}", []))
-             for seed, suffix in ((seed, "" if i == 0 else f"_seed{seed}") for i, seed in enumerate(seeds))}
+             for seed, suffix in suffixes.items()}
     first = pairs[seeds[0]]
     if not first:
         return {}
@@ -291,13 +297,10 @@ def quality_figures(curves: dict[str, list[list]], seeds: list[int], recipe: str
         by_seed = {str(seed): pair["rel_diff"] for seed, pair in pairs.items() if pair}
         figures["val_loss_rel_diff_by_seed"] = by_seed
         figures["val_loss_rel_diff_mean"] = round(sum(by_seed.values()) / len(by_seed), 5)
-        between = {str(seed): compare_curves(curves["bf16"], curves.get(f"bf16_seed{seed}", [])).get("rel_diff")
+        between = {str(seed): compare_curves(curves["bf16"], curves.get(f"bf16{suffixes[seed]}", [])).get("rel_diff")
                    for seed in seeds[1:]}
         figures["bf16_between_seeds_rel_diff"] = {seed: diff for seed, diff in between.items() if diff is not None}
     return figures
-
-
-SEED_FIGURES = ("val_loss_rel_diff_by_seed", "val_loss_rel_diff_mean", "bf16_between_seeds_rel_diff")
 
 
 def run_quality(args) -> dict:
@@ -368,10 +371,6 @@ def top_level(path: Path, new_run: dict) -> dict:
         run = newest.get(part)
         if run is None:
             continue
-        if part == "quality":
-            # NOTE: append_run keeps the file's top-level keys that `latest` lacks: a one-seed quality run must not
-            # leave an earlier two-seed run's figures beside its own.
-            latest.update(dict.fromkeys(SEED_FIGURES))
         latest.update(run["figures"])
         if part == "quality":
             latest["val_loss_recipe"] = run.get("recipe")
@@ -425,9 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         run = run_quality(args) if args.part == "quality" else run_noise(args)
     else:
         run = run_speed(args)
-    run = {**environment(), "command": "python bench/fp8.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-           "git_rev": git_rev(), **run}
-    data = append_run(args.out, run, top_level(args.out, run))
+    run = {**environment(), "command": command_line("fp8.py", argv), "git_rev": git_rev(), **run}
+    # The top level is recomputed from every run: a one-seed quality run leaves no two-seed figures beside its own.
+    data = append_run(args.out, run, top_level(args.out, run), whole_top=True)
     print(json.dumps({k: v for k, v in data.items() if k != "runs"}, indent=1))
     return 0
 

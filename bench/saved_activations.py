@@ -77,7 +77,7 @@ def main() -> None:
                                    "tensors": tensors})
         print(f"budget {budget}: {total} MiB per sequence per block; "
               + ", ".join(f"{e['shape']} {e['dtype']} {e['mib_per_seq']}" for e in tensors), flush=True)
-    append_run(args.out, results, results)  # the top level: the newest run
+    append_run(args.out, results, results, whole_top=True)  # the top level: the newest run
 
 
 if __name__ == "__main__":

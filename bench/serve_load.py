@@ -140,7 +140,7 @@ def main() -> None:
         "limits": {"queue_size": 8, "max_loaded_models": 2},
     }
     run = {**environment(), "command": command_line("serve_load.py"), "git_rev": git_rev(), **summary}
-    append_run(args.out, run, run)  # the top level: the newest run
+    append_run(args.out, run, run, whole_top=True)  # the top level: the newest run
     print(json.dumps(summary, indent=1))
 
 

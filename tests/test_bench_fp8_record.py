@@ -62,14 +62,15 @@ def test_a_one_seed_quality_run_clears_an_earlier_two_seed_runs_figures_from_the
     two_seeds = run("quality", "q1", {"val_loss_rel_diff": 0.01, "val_loss_rel_diff_mean": 0.005,
                                       "val_loss_rel_diff_by_seed": {"1234": 0.01, "1235": 0.0},
                                       "bf16_between_seeds_rel_diff": {"1235": 0.02}}, recipe="tensorwise")
-    append_run(out, two_seeds, top_level(out, two_seeds))
+    append_run(out, two_seeds, top_level(out, two_seeds), whole_top=True)
     one_seed = run("quality", "q2", {"val_loss_rel_diff": 0.003}, recipe="tensorwise")
 
-    data = append_run(out, one_seed, top_level(out, one_seed))
+    data = append_run(out, one_seed, top_level(out, one_seed), whole_top=True)  # as bench/fp8.py's main records
 
     assert data["val_loss_rel_diff"] == 0.003
-    assert data["val_loss_rel_diff_mean"] is None and data["val_loss_rel_diff_by_seed"] is None
-    assert data["bf16_between_seeds_rel_diff"] is None
+    assert data.get("val_loss_rel_diff_mean") is None and data.get("val_loss_rel_diff_by_seed") is None
+    assert data.get("bf16_between_seeds_rel_diff") is None
+    assert [r["git_rev"] for r in data["runs"]] == ["q1", "q2"]  # both runs kept
 
 
 def test_a_quality_run_without_figures_leaves_the_last_measured_one_and_its_recipe(tmp_path):
