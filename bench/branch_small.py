@@ -17,6 +17,10 @@ A longer trunk or a changed recipe: `--steps 2400` (give every phase the same va
 (recipe overrides, given to the sft, sweep and branch phases alike). `pretrain --data DIR` trains on token shards
 prepared beforehand (the device has no `datasets`; `bench/trunk_cycles.py --prepare-data` makes them).
 
+Results: the branch, sweep, sampling and seeds phases each append one run to `--out`, with its command and git
+revision (bench.common); sweep and sampling rewrite their own run after each variant, so a call cut off keeps the
+variants it finished. Nothing earlier is overwritten; a file written before runs were kept becomes `runs[0]`.
+
 DPO's cost in format adherence over several seeds (issue: trunk cycles, item 4): one trunk, then per seed its own
 SFT (`seed=N`: the branch's held-out split and the trainers' seeds) and every DPO variant off it, all in parallel
 processes on the one GPU (a branch of the small preset keeps an H200 about a tenth busy), each evaluated as the
@@ -38,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import environment, write_json  # noqa: E402
+from bench.common import CallRecord, append_run, command_line, environment, git_rev, read_runs  # noqa: E402
 
 DEFAULT_STEPS = 1200
 TRUNK_CONFIG = REPO / "configs" / "train" / "small-h100.yaml"
@@ -67,6 +71,11 @@ def pretrain(work: Path, steps: int, data: Path | None = None, train_config: Pat
     print(f"pretrain done in {time.time() - started:.0f} s", flush=True)
 
 
+def call_record() -> dict:
+    """What every run this script appends starts with: machine, versions, date, command and git revision."""
+    return {**environment(), "command": command_line("branch_small.py"), "git_rev": git_rev()}
+
+
 def milestone_of(work: Path, steps: int) -> Path:
     return work / "trunk" / "milestones" / f"step_{steps:08d}"
 
@@ -82,11 +91,13 @@ def branch(work: Path, out: Path, steps: int, overrides: list[str]) -> None:
     result = branch_dir.read_eval()
     latest = RunDir(work / "trunk").read_latest()
     report = json.loads(branch_dir.report.read_text())
-    write_json(out, {**environment(), **result, "recipe_overrides": overrides, "branch_seconds": round(time.time() - started, 1),
-                     "trunk": {"steps": latest["step"], "tokens_seen": latest["tokens_seen"], "val_loss": latest["val_loss"]},
+    append_run(out, {**call_record(), **result, "recipe_overrides": overrides,
+                     "branch_seconds": round(time.time() - started, 1),
+                     "trunk": {"steps": latest["step"], "tokens_seen": latest["tokens_seen"],
+                               "val_loss": latest["val_loss"]},
                      "data_totals": report["totals"],
                      "train_logs": {stage: json.loads((branch_dir.root / stage / TRAIN_LOG).read_text())[-1]
-                                    for stage in ("sft", "dpo")}})
+                                    for stage in ("sft", "dpo")}}, {})
 
 
 def small_config(overrides: list[str]):
@@ -121,7 +132,7 @@ def sweep(work: Path, variants: list[str], out: Path, steps: int, overrides: lis
 
     base = export_base(milestone_of(work, steps))  # the milestone's one export, made by the sft phase
     sweep_root = work / ("sweep" if branch_name == "branch" else f"sweep-{branch_name}")
-    results = {}
+    results, record, call = {}, CallRecord(out), call_record()
     for variant in variants:
         name, _, variant_overrides = variant.partition(":")
         variant_dir = sweep_root / name
@@ -148,8 +159,7 @@ def sweep(work: Path, variants: list[str], out: Path, steps: int, overrides: lis
                              "reward_accuracy_vs_sft", "reward_accuracy_vs_sft_length_normalized")},
                          "dpo_train_log": json.loads((branch.dpo_dir / TRAIN_LOG).read_text())[-1]}
         print(name, json.dumps(results[name]), flush=True)
-        write_json(out, {**environment(), "branch": branch_name, "recipe_overrides": list(overrides),
-                         "variants": results})
+        record.write({**call, "branch": branch_name, "recipe_overrides": list(overrides), "variants": results})
 
 
 def _run_all(commands: dict[str, list[str]], logs: Path) -> None:
@@ -185,15 +195,14 @@ def seeds(work: Path, seed_list: list[int], variants: list[str], out: Path, step
         for seed in seed_list for variant in variants}, work / "logs")
     by_variant: dict[str, dict] = {}
     for variant, name in names.items():
-        per_seed = {seed: json.loads((readings / f"s{seed}-{name}.json").read_text())["variants"][name]
-                    for seed in seed_list}
+        per_seed = {seed: read_runs(readings / f"s{seed}-{name}.json")[-1]["variants"][name] for seed in seed_list}
         drops = {seed: round(r["sft"]["format_adherence"] - r["dpo"]["format_adherence"], 4)
                  for seed, r in per_seed.items()}
         by_variant[name] = {"overrides": variant.partition(":")[2], "dpo_format_drop": max(drops.values()),
                             "format_drop_per_seed": drops, "seeds": per_seed}
-    write_json(out, {**environment(), "trunk_steps": steps, "seeds_list": seed_list, "recipe_overrides": overrides,
+    append_run(out, {**call_record(), "trunk_steps": steps, "seeds_list": seed_list, "recipe_overrides": overrides,
                      "sft_phase_seconds": round(sft_seconds, 1), "seconds": round(time.time() - started, 1),
-                     "variants": by_variant})
+                     "variants": by_variant}, {})
     for name, reading in by_variant.items():
         print(name, "largest format drop", reading["dpo_format_drop"], reading["format_drop_per_seed"], flush=True)
 
@@ -207,7 +216,7 @@ def sampling(work: Path, variants: list[str], out: Path, steps: int, overrides: 
     from transformers import AutoTokenizer
 
     branch = BranchDir(work / "branch")
-    results = {}
+    results, record, call = {}, CallRecord(out), call_record()
     for variant in variants:
         name, _, variant_overrides = variant.partition(":")
         config = small_config(overrides + [f"eval.{o}" for o in variant_overrides.split(";") if o])
@@ -220,7 +229,7 @@ def sampling(work: Path, variants: list[str], out: Path, steps: int, overrides: 
                                                                 resolve_device(config.device)), prompts)
         results[name]["seconds"] = round(time.time() - started, 1)
         print(name, json.dumps(results[name]), flush=True)
-        write_json(out, {**environment(), "variants": results})
+        record.write({**call, "variants": results})
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import append_run, environment, git_rev, write_synthetic_token_data  # noqa: E402
+from bench.common import CallRecord, append_run, environment, git_rev, write_synthetic_token_data  # noqa: E402
 from genesis.run_dir import MetricsReader, RunDir  # noqa: E402
 
 CONFIG = Path("configs") / "train" / "genesis-1b-h100.yaml"
@@ -483,17 +483,11 @@ def main() -> None:
     run["resume_env"] = resume_env
     for again in range(args.resume_again):
         more.append((f"resume_again_{again + 1}", REPO, False, deadline, resume_env))
-    partial = {"written": False}
+    record = CallRecord(args.out)  # the call's entry, rewritten as each part is measured
 
-    def keep(figures: dict) -> None:  # the call's entry, rewritten as each part is measured
+    def keep(figures: dict) -> None:
         run["current"] = figures
-        if not partial["written"]:
-            append_run(args.out, run, {})
-            partial["written"] = True
-        else:
-            data = json.loads(args.out.read_text())
-            data["runs"][-1] = run
-            args.out.write_text(json.dumps(data, indent=2))
+        record.write(run)
 
     current = async_run(REPO, args.workdir, data_dir, "async", args.saves, args.save_every, more_resumes=more,
                         on_progress=keep)
@@ -506,11 +500,7 @@ def main() -> None:
     latest = {key: current[key] for key in ("steady_blocked_s", "save_complete_s", "save_gb_s", "resume_s")}
     latest |= {"resume_first_step_s": current["first_step_s"], "gpu": run["gpu"], "command": run["command"],
                "git_rev": run["git_rev"]}
-    if partial["written"]:  # this call's entry is already the last run: replace it, with the latest figures
-        data = json.loads(args.out.read_text())
-        data["runs"] = data["runs"][:-1]
-        args.out.write_text(json.dumps(data, indent=2))
-    append_run(args.out, run, latest)  # kept even if the anchor below runs out of time
+    record.write(run, latest)  # kept even if the anchor below runs out of time
     if args.anchor and time.monotonic() - call_started > args.anchor_budget_s:
         run["anchor"] = {"git_rev": args.anchor_rev, "skipped": "not enough of the call's time left"}
     elif args.anchor:
@@ -522,9 +512,7 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001 - the current figures are kept whatever the anchor does
             run["anchor"] = {"git_rev": args.anchor_rev, "error": str(err)[-1500:]}
         print(json.dumps(run["anchor"]), flush=True)
-        data = json.loads(args.out.read_text())
-        data["runs"][-1] = run  # this call's own entry, now with its anchor
-        args.out.write_text(json.dumps(data, indent=2))
+        record.write(run)  # this call's own entry, now with its anchor
     print(json.dumps(latest, indent=1))
 
 

@@ -129,6 +129,28 @@ def append_run(path: Path, run: dict, latest: dict, *, whole_top: bool = False) 
     return data
 
 
+class CallRecord:
+    """This call's run in a results file, for a benchmark that records as it measures (a sweep, one variant after
+    another): the first `write` appends the run, later ones replace that same run and the top level in place.
+    So a call cut off by its time limit leaves what it had measured, a finished call leaves one run, and no
+    earlier run is touched."""
+
+    def __init__(self, path: Path, *, whole_top: bool = False):
+        self.path, self.whole_top = path, whole_top
+        self.index: int | None = None  # this call's place in the file's runs, once appended
+
+    def write(self, run: dict, latest: dict | None = None) -> dict:
+        if self.index is None:
+            data = append_run(self.path, run, latest or {}, whole_top=self.whole_top)
+            self.index = len(data["runs"]) - 1
+            return data
+        top, runs = _top_and_runs(self.path)
+        runs[self.index] = run
+        data = {**({} if self.whole_top else top), **(latest or {}), "runs": runs}
+        write_json(self.path, data)
+        return data
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

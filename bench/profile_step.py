@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import environment  # noqa: E402
+from bench.common import append_run, command_line, environment, git_rev  # noqa: E402
 from bench.train_step import build_genesis  # noqa: E402
 from genesis.config import load_model_config  # noqa: E402
 from genesis_model.profiling import summarize_trace  # noqa: E402
@@ -59,7 +59,8 @@ def main():
                         help="parallel.float8: where FP8's scaling and casts go in the step (#27 item 1)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
     parser.add_argument("--trace", type=Path, default=None, help="also write the Chrome trace here")
-    parser.add_argument("--out", type=Path, default=None, help="write the phase times and trace summary (JSON)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="append the phase times and trace summary to this JSON file's runs")
     args = parser.parse_args()
     config = load_model_config(args.model)
     model, step = build_genesis(config, "none", True, one_rank=args.one_rank, compile_scope=args.compile_scope,
@@ -84,10 +85,11 @@ def main():
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
     print(json.dumps(summary, indent=1))
     if args.out:
-        result = {**environment(), "micro_batch": args.micro_batch, "one_rank": args.one_rank,
+        result = {**environment(), "command": command_line("profile_step.py"), "git_rev": git_rev(),
+                  "micro_batch": args.micro_batch, "one_rank": args.one_rank,
                   "compile_scope": args.compile_scope, "master_weights": args.master_weights, "float8": args.float8,
                   "phases_unprofiled": phases, "profiled": summary}
-        args.out.write_text(json.dumps(result, indent=1))
+        append_run(args.out, result, {})
 
 
 if __name__ == "__main__":
