@@ -124,7 +124,12 @@ def append_run(path: Path, run: dict, latest: dict, *, whole_top: bool = False) 
     dropped rather than left beside figures they no longer belong with; else they are kept where `latest`
     lacks them."""
     top, runs = _top_and_runs(path)
-    data = {**({} if whole_top else top), **latest, "runs": [*runs, run]}
+    return _write_runs(path, top, latest, [*runs, run], whole_top)
+
+
+def _write_runs(path: Path, top: dict, latest: dict, runs: list[dict], whole_top: bool) -> dict:
+    """Write `runs` under the top level: `latest` over the file's earlier `top`, or `latest` alone (`whole_top`)."""
+    data = {**({} if whole_top else top), **latest, "runs": runs}
     write_json(path, data)
     return data
 
@@ -146,9 +151,7 @@ class CallRecord:
             return data
         top, runs = _top_and_runs(self.path)
         runs[self.index] = run
-        data = {**({} if self.whole_top else top), **(latest or {}), "runs": runs}
-        write_json(self.path, data)
-        return data
+        return _write_runs(self.path, top, latest or {}, runs, self.whole_top)
 
 
 def write_json(path: Path, data: dict) -> None:

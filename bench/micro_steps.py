@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import append_run, command_line, environment, git_rev  # noqa: E402
-from bench.two_gpu import NO_CHECKPOINTS, PROFILES, Runner, losses, make_learnable_data, steady  # noqa: E402
+from bench.two_gpu import (NO_CHECKPOINTS, PROFILES, Runner, losses, make_learnable_data, max_rel_diff,  # noqa: E402
+                           steady)
 
 # Mode name -> the trainer overrides that select it on one rank.
 MODES = {
@@ -60,8 +61,8 @@ def measure(runner: Runner, work: Path, micro_batch: int, accum: int, steps: int
         for mode in ("plain", "replica"):
             if mode in curves and f"tok_s_{mode}" in figures:
                 shared = sorted(set(curves[mode]) & set(curves["fsdp"]))
-                figures[f"max_rel_loss_diff_{mode}_vs_fsdp"] = round(max(
-                    abs(curves[mode][s] - curves["fsdp"][s]) / abs(curves["fsdp"][s]) for s in shared), 5)
+                figures[f"max_rel_loss_diff_{mode}_vs_fsdp"] = round(max_rel_diff(curves[mode], curves["fsdp"],
+                                                                                  shared), 5)
                 figures[f"tok_s_{mode}_vs_fsdp"] = round(figures[f"tok_s_{mode}"] / figures["tok_s_fsdp"], 3)
     if "tok_s_plain" in figures and "tok_s_replica" in figures:
         figures["tok_s_replica_vs_plain"] = round(figures["tok_s_replica"] / figures["tok_s_plain"], 3)
